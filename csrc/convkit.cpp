@@ -1,0 +1,48 @@
+// Every convkit operator schema, in one place. Kernels are registered per device in
+// csrc/cpu/*.cpp (and csrc/cuda/*.cu); autograd and fake kernels are registered from
+// Python (convkit/ops.py, convkit/autograd.py).
+//
+// The forward ops are functional (they mutate nothing) because torch.library's
+// register_autograd only accepts functional schemas; the in-place running-statistics update
+// of batch norm is therefore an op of its own, batch_norm_update_stats, which needs no
+// gradient.
+#include <torch/library.h>
+
+#ifdef CONVKIT_PYTHON_MODULE
+#include <Python.h>
+#endif
+
+TORCH_LIBRARY(convkit, m) {
+  m.def(
+      "conv2d_forward(Tensor input, Tensor weight, Tensor? bias, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups) -> Tensor");
+  m.def(
+      "conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, bool[3] output_mask) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // Returns the output and the statistics used to normalise (batch mean and biased batch
+  // variance in training, copies of the running statistics in eval), in float32 (float64
+  // for float64 input).
+  m.def(
+      "batch_norm_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "
+      "Tensor? running_var, bool training, float eps, bool relu) "
+      "-> (Tensor output, Tensor save_mean, Tensor save_var)");
+  m.def(
+      "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor? bias, "
+      "Tensor save_mean, Tensor save_var, bool training, float eps, bool relu, "
+      "bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // running = (1 - momentum) * running + momentum * batch, with the variance made unbiased
+  // by count / (count - 1). A no-op for count == 0 (empty batch), as in PyTorch.
+  m.def(
+      "batch_norm_update_stats(Tensor(a!) running_mean, Tensor(b!) running_var, "
+      "Tensor batch_mean, Tensor batch_var, float momentum, int count) -> ()");
+}
+
+#ifdef CONVKIT_PYTHON_MODULE
+// `import convkit._C` loads this shared library, which runs the registrations above; the
+// module itself is empty (the ops live in torch.ops.convkit).
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+#endif
