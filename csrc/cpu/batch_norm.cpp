@@ -48,6 +48,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
     const c10::optional<at::Tensor>& running_var, bool training, double eps, bool relu) {
   const char* op = "convkit::batch_norm_forward";
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // internal ATen calls need no autograd
   check_batch_norm_input(op, input);
   const int64_t N = input.size(0);
   const int64_t C = input.size(1);
@@ -132,6 +133,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
     const c10::optional<at::Tensor>& bias, const at::Tensor& save_mean, const at::Tensor& save_var,
     bool training, double eps, bool relu, std::array<bool, 3> output_mask) {
   const char* op = "convkit::batch_norm_backward";
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // internal ATen calls need no autograd
   check_batch_norm_input(op, input);
   const int64_t N = input.size(0);
   const int64_t C = input.size(1);
@@ -227,6 +229,7 @@ void batch_norm_update_stats_cpu(const at::Tensor& running_mean, const at::Tenso
                                  const at::Tensor& batch_mean, const at::Tensor& batch_var,
                                  double momentum, int64_t count) {
   const char* op = "convkit::batch_norm_update_stats";
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // internal ATen calls need no autograd
   const int64_t C = batch_mean.numel();
   TORCH_CHECK(batch_mean.dim() == 1 && batch_var.dim() == 1 && batch_var.numel() == C, op,
               ": expected 1-D batch_mean and batch_var of the same size, but got ",

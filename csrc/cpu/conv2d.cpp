@@ -143,6 +143,9 @@ at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
                               const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const char* op = "convkit::conv2d_forward";
+  // The ATen calls below (mm, addmm) are implementation details: keep autograd out of them
+  // even when the caller's tensors require grad.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Conv2dGeometry g = make_conv2d_geometry(op, input, weight, stride, padding, dilation, groups);
   check_conv2d_bias(op, input, bias, g.out_channels);
 
@@ -204,6 +207,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     std::array<bool, 3> output_mask) {
   const char* op = "convkit::conv2d_backward";
+  // The ATen calls below (mm, addmm) are implementation details: keep autograd out of them
+  // even when the caller's tensors require grad.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Conv2dGeometry g = make_conv2d_geometry(op, input, weight, stride, padding, dilation, groups);
   check_conv2d_grad_output(op, input, grad_output, g);
 

@@ -1,0 +1,147 @@
+"""Autograd for convkit's forward ops, defined once.
+
+Each ``torch.autograd.Function`` below is usable directly (``Conv2dFunction.apply(...)``),
+and its ``setup_context``/``backward`` are also registered on the forward op with
+``torch.library.register_autograd``, which makes ``torch.ops.convkit.conv2d_forward`` and
+``batch_norm_forward`` differentiable themselves (and traceable by ``torch.compile``).
+Both paths call the same backward op.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+
+from convkit import ops
+
+
+def _grad_or_none(grad: torch.Tensor, wanted: bool) -> Optional[torch.Tensor]:
+    return grad if wanted else None
+
+
+class Conv2dFunction(torch.autograd.Function):
+    """conv2d with gradients from ``convkit::conv2d_backward``.
+
+    apply(input [N, C, H, W], weight [O, C/groups, kH, kW], bias [O] or None,
+          stride (2,), padding (2,), dilation (2,), groups) -> [N, O, oH, oW]
+    """
+
+    @staticmethod
+    def forward(
+        input: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        stride: Sequence[int],
+        padding: Sequence[int],
+        dilation: Sequence[int],
+        groups: int,
+    ) -> torch.Tensor:
+        return ops.conv2d_forward(input, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        input, weight, bias, stride, padding, dilation, groups = inputs
+        # The backward op needs both tensors: each gradient reads the other operand, and
+        # both give the geometry.
+        ctx.save_for_backward(input, weight)
+        ctx.conv_args = (list(stride), list(padding), list(dilation), groups)
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor):
+        input, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv_args
+        needs = ctx.needs_input_grad
+        mask = [bool(needs[0]), bool(needs[1]), bool(needs[2]) and ctx.has_bias]
+        if not any(mask):
+            return None, None, None, None, None, None, None
+        grad_input, grad_weight, grad_bias = ops.conv2d_backward(
+            grad_output, input, weight, stride, padding, dilation, groups, mask
+        )
+        return (
+            _grad_or_none(grad_input, mask[0]),
+            _grad_or_none(grad_weight, mask[1]),
+            _grad_or_none(grad_bias, mask[2]),
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """Batch norm (+ fused ReLU when ``relu``) with gradients from
+    ``convkit::batch_norm_backward``.
+
+    apply(input [N, C, *], weight [C] or None, bias [C] or None, running_mean [C] or None,
+          running_var [C] or None, training, eps, relu)
+        -> (output [N, C, *], save_mean [C], save_var [C])
+
+    Running statistics are only read here (eval mode); updating them is
+    ``convkit.functional.batch_norm``'s job.
+    """
+
+    @staticmethod
+    def forward(
+        input: torch.Tensor,
+        weight: Optional[torch.Tensor],
+        bias: Optional[torch.Tensor],
+        running_mean: Optional[torch.Tensor],
+        running_var: Optional[torch.Tensor],
+        training: bool,
+        eps: float,
+        relu: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return ops.batch_norm_forward(
+            input, weight, bias, running_mean, running_var, training, eps, relu
+        )
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        input, weight, bias, running_mean, running_var, training, eps, relu = inputs
+        _, save_mean, save_var = output
+        ctx.mark_non_differentiable(save_mean, save_var)
+        # bias is needed only for the ReLU mask, which is recomputed from x instead of stored.
+        ctx.save_for_backward(input, weight, bias if relu else None, save_mean, save_var)
+        ctx.bn_args = (bool(training), float(eps), bool(relu))
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor, grad_mean: Any = None, grad_var: Any = None):
+        input, weight, bias, save_mean, save_var = ctx.saved_tensors
+        training, eps, relu = ctx.bn_args
+        needs = ctx.needs_input_grad
+        mask = [bool(needs[0]), bool(needs[1]), bool(needs[2])]
+        if not any(mask):
+            return (None,) * 8
+        grad_input, grad_weight, grad_bias = ops.batch_norm_backward(
+            grad_output.contiguous(),
+            input,
+            weight,
+            bias,
+            save_mean,
+            save_var,
+            training,
+            eps,
+            relu,
+            mask,
+        )
+        return (
+            _grad_or_none(grad_input, mask[0]),
+            _grad_or_none(grad_weight, mask[1]),
+            _grad_or_none(grad_bias, mask[2]),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+torch.library.register_autograd(
+    "convkit::conv2d_forward", Conv2dFunction.backward, setup_context=Conv2dFunction.setup_context
+)
+torch.library.register_autograd(
+    "convkit::batch_norm_forward",
+    BatchNormFunction.backward,
+    setup_context=BatchNormFunction.setup_context,
+)

@@ -1,0 +1,174 @@
+"""convkit's functional API, with the signatures and semantics of ``torch.nn.functional``.
+
+``conv2d`` mirrors ``F.conv2d`` (int/tuple/'same'/'valid' padding, unbatched 3-D input);
+``batch_norm`` mirrors ``F.batch_norm`` and ``batch_norm_relu`` is the same with a fused
+ReLU. The arithmetic runs in convkit's kernels (``torch.ops.convkit``).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from convkit import ops
+
+IntPair = Union[int, Sequence[int]]
+
+
+def _pair(value: IntPair, name: str) -> tuple[int, int]:
+    if isinstance(value, bool):
+        raise TypeError(f"conv2d: expected {name} to be an int or a pair of ints, got {value!r}")
+    if isinstance(value, int):
+        return (value, value)
+    values = tuple(value)
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ValueError(
+            f"conv2d: expected {name} to be an int or a pair of ints, got {value!r}"
+        )
+    return values
+
+
+def _same_padding(
+    input: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int], dilation: tuple[int, int]
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """padding='same': the total padding d * (k - 1) split evenly, the odd one out on the
+    bottom/right as PyTorch does; an uneven split pads the input explicitly."""
+    if stride != (1, 1):
+        raise RuntimeError(
+            f"conv2d: padding='same' is not supported for strided convolutions, got stride={stride}"
+        )
+    if weight.dim() != 4:
+        raise RuntimeError(
+            f"conv2d: expected a 4-D weight [out_channels, in_channels / groups, kH, kW], "
+            f"but got a {weight.dim()}-D tensor of shape {list(weight.shape)}"
+        )
+    total = [dilation[i] * (weight.shape[2 + i] - 1) for i in range(2)]
+    before = (total[0] // 2, total[1] // 2)
+    extra = (total[0] - 2 * before[0], total[1] - 2 * before[1])
+    if extra != (0, 0):
+        input = F.pad(input, [0, extra[1], 0, extra[0]])
+    return input, before
+
+
+def conv2d(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    stride: IntPair = 1,
+    padding: Union[str, IntPair] = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+) -> torch.Tensor:
+    """2-D convolution, as ``torch.nn.functional.conv2d``.
+
+    input [N, C, H, W] or [C, H, W], weight [O, C / groups, kH, kW], bias [O] or None
+    -> [N, O, oH, oW] (or [O, oH, oW] for unbatched input).
+    padding: int, pair, 'valid' (no padding) or 'same' (output size = input size; stride 1).
+    """
+    if input.dim() not in (3, 4):
+        raise RuntimeError(
+            f"conv2d: expected a 3-D (unbatched) or 4-D (batched) input, but got a "
+            f"{input.dim()}-D tensor of shape {list(input.shape)}"
+        )
+    stride = _pair(stride, "stride")
+    dilation = _pair(dilation, "dilation")
+    unbatched = input.dim() == 3
+    if unbatched:
+        input = input.unsqueeze(0)
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = (0, 0)
+        elif padding == "same":
+            input, padding = _same_padding(input, weight, stride, dilation)
+        else:
+            raise ValueError(
+                f"conv2d: invalid padding string {padding!r}, expected 'same' or 'valid'"
+            )
+    else:
+        padding = _pair(padding, "padding")
+    output = ops.conv2d_forward(input, weight, bias, stride, padding, dilation, groups)
+    return output.squeeze(0) if unbatched else output
+
+
+def _batch_norm(
+    input: torch.Tensor,
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    training: bool,
+    momentum: Optional[float],
+    eps: float,
+    relu: bool,
+) -> torch.Tensor:
+    if input.dim() < 2:
+        raise RuntimeError(
+            f"batch_norm: expected an input of at least 2 dimensions [N, C, ...], but got a "
+            f"{input.dim()}-D tensor of shape {list(input.shape)}"
+        )
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(
+            "batch_norm: expected running_mean and running_var both given or both None, got "
+            f"running_mean={'None' if running_mean is None else 'a tensor'} and "
+            f"running_var={'None' if running_var is None else 'a tensor'}"
+        )
+    count = input.numel() // input.shape[1] if input.shape[1] > 0 else 0
+    if training and count == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {input.size()}"
+        )
+    update_running = training and running_mean is not None
+    if update_running and momentum is None:
+        raise ValueError(
+            "batch_norm: momentum=None (cumulative average) needs the number of batches seen; "
+            "use convkit.nn.BatchNorm2d, or pass momentum=1/num_batches_tracked"
+        )
+    output, save_mean, save_var = ops.batch_norm_forward(
+        input, weight, bias, running_mean, running_var, training, eps, relu
+    )
+    if update_running:
+        with torch.no_grad():
+            ops.batch_norm_update_stats(
+                running_mean, running_var, save_mean, save_var, float(momentum), count
+            )
+    return output
+
+
+def batch_norm(
+    input: torch.Tensor,
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    training: bool = False,
+    momentum: Optional[float] = 0.1,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Batch normalisation, as ``torch.nn.functional.batch_norm``.
+
+    input [N, C, *]; running_mean, running_var, weight, bias [C] or None -> [N, C, *].
+    Training normalises with the batch statistics (biased variance) and, when running
+    statistics are given, updates them in place (unbiased variance, ``momentum``); eval
+    normalises with the running statistics.
+    """
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, False)
+
+
+def batch_norm_relu(
+    input: torch.Tensor,
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    training: bool = False,
+    momentum: Optional[float] = 0.1,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """``relu(batch_norm(...))`` in one fused kernel; same arguments as :func:`batch_norm`.
+
+    input [N, C, *] -> [N, C, *], every value >= 0.
+    """
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, True)

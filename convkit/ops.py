@@ -1,0 +1,156 @@
+"""Thin wrappers over ``torch.ops.convkit.*`` and their fake (meta) kernels.
+
+The fake kernels describe each op's outputs (shape, dtype, device, strides) without
+computing them, which is what ``torch.compile`` and ``torch.library.opcheck`` need. They
+must agree exactly with the C++ kernels: outputs are contiguous, statistics are float32
+(float64 for float64 input).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+try:
+    from convkit import _C  # noqa: F401  (loading the library runs the op registrations)
+except ImportError as error:  # pragma: no cover - only without a build
+    raise ImportError(
+        "convkit's compiled extension (convkit._C) could not be loaded. Build it with "
+        "`pip install -e .` from the project's root (or `pip install --no-build-isolation "
+        "-e .` to build against the torch already installed). Original error: " + str(error)
+    ) from error
+
+_ops = torch.ops.convkit
+
+
+def conv2d_forward(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> torch.Tensor:
+    """[N, C, H, W] x [O, C/groups, kH, kW] (+ [O]) -> [N, O, oH, oW]."""
+    return _ops.conv2d_forward(input, weight, bias, stride, padding, dilation, groups)
+
+
+def conv2d_backward(
+    grad_output: torch.Tensor,
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    output_mask: Sequence[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (input, weight, bias); a masked-off gradient comes back as an empty tensor."""
+    return _ops.conv2d_backward(
+        grad_output, input, weight, stride, padding, dilation, groups, output_mask
+    )
+
+
+def batch_norm_forward(
+    input: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    training: bool,
+    eps: float,
+    relu: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[N, C, *] -> (output [N, C, *], save_mean [C], save_var [C])."""
+    return _ops.batch_norm_forward(
+        input, weight, bias, running_mean, running_var, training, eps, relu
+    )
+
+
+def batch_norm_backward(
+    grad_output: torch.Tensor,
+    input: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    save_mean: torch.Tensor,
+    save_var: torch.Tensor,
+    training: bool,
+    eps: float,
+    relu: bool,
+    output_mask: Sequence[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (input, weight, bias); a masked-off gradient comes back as an empty tensor."""
+    return _ops.batch_norm_backward(
+        grad_output, input, weight, bias, save_mean, save_var, training, eps, relu, output_mask
+    )
+
+
+def batch_norm_update_stats(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    batch_mean: torch.Tensor,
+    batch_var: torch.Tensor,
+    momentum: float,
+    count: int,
+) -> None:
+    """In place: running = (1 - momentum) * running + momentum * batch (variance unbiased)."""
+    _ops.batch_norm_update_stats(running_mean, running_var, batch_mean, batch_var, momentum, count)
+
+
+def _stats_dtype(input: torch.Tensor) -> torch.dtype:
+    return torch.float64 if input.dtype == torch.float64 else torch.float32
+
+
+def _conv_output_size(size: int, kernel: int, stride: int, pad: int, dilation: int) -> int:
+    return (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
+
+
+@torch.library.register_fake("convkit::conv2d_forward")
+def _conv2d_forward_fake(input, weight, bias, stride, padding, dilation, groups):
+    torch._check(input.dim() == 4, lambda: f"expected a 4-D input, got {input.dim()}-D")
+    torch._check(weight.dim() == 4, lambda: f"expected a 4-D weight, got {weight.dim()}-D")
+    out_h = _conv_output_size(input.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
+    out_w = _conv_output_size(input.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
+    return input.new_empty((input.shape[0], weight.shape[0], out_h, out_w))
+
+
+@torch.library.register_fake("convkit::conv2d_backward")
+def _conv2d_backward_fake(grad_output, input, weight, stride, padding, dilation, groups, output_mask):
+    grad_input = input.new_empty(input.shape) if output_mask[0] else input.new_empty((0,))
+    grad_weight = weight.new_empty(weight.shape) if output_mask[1] else input.new_empty((0,))
+    grad_bias = input.new_empty((weight.shape[0],)) if output_mask[2] else input.new_empty((0,))
+    return grad_input, grad_weight, grad_bias
+
+
+@torch.library.register_fake("convkit::batch_norm_forward")
+def _batch_norm_forward_fake(input, weight, bias, running_mean, running_var, training, eps, relu):
+    channels = input.shape[1]
+    stats_dtype = _stats_dtype(input)
+    return (
+        input.new_empty(input.shape),
+        input.new_empty((channels,), dtype=stats_dtype),
+        input.new_empty((channels,), dtype=stats_dtype),
+    )
+
+
+@torch.library.register_fake("convkit::batch_norm_backward")
+def _batch_norm_backward_fake(
+    grad_output, input, weight, bias, save_mean, save_var, training, eps, relu, output_mask
+):
+    channels = input.shape[1]
+    weight_dtype = weight.dtype if weight is not None else input.dtype
+    bias_dtype = bias.dtype if bias is not None else input.dtype
+    grad_input = input.new_empty(input.shape) if output_mask[0] else input.new_empty((0,))
+    grad_weight = (
+        input.new_empty((channels,), dtype=weight_dtype) if output_mask[1] else input.new_empty((0,))
+    )
+    grad_bias = (
+        input.new_empty((channels,), dtype=bias_dtype) if output_mask[2] else input.new_empty((0,))
+    )
+    return grad_input, grad_weight, grad_bias
+
+
+@torch.library.register_fake("convkit::batch_norm_update_stats")
+def _batch_norm_update_stats_fake(running_mean, running_var, batch_mean, batch_var, momentum, count):
+    return None
