@@ -1,0 +1,194 @@
+"""convkit batch norm (+ fused ReLU) against F.batch_norm (+ F.relu): outputs, gradients
+and running statistics, training and eval, affine on/off, momentum 0.1/None, several steps;
+gradcheck; dtypes and shapes."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import convkit
+from convkit.autograd import BatchNormFunction
+from conftest import DEVICE_PARAMS, assert_close_to_reference, make_layout
+
+
+def _reference_bn(x, running_mean, running_var, weight, bias, training, momentum, eps, relu):
+    out = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    return F.relu(out) if relu else out
+
+
+def _ours(relu):
+    return convkit.batch_norm_relu if relu else convkit.batch_norm
+
+
+def _run(fn, x, weight, bias, stats, training, momentum, eps, relu, grad_output=None):
+    xs = x.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_() if weight is not None else None
+    b = bias.detach().clone().requires_grad_() if bias is not None else None
+    out = fn(xs, stats[0], stats[1], w, b, training, momentum, eps, relu)
+    if grad_output is None:
+        grad_output = torch.randn_like(out)
+    out.backward(grad_output)
+    grads = [xs.grad, w.grad if w is not None else None, b.grad if b is not None else None]
+    return out.detach(), grads, grad_output
+
+
+def _ours_fn(x, rm, rv, w, b, training, momentum, eps, relu):
+    return _ours(relu)(x, rm, rv, w, b, training, momentum, eps)
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("shape", [(4, 3, 5, 6), (1, 2, 3, 3), (7, 5, 1, 1), (6, 4), (3, 2, 9)])
+def test_batch_norm_float64_matches_torch(shape, affine, training, relu, device):
+    dtype = torch.float64
+    channels = shape[1]
+    x = torch.randn(shape, dtype=dtype, device=device) * 3 + 1.5
+    weight = torch.randn(channels, dtype=dtype, device=device) if affine else None
+    bias = torch.randn(channels, dtype=dtype, device=device) if affine else None
+    stats_ours = [torch.randn(channels, dtype=dtype, device=device), torch.rand(channels, dtype=dtype, device=device) + 0.5]
+    stats_theirs = [t.clone() for t in stats_ours]
+    ours, our_grads, dy = _run(_ours_fn, x, weight, bias, stats_ours, training, 0.1, 1e-5, relu)
+    theirs, their_grads, _ = _run(_reference_bn, x, weight, bias, stats_theirs, training, 0.1, 1e-5, relu, dy)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
+    for name, g_ours, g_theirs in zip(("input", "weight", "bias"), our_grads, their_grads):
+        if g_theirs is None:
+            assert g_ours is None
+        else:
+            torch.testing.assert_close(g_ours, g_theirs, rtol=1e-9, atol=1e-9, msg=name)
+    for s_ours, s_theirs in zip(stats_ours, stats_theirs):
+        torch.testing.assert_close(s_ours, s_theirs, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("layout", ["contiguous", "noncontiguous", "channels_last"])
+def test_batch_norm_float32_within_torch_error(layout, training, relu, device):
+    x = make_layout(torch.randn(8, 6, 7, 9, device=device) * 2 + 4, layout)
+    weight = torch.randn(6, device=device)
+    bias = torch.randn(6, device=device)
+    stats = [torch.randn(6, device=device), torch.rand(6, device=device) + 0.5]
+    ours, our_grads, dy = _run(_ours_fn, x, weight, bias, [s.clone() for s in stats], training, 0.1, 1e-5, relu)
+    theirs, their_grads, _ = _run(_reference_bn, x, weight, bias, [s.clone() for s in stats], training, 0.1, 1e-5, relu, dy)
+    ref, ref_grads, _ = _run(
+        _reference_bn, x.double(), weight.double(), bias.double(), [s.double() for s in stats],
+        training, 0.1, 1e-5, relu, dy.double(),
+    )
+    assert_close_to_reference(ours, theirs, ref, name="output")
+    for name, g_ours, g_theirs, g_ref in zip(("input", "weight", "bias"), our_grads, their_grads, ref_grads):
+        assert_close_to_reference(g_ours, g_theirs, g_ref, factor=2.0, name=name)
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_bfloat16(training, relu, device):
+    x = torch.randn(4, 3, 6, 6, device=device).bfloat16()
+    weight = torch.randn(3, device=device).bfloat16()
+    bias = torch.randn(3, device=device).bfloat16()
+    stats = [torch.randn(3, device=device).bfloat16(), (torch.rand(3, device=device) + 0.5).bfloat16()]
+    ours, our_grads, dy = _run(_ours_fn, x, weight, bias, [s.clone() for s in stats], training, 0.1, 1e-5, relu)
+    theirs, their_grads, _ = _run(_reference_bn, x, weight, bias, [s.clone() for s in stats], training, 0.1, 1e-5, relu, dy)
+    assert ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours, theirs, rtol=2e-2, atol=2e-2)
+    for g_ours, g_theirs in zip(our_grads, their_grads):
+        assert g_ours.dtype == g_theirs.dtype
+        torch.testing.assert_close(g_ours, g_theirs, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("fused", [True, False])
+def test_batch_norm_modules_over_several_steps(fused, affine, momentum, device):
+    """Three training steps then eval: outputs, grads, running stats and
+    num_batches_tracked follow torch's BatchNorm2d (+ ReLU) exactly (float64)."""
+    ours = (convkit.nn.BatchNormReLU2d if fused else convkit.nn.BatchNorm2d)(
+        5, momentum=momentum, affine=affine
+    )
+    theirs = nn.Sequential(nn.BatchNorm2d(5, momentum=momentum, affine=affine), nn.ReLU() if fused else nn.Identity())
+    ours = ours.double().to(device)
+    theirs = theirs.double().to(device)
+    if affine:
+        with torch.no_grad():
+            ours.weight.copy_(torch.randn(5)); ours.bias.copy_(torch.randn(5))
+            theirs[0].weight.copy_(ours.weight); theirs[0].bias.copy_(ours.bias)
+    for step in range(4):
+        training = step < 3
+        ours.train(training)
+        theirs.train(training)
+        x = torch.randn(6, 5, 4, 3, dtype=torch.float64, device=device) * (step + 1) + step
+        x_ours = x.clone().requires_grad_()
+        x_theirs = x.clone().requires_grad_()
+        y_ours = ours(x_ours)
+        y_theirs = theirs(x_theirs)
+        torch.testing.assert_close(y_ours, y_theirs, rtol=1e-10, atol=1e-10)
+        dy = torch.randn_like(y_ours)
+        y_ours.backward(dy)
+        y_theirs.backward(dy)
+        torch.testing.assert_close(x_ours.grad, x_theirs.grad, rtol=1e-9, atol=1e-9)
+        if affine:
+            torch.testing.assert_close(ours.weight.grad, theirs[0].weight.grad, rtol=1e-9, atol=1e-9)
+            torch.testing.assert_close(ours.bias.grad, theirs[0].bias.grad, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(ours.running_mean, theirs[0].running_mean, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(ours.running_var, theirs[0].running_var, rtol=1e-12, atol=1e-12)
+        assert int(ours.num_batches_tracked) == int(theirs[0].num_batches_tracked)
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_batch_norm_without_running_stats(device):
+    """track_running_stats=False: batch statistics in eval mode too, as torch does."""
+    ours = convkit.nn.BatchNormReLU2d(3, track_running_stats=False).double().to(device).eval()
+    theirs = nn.BatchNorm2d(3, track_running_stats=False).double().to(device).eval()
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64, device=device)
+    torch.testing.assert_close(ours(x), F.relu(theirs(x)), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_batch_norm_empty_batch(device):
+    rm = torch.randn(3, device=device)
+    rv = torch.rand(3, device=device) + 0.5
+    rm0, rv0 = rm.clone(), rv.clone()
+    x = torch.randn(0, 3, 4, 4, device=device, requires_grad=True)
+    out = convkit.batch_norm_relu(x, rm, rv, torch.ones(3, device=device), torch.zeros(3, device=device), training=True)
+    assert out.shape == (0, 3, 4, 4)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norm_gradcheck(affine, training, relu, device):
+    x = torch.randn(3, 4, 3, 5, dtype=torch.float64, device=device).requires_grad_()
+    rm = torch.randn(4, dtype=torch.float64, device=device)
+    rv = torch.rand(4, dtype=torch.float64, device=device) + 0.5
+    params = ()
+    if affine:
+        params = (torch.randn(4, dtype=torch.float64, device=device).requires_grad_(),
+                  torch.randn(4, dtype=torch.float64, device=device).requires_grad_())
+    fn = _ours(relu)
+
+    def f(x, *p):
+        w, b = p if p else (None, None)
+        # No running stats in training: gradcheck calls f many times and must not move them.
+        return fn(x, None if training else rm, None if training else rv, w, b, training)
+
+    assert torch.autograd.gradcheck(f, (x,) + params)
+
+    def g(x, *p):  # the autograd.Function path, same definition
+        w, b = p if p else (None, None)
+        return BatchNormFunction.apply(x, w, b, None if training else rm, None if training else rv, training, 1e-5, relu)[0]
+
+    assert torch.autograd.gradcheck(g, (x,) + params)
+
+
+def test_batch_norm_relu_output_is_nonnegative():
+    out = convkit.batch_norm_relu(torch.randn(8, 4, 5, 5), None, None, training=True)
+    assert (out >= 0).all() and (out > 0).any()
