@@ -102,7 +102,9 @@ def _convert_children(module: nn.Module) -> None:
             current, following = module._modules[name], module._modules[next_name]
             if type(current) is BatchNorm2d and type(following) is nn.ReLU:
                 current.__class__ = BatchNormReLU2d
-                module._modules[next_name] = nn.Identity()
+                identity = nn.Identity()
+                identity.train(following.training)
+                module._modules[next_name] = identity
 
 
 def convert(module: nn.Module, inplace: bool = False) -> nn.Module:
