@@ -137,6 +137,38 @@ class BatchNormFunction(torch.autograd.Function):
         )
 
 
+def _im2col_setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    input, kernel_size, dilation, padding, stride = inputs
+    ctx.window = (list(input.shape[-2:]), list(kernel_size), list(dilation), list(padding), list(stride))
+
+
+def _im2col_backward(ctx: Any, grad_columns: torch.Tensor):
+    """im2col copies every input element into the columns that read it, so its gradient
+    sums those columns back: col2im."""
+    output_size, kernel_size, dilation, padding, stride = ctx.window
+    grad_input = ops.col2im(grad_columns, output_size, kernel_size, dilation, padding, stride)
+    return grad_input, None, None, None, None
+
+
+def _col2im_setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    columns, output_size, kernel_size, dilation, padding, stride = inputs
+    ctx.window = (list(kernel_size), list(dilation), list(padding), list(stride))
+
+
+def _col2im_backward(ctx: Any, grad_output: torch.Tensor):
+    """col2im sums column entries into pixels; its gradient copies each pixel's gradient
+    back to every entry: im2col."""
+    kernel_size, dilation, padding, stride = ctx.window
+    grad_columns = ops.im2col(grad_output, kernel_size, dilation, padding, stride)
+    return grad_columns, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "convkit::im2col", _im2col_backward, setup_context=_im2col_setup_context
+)
+torch.library.register_autograd(
+    "convkit::col2im", _col2im_backward, setup_context=_col2im_setup_context
+)
 torch.library.register_autograd(
     "convkit::conv2d_forward", Conv2dFunction.backward, setup_context=Conv2dFunction.setup_context
 )

@@ -18,7 +18,7 @@ IntPair = Union[int, Sequence[int]]
 
 def _pair(value: IntPair, name: str) -> tuple[int, int]:
     if isinstance(value, bool):
-        raise TypeError(f"conv2d: expected {name} to be an int or a pair of ints, got {value!r}")
+        raise ValueError(f"conv2d: expected {name} to be an int or a pair of ints, got {value!r}")
     if isinstance(value, int):
         return (value, value)
     values = tuple(value)
@@ -91,6 +91,51 @@ def conv2d(
         padding = _pair(padding, "padding")
     output = ops.conv2d_forward(input, weight, bias, stride, padding, dilation, groups)
     return output.squeeze(0) if unbatched else output
+
+
+def im2col(
+    input: torch.Tensor,
+    kernel_size: IntPair,
+    dilation: IntPair = 1,
+    padding: IntPair = 0,
+    stride: IntPair = 1,
+) -> torch.Tensor:
+    """The columns conv2d multiplies, as ``F.unfold``: every kernel window of the input
+    laid out as a column.
+
+    input [N, C, H, W] -> [N, C * kH * kW, oH * oW]; row (c * kH + i) * kW + j of column
+    oh * oW + ow holds input[c, oh * sH - pH + i * dH, ow * sW - pW + j * dW] (0 outside).
+    """
+    return ops.im2col(
+        input,
+        _pair(kernel_size, "kernel_size"),
+        _pair(dilation, "dilation"),
+        _pair(padding, "padding"),
+        _pair(stride, "stride"),
+    )
+
+
+def col2im(
+    columns: torch.Tensor,
+    output_size: IntPair,
+    kernel_size: IntPair,
+    dilation: IntPair = 1,
+    padding: IntPair = 0,
+    stride: IntPair = 1,
+) -> torch.Tensor:
+    """The adjoint of :func:`im2col`, as ``F.fold``: sums every column entry back into the
+    pixel it was copied from.
+
+    columns [N, C * kH * kW, L] -> [N, C, H, W] with (H, W) = output_size.
+    """
+    return ops.col2im(
+        columns,
+        _pair(output_size, "output_size"),
+        _pair(kernel_size, "kernel_size"),
+        _pair(dilation, "dilation"),
+        _pair(padding, "padding"),
+        _pair(stride, "stride"),
+    )
 
 
 def _batch_norm(

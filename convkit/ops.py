@@ -52,6 +52,29 @@ def conv2d_backward(
     )
 
 
+def im2col(
+    input: torch.Tensor,
+    kernel_size: Sequence[int],
+    dilation: Sequence[int],
+    padding: Sequence[int],
+    stride: Sequence[int],
+) -> torch.Tensor:
+    """[N, C, H, W] -> [N, C * kH * kW, oH * oW], as F.unfold."""
+    return _ops.im2col(input, kernel_size, dilation, padding, stride)
+
+
+def col2im(
+    columns: torch.Tensor,
+    output_size: Sequence[int],
+    kernel_size: Sequence[int],
+    dilation: Sequence[int],
+    padding: Sequence[int],
+    stride: Sequence[int],
+) -> torch.Tensor:
+    """[N, C * kH * kW, L] -> [N, C, H, W] (overlaps summed), as F.fold."""
+    return _ops.col2im(columns, output_size, kernel_size, dilation, padding, stride)
+
+
 def batch_norm_forward(
     input: torch.Tensor,
     weight: Optional[torch.Tensor],
@@ -121,6 +144,22 @@ def _conv2d_backward_fake(grad_output, input, weight, stride, padding, dilation,
     grad_weight = weight.new_empty(weight.shape) if output_mask[1] else input.new_empty((0,))
     grad_bias = input.new_empty((weight.shape[0],)) if output_mask[2] else input.new_empty((0,))
     return grad_input, grad_weight, grad_bias
+
+
+@torch.library.register_fake("convkit::im2col")
+def _im2col_fake(input, kernel_size, dilation, padding, stride):
+    torch._check(input.dim() == 4, lambda: f"expected a 4-D input, got {input.dim()}-D")
+    out_h = _conv_output_size(input.shape[2], kernel_size[0], stride[0], padding[0], dilation[0])
+    out_w = _conv_output_size(input.shape[3], kernel_size[1], stride[1], padding[1], dilation[1])
+    rows = input.shape[1] * kernel_size[0] * kernel_size[1]
+    return input.new_empty((input.shape[0], rows, out_h * out_w))
+
+
+@torch.library.register_fake("convkit::col2im")
+def _col2im_fake(columns, output_size, kernel_size, dilation, padding, stride):
+    torch._check(columns.dim() == 3, lambda: f"expected 3-D columns, got {columns.dim()}-D")
+    channels = columns.shape[1] // (kernel_size[0] * kernel_size[1])
+    return columns.new_empty((columns.shape[0], channels, output_size[0], output_size[1]))
 
 
 @torch.library.register_fake("convkit::batch_norm_forward")

@@ -28,6 +28,51 @@ inline void check_floating(const char* op, const at::Tensor& t, const char* name
               t.scalar_type());
 }
 
+// Checks the window arguments (stride, padding, dilation, kernel size against the padded
+// input) and returns the geometry with its output size. Shared by conv2d and im2col/col2im.
+inline Conv2dGeometry make_window_geometry(const char* op, int64_t batch, int64_t channels,
+                                           int64_t in_h, int64_t in_w, int64_t kernel_h,
+                                           int64_t kernel_w, at::IntArrayRef stride,
+                                           at::IntArrayRef padding, at::IntArrayRef dilation) {
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+              ": expected stride, padding and dilation of 2 values each, but got ", stride,
+              ", ", padding, ", ", dilation);
+  TORCH_CHECK(stride[0] > 0 && stride[1] > 0, op, ": expected a positive stride, but got ",
+              stride);
+  TORCH_CHECK(dilation[0] > 0 && dilation[1] > 0, op,
+              ": expected a positive dilation, but got ", dilation);
+  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, op,
+              ": expected a non-negative padding, but got ", padding);
+  TORCH_CHECK(kernel_h > 0 && kernel_w > 0, op, ": expected a positive kernel size, but got (",
+              kernel_h, ", ", kernel_w, ")");
+  Conv2dGeometry g{};
+  g.batch = batch;
+  g.in_channels = channels;
+  g.in_h = in_h;
+  g.in_w = in_w;
+  g.out_channels = channels;
+  g.groups = 1;
+  g.kernel_h = kernel_h;
+  g.kernel_w = kernel_w;
+  g.stride_h = stride[0];
+  g.stride_w = stride[1];
+  g.pad_h = padding[0];
+  g.pad_w = padding[1];
+  g.dilation_h = dilation[0];
+  g.dilation_w = dilation[1];
+  const int64_t padded_h = g.in_h + 2 * g.pad_h;
+  const int64_t padded_w = g.in_w + 2 * g.pad_w;
+  const int64_t dilated_kh = g.dilation_h * (g.kernel_h - 1) + 1;
+  const int64_t dilated_kw = g.dilation_w * (g.kernel_w - 1) + 1;
+  TORCH_CHECK(dilated_kh <= padded_h && dilated_kw <= padded_w, op,
+              ": the (dilated) kernel size (", dilated_kh, " x ", dilated_kw,
+              ") is larger than the padded input size (", padded_h, " x ", padded_w,
+              "); expected a kernel no larger than the padded input");
+  g.out_h = conv_output_size(g.in_h, g.kernel_h, g.stride_h, g.pad_h, g.dilation_h);
+  g.out_w = conv_output_size(g.in_w, g.kernel_w, g.stride_w, g.pad_w, g.dilation_w);
+  return g;
+}
+
 // Validates a conv2d call and returns its geometry. `op` names the caller in messages.
 inline Conv2dGeometry make_conv2d_geometry(const char* op, const at::Tensor& input,
                                            const at::Tensor& weight, at::IntArrayRef stride,
@@ -40,53 +85,62 @@ inline Conv2dGeometry make_conv2d_geometry(const char* op, const at::Tensor& inp
               weight.dim(), "-D tensor of shape ", weight.sizes());
   check_floating(op, input, "input");
   check_same_device_and_dtype(op, input, "input", weight, "weight");
-  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
-              ": expected stride, padding and dilation of 2 values each, but got ", stride,
-              ", ", padding, ", ", dilation);
-  TORCH_CHECK(stride[0] > 0 && stride[1] > 0, op, ": expected a positive stride, but got ",
-              stride);
-  TORCH_CHECK(dilation[0] > 0 && dilation[1] > 0, op,
-              ": expected a positive dilation, but got ", dilation);
-  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, op,
-              ": expected a non-negative padding, but got ", padding);
   TORCH_CHECK(groups > 0, op, ": expected a positive number of groups, but got ", groups);
-
-  Conv2dGeometry g{};
-  g.batch = input.size(0);
-  g.in_channels = input.size(1);
-  g.in_h = input.size(2);
-  g.in_w = input.size(3);
-  g.out_channels = weight.size(0);
-  g.groups = groups;
-  g.kernel_h = weight.size(2);
-  g.kernel_w = weight.size(3);
-  g.stride_h = stride[0];
-  g.stride_w = stride[1];
-  g.pad_h = padding[0];
-  g.pad_w = padding[1];
-  g.dilation_h = dilation[0];
-  g.dilation_w = dilation[1];
-
-  TORCH_CHECK(g.out_channels > 0 && g.kernel_h > 0 && g.kernel_w > 0, op,
+  const int64_t out_channels = weight.size(0);
+  TORCH_CHECK(out_channels > 0 && weight.size(2) > 0 && weight.size(3) > 0, op,
               ": expected a weight with positive out_channels and kernel size, but got shape ",
               weight.sizes());
-  TORCH_CHECK(g.out_channels % groups == 0, op, ": expected out_channels (", g.out_channels,
+  TORCH_CHECK(out_channels % groups == 0, op, ": expected out_channels (", out_channels,
               ") to be divisible by groups (", groups, ")");
-  TORCH_CHECK(g.in_channels == weight.size(1) * groups, op, ": expected input of shape ",
+  TORCH_CHECK(input.size(1) == weight.size(1) * groups, op, ": expected input of shape ",
               input.sizes(), " to have ", weight.size(1) * groups,
               " channels (weight.size(1) = ", weight.size(1), " times groups = ", groups,
-              "), but got ", g.in_channels, " channels");
+              "), but got ", input.size(1), " channels");
+  Conv2dGeometry g = make_window_geometry(op, input.size(0), input.size(1), input.size(2),
+                                          input.size(3), weight.size(2), weight.size(3), stride,
+                                          padding, dilation);
+  g.out_channels = out_channels;
+  g.groups = groups;
+  return g;
+}
 
-  const int64_t padded_h = g.in_h + 2 * g.pad_h;
-  const int64_t padded_w = g.in_w + 2 * g.pad_w;
-  const int64_t dilated_kh = g.dilation_h * (g.kernel_h - 1) + 1;
-  const int64_t dilated_kw = g.dilation_w * (g.kernel_w - 1) + 1;
-  TORCH_CHECK(dilated_kh <= padded_h && dilated_kw <= padded_w, op,
-              ": the (dilated) kernel size (", dilated_kh, " x ", dilated_kw,
-              ") is larger than the padded input size (", padded_h, " x ", padded_w,
-              "); expected a kernel no larger than the padded input");
-  g.out_h = conv_output_size(g.in_h, g.kernel_h, g.stride_h, g.pad_h, g.dilation_h);
-  g.out_w = conv_output_size(g.in_w, g.kernel_w, g.stride_w, g.pad_w, g.dilation_w);
+// im2col (as F.unfold): input [N, C, H, W] -> columns [N, C * kH * kW, oH * oW].
+inline Conv2dGeometry make_im2col_geometry(const char* op, const at::Tensor& input,
+                                           at::IntArrayRef kernel_size, at::IntArrayRef dilation,
+                                           at::IntArrayRef padding, at::IntArrayRef stride) {
+  TORCH_CHECK(input.dim() == 4, op, ": expected a 4-D input [N, C, H, W], but got a ",
+              input.dim(), "-D tensor of shape ", input.sizes());
+  check_floating(op, input, "input");
+  TORCH_CHECK(kernel_size.size() == 2, op, ": expected a kernel_size of 2 values, but got ",
+              kernel_size);
+  return make_window_geometry(op, input.size(0), input.size(1), input.size(2), input.size(3),
+                              kernel_size[0], kernel_size[1], stride, padding, dilation);
+}
+
+// col2im (as F.fold): columns [N, C * kH * kW, L] -> output [N, C, H, W], where L must be the
+// number of windows of the given output size.
+inline Conv2dGeometry make_col2im_geometry(const char* op, const at::Tensor& columns,
+                                           at::IntArrayRef output_size,
+                                           at::IntArrayRef kernel_size, at::IntArrayRef dilation,
+                                           at::IntArrayRef padding, at::IntArrayRef stride) {
+  TORCH_CHECK(columns.dim() == 3, op, ": expected 3-D columns [N, C * kH * kW, L], but got a ",
+              columns.dim(), "-D tensor of shape ", columns.sizes());
+  check_floating(op, columns, "columns");
+  TORCH_CHECK(kernel_size.size() == 2 && output_size.size() == 2, op,
+              ": expected kernel_size and output_size of 2 values each, but got ", kernel_size,
+              " and ", output_size);
+  const int64_t area = kernel_size[0] * kernel_size[1];
+  TORCH_CHECK(kernel_size[0] > 0 && kernel_size[1] > 0 && columns.size(1) % area == 0, op,
+              ": expected columns.size(1) (", columns.size(1),
+              ") to be divisible by the kernel area ", kernel_size[0], " x ", kernel_size[1]);
+  TORCH_CHECK(output_size[0] > 0 && output_size[1] > 0, op,
+              ": expected a positive output_size, but got ", output_size);
+  Conv2dGeometry g = make_window_geometry(op, columns.size(0), columns.size(1) / area,
+                                          output_size[0], output_size[1], kernel_size[0],
+                                          kernel_size[1], stride, padding, dilation);
+  TORCH_CHECK(columns.size(2) == g.out_area(), op, ": expected columns.size(2) to be ",
+              g.out_area(), " (", g.out_h, " x ", g.out_w, " windows for output_size ",
+              output_size, "), but got ", columns.size(2));
   return g;
 }
 

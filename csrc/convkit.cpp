@@ -20,6 +20,15 @@ TORCH_LIBRARY(convkit, m) {
       "conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups, bool[3] output_mask) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // The conv's building blocks on their own, with the semantics of F.unfold / F.fold:
+  // im2col [N, C, H, W] -> [N, C * kH * kW, oH * oW]; col2im sums the columns back into
+  // [N, C, H, W] (its adjoint). Each is the other's gradient.
+  m.def(
+      "im2col(Tensor input, int[2] kernel_size, int[2] dilation, int[2] padding, "
+      "int[2] stride) -> Tensor");
+  m.def(
+      "col2im(Tensor columns, int[2] output_size, int[2] kernel_size, int[2] dilation, "
+      "int[2] padding, int[2] stride) -> Tensor");
   // Returns the output and the statistics used to normalise (batch mean and biased batch
   // variance in training, copies of the running statistics in eval), in float32 (float64
   // for float64 input).

@@ -306,11 +306,62 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
   return std::make_tuple(grad_input, grad_weight, grad_bias);
 }
 
+// F.unfold's semantics, one element at a time through the shared helper im2col_value: the
+// reference the row-wise im2col above (and the CUDA kernel) can be checked against.
+at::Tensor im2col_cpu(const at::Tensor& input, at::IntArrayRef kernel_size,
+                      at::IntArrayRef dilation, at::IntArrayRef padding, at::IntArrayRef stride) {
+  const Conv2dGeometry g =
+      make_im2col_geometry("convkit::im2col", input, kernel_size, dilation, padding, stride);
+  const at::Tensor x = input.contiguous();
+  const int64_t K = g.column_rows();
+  const int64_t L = g.out_area();
+  at::Tensor columns = at::empty({g.batch, K, L}, x.options());
+  if (columns.numel() == 0) return columns;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "im2col_cpu", [&] {
+    const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+    scalar_t* col_ptr = columns.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, g.batch * K, grain_for(L), [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / K;
+        const int64_t row = task % K;
+        const scalar_t* image = x_ptr + b * g.in_channels * g.in_area();
+        scalar_t* dst = col_ptr + task * L;
+        for (int64_t pos = 0; pos < L; ++pos) dst[pos] = im2col_value(image, g, row, pos);
+      }
+    });
+  });
+  return columns;
+}
+
+// F.fold's semantics: every input element gathers the column entries copied from it.
+at::Tensor col2im_cpu(const at::Tensor& columns, at::IntArrayRef output_size,
+                      at::IntArrayRef kernel_size, at::IntArrayRef dilation,
+                      at::IntArrayRef padding, at::IntArrayRef stride) {
+  const Conv2dGeometry g = make_col2im_geometry("convkit::col2im", columns, output_size,
+                                                kernel_size, dilation, padding, stride);
+  const at::Tensor cols = columns.contiguous();
+  at::Tensor output = at::empty({g.batch, g.in_channels, g.in_h, g.in_w}, cols.options());
+  if (output.numel() == 0) return output;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, cols.scalar_type(), "col2im_cpu", [&] {
+    const scalar_t* col_ptr = cols.const_data_ptr<scalar_t>();
+    scalar_t* out_ptr = output.mutable_data_ptr<scalar_t>();
+    const int64_t K = g.column_rows();
+    const int64_t L = g.out_area();
+    // One image at a time: the gather of col2im_chunk with a chunk of one.
+    for (int64_t b = 0; b < g.batch; ++b) {
+      col2im_chunk(col_ptr + b * K * L, g, b, 1, out_ptr);
+    }
+  });
+  return output;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(convkit, CPU, m) {
   m.impl("conv2d_forward", &conv2d_forward_cpu);
   m.impl("conv2d_backward", &conv2d_backward_cpu);
+  m.impl("im2col", &im2col_cpu);
+  m.impl("col2im", &col2im_cpu);
 }
 
 }  // namespace convkit

@@ -25,7 +25,8 @@ int main() {
   const at::Tensor ours = op.call(input, weight, bias, stride, padding, dilation, groups);
   const at::Tensor reference = at::conv2d(input, weight, bias, stride, padding, dilation, groups);
   if (ours.sizes() != reference.sizes()) {
-    std::printf("convkit_smoke: shape mismatch\n");
+    std::printf("convkit_smoke: output shape %s, expected %s\n", c10::str(ours.sizes()).c_str(),
+                c10::str(reference.sizes()).c_str());
     return 1;
   }
   const double max_diff = (ours - reference).abs().max().item<double>();
