@@ -71,11 +71,20 @@ def make_extension():
         if debug:
             nvcc_flags.append("-lineinfo")
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        # The wheels' headers (cuBLAS, cuSPARSE, ...) go after the toolkit's own (-isystem is
+        # searched after -I): their CUDA runtime headers may be newer than nvcc, which then
+        # refuses them ("CUDA compiler and CUDA toolkit headers are incompatible").
+        wheel_includes = []
+        for path in nvidia_wheel_include_dirs():
+            wheel_includes += ["-isystem", path]
         return CUDAExtension(
             "convkit._C",
             sources,
-            include_dirs=[os.path.join(HERE, "csrc")] + nvidia_wheel_include_dirs(),
-            extra_compile_args={"cxx": cxx_flags + ["-DCONVKIT_WITH_CUDA"], "nvcc": nvcc_flags},
+            include_dirs=[os.path.join(HERE, "csrc")],
+            extra_compile_args={
+                "cxx": cxx_flags + ["-DCONVKIT_WITH_CUDA"] + wheel_includes,
+                "nvcc": nvcc_flags + wheel_includes,
+            },
             extra_link_args=extra_link_args,
             libraries=["cublas"],
         )
