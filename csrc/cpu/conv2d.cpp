@@ -25,31 +25,14 @@
 #include <tuple>
 
 #include "../checks.h"
+#include "../column_buffer.h"
 #include "../conv2d.h"
 
 namespace convkit {
 namespace {
 
-constexpr int64_t kDefaultColumnBudgetBytes = int64_t(64) << 20;
 // Aim for parallel tasks of at least this many elements, so thread start-up stays small.
 constexpr int64_t kParallelGrainElements = int64_t(1) << 15;
-
-int64_t column_budget_bytes() {
-  const char* env = std::getenv("CONVKIT_COLUMN_BUDGET_MB");
-  if (env == nullptr || *env == '\0') return kDefaultColumnBudgetBytes;
-  char* end = nullptr;
-  const double mib = std::strtod(env, &end);
-  TORCH_CHECK(end != env && *end == '\0' && mib > 0, "CONVKIT_COLUMN_BUDGET_MB must be a ",
-              "positive number of MiB, but got '", env, "'");
-  return std::max<int64_t>(1, static_cast<int64_t>(mib * double(1 << 20)));
-}
-
-// Images per chunk: as many as fit the column budget, at least one.
-int64_t images_per_chunk(const Conv2dGeometry& g, int64_t element_size) {
-  const int64_t bytes_per_image = g.column_rows() * g.out_area() * element_size;
-  const int64_t fit = column_budget_bytes() / std::max<int64_t>(bytes_per_image, 1);
-  return std::max<int64_t>(1, std::min<int64_t>(fit, g.batch));
-}
 
 int64_t grain_for(int64_t elements_per_task) {
   return std::max<int64_t>(1, kParallelGrainElements / std::max<int64_t>(elements_per_task, 1));
@@ -132,11 +115,6 @@ void col2im_chunk(const scalar_t* columns, const Conv2dGeometry& g, int64_t firs
       }
     }
   });
-}
-
-// A contiguous [rows, cols] matrix view over the start of a flat buffer.
-at::Tensor matrix_view(const at::Tensor& buffer, int64_t rows, int64_t cols) {
-  return buffer.view({-1}).narrow(0, 0, rows * cols).view({rows, cols});
 }
 
 at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,

@@ -1,0 +1,42 @@
+// The im2col column buffer, shared by the CPU and CUDA conv drivers: its size bound and the
+// chunk of images that fits in it.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+
+#include "conv2d.h"
+
+namespace convkit {
+
+constexpr int64_t kDefaultColumnBudgetBytes = int64_t(64) << 20;
+
+// The bound on one conv call's column buffer: CONVKIT_COLUMN_BUDGET_MB (MiB), default 64 MiB.
+// Read on every call so that tests and users can change it at run time.
+inline int64_t column_budget_bytes() {
+  const char* env = std::getenv("CONVKIT_COLUMN_BUDGET_MB");
+  if (env == nullptr || *env == '\0') return kDefaultColumnBudgetBytes;
+  char* end = nullptr;
+  const double mib = std::strtod(env, &end);
+  TORCH_CHECK(end != env && *end == '\0' && mib > 0, "CONVKIT_COLUMN_BUDGET_MB must be a ",
+              "positive number of MiB, but got '", env, "'");
+  return std::max<int64_t>(1, static_cast<int64_t>(mib * double(1 << 20)));
+}
+
+// Images per chunk: as many as fit the column budget, at least one.
+inline int64_t images_per_chunk(const Conv2dGeometry& g, int64_t element_size) {
+  const int64_t bytes_per_image = g.column_rows() * g.out_area() * element_size;
+  const int64_t fit = column_budget_bytes() / std::max<int64_t>(bytes_per_image, 1);
+  return std::max<int64_t>(1, std::min<int64_t>(fit, g.batch));
+}
+
+// A contiguous [rows, cols] matrix view over the start of a flat buffer.
+inline at::Tensor matrix_view(const at::Tensor& buffer, int64_t rows, int64_t cols) {
+  return buffer.view({-1}).narrow(0, 0, rows * cols).view({rows, cols});
+}
+
+}  // namespace convkit
