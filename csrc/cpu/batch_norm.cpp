@@ -22,6 +22,7 @@
 #include <cmath>
 #include <tuple>
 
+#include "../batch_norm.h"
 #include "../checks.h"
 
 namespace convkit {
@@ -34,14 +35,6 @@ at::Tensor per_channel_or(const c10::optional<at::Tensor>& t, int64_t channels,
   return at::full({channels}, fill, options.dtype(acc_type));
 }
 
-// The normalised, affine-transformed value, shared by forward and backward so the ReLU mask
-// recomputed in backward is bit-identical to the forward's.
-template <typename scalar_t, typename acc_t>
-inline scalar_t batch_norm_output(scalar_t x, acc_t scale, acc_t shift, bool relu) {
-  acc_t y = static_cast<acc_t>(x) * scale + shift;
-  if (relu && !(y > acc_t(0))) y = acc_t(0);
-  return static_cast<scalar_t>(y);
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
     const at::Tensor& input, const c10::optional<at::Tensor>& weight,
@@ -187,7 +180,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
           const scalar_t* dys = dy_ptr + (n * C + c) * S;
           for (int64_t s = 0; s < S; ++s) {
             double g = static_cast<double>(dys[s]);
-            if (relu && !(batch_norm_output(xs[s], scale, shift, true) > scalar_t(0))) g = 0.0;
+            if (relu && !batch_norm_relu_passes(xs[s], scale, shift)) g = 0.0;
             sum_dy += g;
             sum_dy_xmu += g * (static_cast<double>(xs[s]) - static_cast<double>(mu));
           }
@@ -207,9 +200,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
           scalar_t* dxs = dx_ptr + (n * C + c) * S;
           for (int64_t s = 0; s < S; ++s) {
             acc_t g = static_cast<acc_t>(dys[s]);
-            if (relu && !(batch_norm_output(xs[s], scale, shift, true) > scalar_t(0))) g = acc_t(0);
+            if (relu && !batch_norm_relu_passes(xs[s], scale, shift)) g = acc_t(0);
             const acc_t xmu = static_cast<acc_t>(xs[s]) - mu;
-            dxs[s] = static_cast<scalar_t>((g - mean_dy - xmu * proj) * scale);
+            dxs[s] = static_cast<scalar_t>(batch_norm_grad_input(g, xmu, mean_dy, proj, scale));
           }
         }
       }
