@@ -86,7 +86,6 @@ def make_extension():
                 "nvcc": nvcc_flags + wheel_includes,
             },
             extra_link_args=extra_link_args,
-            libraries=["cublas"],
         )
     return CppExtension(
         "convkit._C",
