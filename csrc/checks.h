@@ -184,4 +184,74 @@ inline void check_batch_norm_input(const char* op, const at::Tensor& input) {
               input.sizes());
 }
 
+// Batch norm views its input as [N, C, S]: S is the product of the spatial sizes and
+// count = N * S the number of values per channel.
+struct BatchNormShape {
+  int64_t N, C, S, count;
+};
+
+inline BatchNormShape check_batch_norm_forward(const char* op, const at::Tensor& input,
+                                               const c10::optional<at::Tensor>& weight,
+                                               const c10::optional<at::Tensor>& bias,
+                                               const c10::optional<at::Tensor>& running_mean,
+                                               const c10::optional<at::Tensor>& running_var,
+                                               bool training, double eps) {
+  check_batch_norm_input(op, input);
+  const int64_t N = input.size(0);
+  const int64_t C = input.size(1);
+  const int64_t S = N == 0 ? 0 : input.numel() / (N * C);
+  check_per_channel(op, input, weight, "weight", C);
+  check_per_channel(op, input, bias, "bias", C);
+  check_per_channel(op, input, running_mean, "running_mean", C);
+  check_per_channel(op, input, running_var, "running_var", C);
+  TORCH_CHECK(eps >= 0, op, ": expected a non-negative eps, but got ", eps);
+  const bool has_running = running_mean.has_value() && running_mean->defined() &&
+                           running_var.has_value() && running_var->defined();
+  TORCH_CHECK(training || has_running, op,
+              ": running_mean and running_var must be given in eval mode (training=False)");
+  TORCH_CHECK(!training || N * S != 1, op,
+              ": expected more than 1 value per channel when training, but got input of shape ",
+              input.sizes());
+  return {N, C, S, N * S};
+}
+
+inline BatchNormShape check_batch_norm_backward(const char* op, const at::Tensor& grad_output,
+                                                const at::Tensor& input,
+                                                const c10::optional<at::Tensor>& weight,
+                                                const c10::optional<at::Tensor>& bias,
+                                                const at::Tensor& save_mean,
+                                                const at::Tensor& save_var) {
+  check_batch_norm_input(op, input);
+  const int64_t N = input.size(0);
+  const int64_t C = input.size(1);
+  const int64_t S = N == 0 ? 0 : input.numel() / (N * C);
+  TORCH_CHECK(grad_output.sizes() == input.sizes(), op, ": expected grad_output of shape ",
+              input.sizes(), ", but got ", grad_output.sizes());
+  check_same_device_and_dtype(op, input, "input", grad_output, "grad_output");
+  check_per_channel(op, input, weight, "weight", C);
+  check_per_channel(op, input, bias, "bias", C);
+  check_per_channel(op, input, save_mean, "save_mean", C);
+  check_per_channel(op, input, save_var, "save_var", C);
+  return {N, C, S, N * S};
+}
+
+inline void check_batch_norm_update_stats(const char* op, const at::Tensor& running_mean,
+                                          const at::Tensor& running_var,
+                                          const at::Tensor& batch_mean,
+                                          const at::Tensor& batch_var, int64_t count) {
+  const int64_t C = batch_mean.numel();
+  TORCH_CHECK(batch_mean.dim() == 1 && batch_var.dim() == 1 && batch_var.numel() == C, op,
+              ": expected 1-D batch_mean and batch_var of the same size, but got ",
+              batch_mean.sizes(), " and ", batch_var.sizes());
+  for (const auto* t : {&running_mean, &running_var}) {
+    TORCH_CHECK(t->dim() == 1 && t->numel() == C, op, ": expected running statistics of ", C,
+                " elements (one per channel), but got shape ", t->sizes());
+    TORCH_CHECK(t->is_contiguous(), op, ": expected contiguous running statistics");
+    TORCH_CHECK(t->device() == batch_mean.device(), op, ": expected running statistics on ",
+                batch_mean.device(), ", but got ", t->device());
+    check_floating(op, *t, "running statistics");
+  }
+  TORCH_CHECK(count >= 0, op, ": expected a non-negative count, but got ", count);
+}
+
 }  // namespace convkit

@@ -1,17 +1,14 @@
-// conv2d on the CPU by im2col + GEMM.
+// conv2d on the CPU: the CPU backend of csrc/conv2d_driver.h (which holds the algorithm:
+// im2col + one GEMM per group per chunk of images) and F.unfold/F.fold-like ops.
 //
-// Algorithm, per chunk of `chunk` images (see csrc/conv2d.h for the column layout):
-//   forward   columns[K, chunk*L] = im2col(input chunk)         parallel over image x channel
-//             out_t[O, chunk*L]   = W_g[Og, Kg] @ columns_g      one GEMM per group
-//             output[b, o, :]     = out_t[o, b*L : (b+1)*L] + bias[o]   (bias fused in the copy)
-//   backward  grad_t[O, chunk*L]  = grad_output chunk, channels first   (shared by both GEMMs)
-//             grad_W_g           += grad_t_g @ columns_g^T             (columns: im2col again)
-//             dcolumns_g          = W_g^T @ grad_t_g, then col2im by gather (deterministic)
-//             grad_bias[o]        = sum of grad_output over images and positions (double)
-// where K = C * kH * kW, L = oH * oW, Kg = K / groups, Og = O / groups.
-// Memory passes: im2col reads the input once and writes the columns once; the GEMMs stream
-// the columns; the output copy touches the output twice. The column buffer is bounded by
-// CONVKIT_COLUMN_BUDGET_MB (default 64 MiB): the chunk shrinks to fit, down to one image.
+// im2col_channel writes the rows of one (image, channel): each row is a run of the input row
+// (copied with std::copy when stride is 1) with zeros where the window leaves the padded
+// input; col2im gathers each input element's gradient (col2im_gather of csrc/conv2d.h), so
+// every element is written once and the result does not depend on the thread count.
+// Parallelism: at::parallel_for over (image, channel) for im2col/col2im and over
+// (image, out channel) for the copies; the GEMMs are BLAS-threaded.
+// Memory passes per chunk: im2col reads the input once and writes the columns once; the
+// GEMMs stream the columns; the output copy reads and writes the output once.
 // Version 1 (this file): one GEMM per group per chunk through at::mm (MKL/oneDNN BLAS).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -25,8 +22,8 @@
 #include <tuple>
 
 #include "../checks.h"
-#include "../column_buffer.h"
 #include "../conv2d.h"
+#include "../conv2d_driver.h"
 
 namespace convkit {
 namespace {
@@ -77,8 +74,8 @@ void im2col_channel(const scalar_t* image, const Conv2dGeometry& g, int64_t c, s
 // im2col of images [first, first + count) of a contiguous input into a contiguous
 // [K, count * L] column matrix.
 template <typename scalar_t>
-void im2col_chunk(const scalar_t* input, const Conv2dGeometry& g, int64_t first, int64_t count,
-                  scalar_t* columns) {
+void im2col_chunk_cpu(const scalar_t* input, const Conv2dGeometry& g, int64_t first,
+                      int64_t count, scalar_t* columns) {
   const int64_t C = g.in_channels;
   const int64_t L = g.out_area();
   const int64_t row_stride = count * L;
@@ -94,8 +91,8 @@ void im2col_chunk(const scalar_t* input, const Conv2dGeometry& g, int64_t first,
 // grad_input of images [first, first + count) from a [K, count * L] column-gradient matrix,
 // each input element gathered once (no accumulation races, same result on any thread count).
 template <typename scalar_t>
-void col2im_chunk(const scalar_t* columns, const Conv2dGeometry& g, int64_t first, int64_t count,
-                  scalar_t* grad_input) {
+void col2im_chunk_cpu(const scalar_t* columns, const Conv2dGeometry& g, int64_t first,
+                      int64_t count, scalar_t* grad_input) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = g.in_channels;
   const int64_t L = g.out_area();
@@ -117,172 +114,74 @@ void col2im_chunk(const scalar_t* columns, const Conv2dGeometry& g, int64_t firs
   });
 }
 
-at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
-                              const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  const char* op = "convkit::conv2d_forward";
-  // The ATen calls below (mm, addmm) are implementation details: keep autograd out of them
-  // even when the caller's tensors require grad.
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const Conv2dGeometry g = make_conv2d_geometry(op, input, weight, stride, padding, dilation, groups);
-  check_conv2d_bias(op, input, bias, g.out_channels);
+// The CPU side of csrc/conv2d_driver.h: loops parallelised with at::parallel_for.
+struct CpuConvBackend {
+  template <typename scalar_t>
+  static void im2col_chunk(const scalar_t* input, const Conv2dGeometry& g, int64_t first,
+                           int64_t count, scalar_t* columns) {
+    im2col_chunk_cpu(input, g, first, count, columns);
+  }
 
-  const at::Tensor x = input.contiguous();
-  at::Tensor output = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, x.options());
-  if (output.numel() == 0) return output;
+  template <typename scalar_t>
+  static void col2im_chunk(const scalar_t* columns, const Conv2dGeometry& g, int64_t first,
+                           int64_t count, scalar_t* grad_input) {
+    col2im_chunk_cpu(columns, g, first, count, grad_input);
+  }
 
-  const int64_t O = g.out_channels;
-  const int64_t K = g.column_rows();
-  const int64_t L = g.out_area();
-  const int64_t Og = O / groups;
-  const int64_t Kg = K / groups;
-  const at::Tensor weight_matrix = weight.contiguous().view({O, Kg});
-  const bool has_bias = bias.has_value() && bias->defined();
-  const at::Tensor bias_c = has_bias ? bias->contiguous() : at::Tensor();
-
-  const int64_t chunk = images_per_chunk(g, x.element_size());
-  at::Tensor column_buffer = at::empty({K * chunk * L}, x.options());
-  at::Tensor out_t_buffer = at::empty({O * chunk * L}, x.options());
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv2d_forward_cpu",
-                                  [&] {
-    const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
-    scalar_t* out_ptr = output.mutable_data_ptr<scalar_t>();
-    const scalar_t* bias_ptr = has_bias ? bias_c.const_data_ptr<scalar_t>() : nullptr;
-    for (int64_t first = 0; first < g.batch; first += chunk) {
-      const int64_t count = std::min(chunk, g.batch - first);
-      at::Tensor columns = matrix_view(column_buffer, K, count * L);
-      at::Tensor out_t = matrix_view(out_t_buffer, O, count * L);
-      im2col_chunk(x_ptr, g, first, count, columns.mutable_data_ptr<scalar_t>());
-      for (int64_t group = 0; group < groups; ++group) {
-        at::Tensor out_group = out_t.narrow(0, group * Og, Og);
-        at::mm_out(out_group, weight_matrix.narrow(0, group * Og, Og),
-                   columns.narrow(0, group * Kg, Kg));
-      }
-      // out_t is [O, count * L]; the output wants [count, O, L]: copy and add the bias.
-      const scalar_t* out_t_ptr = out_t.const_data_ptr<scalar_t>();
-      at::parallel_for(0, count * O, grain_for(L), [&](int64_t begin, int64_t end) {
-        for (int64_t task = begin; task < end; ++task) {
-          const int64_t b = task / O;
-          const int64_t o = task % O;
-          const scalar_t* src = out_t_ptr + o * count * L + b * L;
-          scalar_t* dst = out_ptr + ((first + b) * O + o) * L;
-          if (bias_ptr != nullptr) {
-            const scalar_t bias_value = bias_ptr[o];
-            for (int64_t l = 0; l < L; ++l) dst[l] = src[l] + bias_value;
-          } else {
-            std::copy(src, src + L, dst);
-          }
-        }
-      });
-    }
-  });
-  return output;
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    std::array<bool, 3> output_mask) {
-  const char* op = "convkit::conv2d_backward";
-  // The ATen calls below (mm, addmm) are implementation details: keep autograd out of them
-  // even when the caller's tensors require grad.
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const Conv2dGeometry g = make_conv2d_geometry(op, input, weight, stride, padding, dilation, groups);
-  check_conv2d_grad_output(op, input, grad_output, g);
-
-  const at::Tensor x = input.contiguous();
-  const at::Tensor dy = grad_output.contiguous();
-  const int64_t O = g.out_channels;
-  const int64_t K = g.column_rows();
-  const int64_t L = g.out_area();
-  const int64_t Og = O / groups;
-  const int64_t Kg = K / groups;
-  const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());
-
-  at::Tensor grad_input = output_mask[0] ? at::empty_like(x) : at::empty({0}, x.options());
-  // grad_weight accumulates over chunks: keep it in the accumulation type (float for
-  // bfloat16/float16) and round once at the end.
-  at::Tensor grad_weight_acc =
-      output_mask[1] ? at::zeros({O, Kg}, x.options().dtype(acc_type)) : at::Tensor();
-  at::Tensor grad_bias = output_mask[2] ? at::empty({O}, x.options()) : at::empty({0}, x.options());
-
-  const bool need_columns_pass = (output_mask[0] || output_mask[1]) && g.batch > 0 && L > 0;
-  if (need_columns_pass) {
-    const at::Tensor weight_matrix = weight.contiguous().view({O, Kg});
-    const int64_t chunk = images_per_chunk(g, x.element_size());
-    at::Tensor column_buffer = at::empty({K * chunk * L}, x.options());
-    at::Tensor grad_t_buffer = at::empty({O * chunk * L}, x.options());
-
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
-                                    "conv2d_backward_cpu", [&] {
-      const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
-      const scalar_t* dy_ptr = dy.const_data_ptr<scalar_t>();
-      for (int64_t first = 0; first < g.batch; first += chunk) {
-        const int64_t count = std::min(chunk, g.batch - first);
-        at::Tensor columns = matrix_view(column_buffer, K, count * L);
-        at::Tensor grad_t = matrix_view(grad_t_buffer, O, count * L);
-        scalar_t* grad_t_ptr = grad_t.mutable_data_ptr<scalar_t>();
-        at::parallel_for(0, count * O, grain_for(L), [&](int64_t begin, int64_t end) {
-          for (int64_t task = begin; task < end; ++task) {
-            const int64_t b = task / O;
-            const int64_t o = task % O;
-            const scalar_t* src = dy_ptr + ((first + b) * O + o) * L;
-            std::copy(src, src + L, grad_t_ptr + o * count * L + b * L);
-          }
-        });
-        if (output_mask[1]) {
-          im2col_chunk(x_ptr, g, first, count, columns.mutable_data_ptr<scalar_t>());
-          for (int64_t group = 0; group < groups; ++group) {
-            at::Tensor acc_group = grad_weight_acc.narrow(0, group * Og, Og);
-            const at::Tensor grad_group = grad_t.narrow(0, group * Og, Og);
-            const at::Tensor columns_group = columns.narrow(0, group * Kg, Kg);
-            if (acc_type == x.scalar_type()) {
-              acc_group.addmm_(grad_group, columns_group.t());
-            } else {
-              acc_group.add_(at::mm(grad_group, columns_group.t()));
-            }
-          }
-        }
-        if (output_mask[0]) {
-          // The columns are no longer needed: the column gradient reuses their buffer.
-          for (int64_t group = 0; group < groups; ++group) {
-            at::Tensor dcolumns_group = columns.narrow(0, group * Kg, Kg);
-            at::mm_out(dcolumns_group, weight_matrix.narrow(0, group * Og, Og).t(),
-                       grad_t.narrow(0, group * Og, Og));
-          }
-          col2im_chunk(columns.const_data_ptr<scalar_t>(), g, first, count,
-                       grad_input.mutable_data_ptr<scalar_t>());
+  // out_t is [O, count * L]; the output wants [count, O, L]: copy and add the bias.
+  template <typename scalar_t>
+  static void scatter_output(const scalar_t* out_t, const scalar_t* bias, const Conv2dGeometry& g,
+                             int64_t first, int64_t count, scalar_t* output) {
+    const int64_t O = g.out_channels;
+    const int64_t L = g.out_area();
+    at::parallel_for(0, count * O, grain_for(L), [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / O;
+        const int64_t o = task % O;
+        const scalar_t* src = out_t + o * count * L + b * L;
+        scalar_t* dst = output + ((first + b) * O + o) * L;
+        if (bias != nullptr) {
+          const scalar_t bias_value = bias[o];
+          for (int64_t l = 0; l < L; ++l) dst[l] = src[l] + bias_value;
+        } else {
+          std::copy(src, src + L, dst);
         }
       }
     });
-  } else if (output_mask[0]) {
-    grad_input.zero_();
   }
 
-  if (output_mask[2]) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
-                                    "conv2d_bias_grad_cpu", [&] {
-      const scalar_t* dy_ptr = dy.const_data_ptr<scalar_t>();
-      scalar_t* grad_bias_ptr = grad_bias.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, O, grain_for(g.batch * L), [&](int64_t begin, int64_t end) {
-        for (int64_t o = begin; o < end; ++o) {
-          double sum = 0.0;
-          for (int64_t b = 0; b < g.batch; ++b) {
-            const scalar_t* src = dy_ptr + (b * O + o) * L;
-            for (int64_t l = 0; l < L; ++l) sum += static_cast<double>(src[l]);
-          }
-          grad_bias_ptr[o] = static_cast<scalar_t>(sum);
-        }
-      });
+  template <typename scalar_t>
+  static void gather_grad(const scalar_t* grad_output, const Conv2dGeometry& g, int64_t first,
+                          int64_t count, scalar_t* grad_t) {
+    const int64_t O = g.out_channels;
+    const int64_t L = g.out_area();
+    at::parallel_for(0, count * O, grain_for(L), [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / O;
+        const int64_t o = task % O;
+        const scalar_t* src = grad_output + ((first + b) * O + o) * L;
+        std::copy(src, src + L, grad_t + o * count * L + b * L);
+      }
     });
   }
 
-  at::Tensor grad_weight = output_mask[1]
-                               ? grad_weight_acc.to(x.scalar_type()).view(weight.sizes())
-                               : at::empty({0}, x.options());
-  return std::make_tuple(grad_input, grad_weight, grad_bias);
-}
+  // Sums in double: a channel can hold millions of values.
+  template <typename scalar_t>
+  static void bias_grad(const scalar_t* grad_output, const Conv2dGeometry& g, scalar_t* grad_bias) {
+    const int64_t O = g.out_channels;
+    const int64_t L = g.out_area();
+    at::parallel_for(0, O, grain_for(g.batch * L), [&](int64_t begin, int64_t end) {
+      for (int64_t o = begin; o < end; ++o) {
+        double sum = 0.0;
+        for (int64_t b = 0; b < g.batch; ++b) {
+          const scalar_t* src = grad_output + (b * O + o) * L;
+          for (int64_t l = 0; l < L; ++l) sum += static_cast<double>(src[l]);
+        }
+        grad_bias[o] = static_cast<scalar_t>(sum);
+      }
+    });
+  }
+};
 
 // F.unfold's semantics, one element at a time through the shared helper im2col_value: the
 // reference the row-wise im2col above (and the CUDA kernel) can be checked against.
@@ -327,7 +226,7 @@ at::Tensor col2im_cpu(const at::Tensor& columns, at::IntArrayRef output_size,
     const int64_t L = g.out_area();
     // One image at a time: the gather of col2im_chunk with a chunk of one.
     for (int64_t b = 0; b < g.batch; ++b) {
-      col2im_chunk(col_ptr + b * K * L, g, b, 1, out_ptr);
+      col2im_chunk_cpu(col_ptr + b * K * L, g, b, 1, out_ptr);
     }
   });
   return output;
@@ -336,8 +235,8 @@ at::Tensor col2im_cpu(const at::Tensor& columns, at::IntArrayRef output_size,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(convkit, CPU, m) {
-  m.impl("conv2d_forward", &conv2d_forward_cpu);
-  m.impl("conv2d_backward", &conv2d_backward_cpu);
+  m.impl("conv2d_forward", &conv2d_forward_impl<CpuConvBackend>);
+  m.impl("conv2d_backward", &conv2d_backward_impl<CpuConvBackend>);
   m.impl("im2col", &im2col_cpu);
   m.impl("col2im", &col2im_cpu);
 }

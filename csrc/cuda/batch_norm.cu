@@ -293,24 +293,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cuda(
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, bool training, double eps, bool relu) {
   const char* op = "convkit::batch_norm_forward";
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  check_batch_norm_input(op, input);
-  const int64_t N = input.size(0);
-  const int64_t C = input.size(1);
-  const int64_t S = N == 0 ? 0 : input.numel() / (N * C);
-  check_per_channel(op, input, weight, "weight", C);
-  check_per_channel(op, input, bias, "bias", C);
-  check_per_channel(op, input, running_mean, "running_mean", C);
-  check_per_channel(op, input, running_var, "running_var", C);
-  TORCH_CHECK(eps >= 0, op, ": expected a non-negative eps, but got ", eps);
-  const bool has_running = running_mean.has_value() && running_mean->defined() &&
-                           running_var.has_value() && running_var->defined();
-  TORCH_CHECK(training || has_running, op,
-              ": running_mean and running_var must be given in eval mode (training=False)");
-  const int64_t count = N * S;
-  TORCH_CHECK(!training || count != 1, op,
-              ": expected more than 1 value per channel when training, but got input of shape ",
-              input.sizes());
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // internal ATen calls need no autograd
+  const auto [N, C, S, count] = check_batch_norm_forward(op, input, weight, bias, running_mean,
+                                                         running_var, training, eps);
   TORCH_CHECK(C <= 65535, op, ": at most 65535 channels are supported on CUDA, but got ", C);
   const c10::cuda::CUDAGuard device_guard(input.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -367,19 +352,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
     const std::optional<at::Tensor>& bias, const at::Tensor& save_mean, const at::Tensor& save_var,
     bool training, double eps, bool relu, std::array<bool, 3> output_mask) {
   const char* op = "convkit::batch_norm_backward";
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  check_batch_norm_input(op, input);
-  const int64_t N = input.size(0);
-  const int64_t C = input.size(1);
-  const int64_t S = N == 0 ? 0 : input.numel() / (N * C);
-  const int64_t count = N * S;
-  TORCH_CHECK(grad_output.sizes() == input.sizes(), op, ": expected grad_output of shape ",
-              input.sizes(), ", but got ", grad_output.sizes());
-  check_same_device_and_dtype(op, input, "input", grad_output, "grad_output");
-  check_per_channel(op, input, weight, "weight", C);
-  check_per_channel(op, input, bias, "bias", C);
-  check_per_channel(op, input, save_mean, "save_mean", C);
-  check_per_channel(op, input, save_var, "save_var", C);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // internal ATen calls need no autograd
+  const auto [N, C, S, count] =
+      check_batch_norm_backward(op, grad_output, input, weight, bias, save_mean, save_var);
   TORCH_CHECK(C <= 65535, op, ": at most 65535 channels are supported on CUDA, but got ", C);
   const c10::cuda::CUDAGuard device_guard(input.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -453,20 +428,9 @@ void batch_norm_update_stats_cuda(const at::Tensor& running_mean, const at::Tens
                                   const at::Tensor& batch_mean, const at::Tensor& batch_var,
                                   double momentum, int64_t count) {
   const char* op = "convkit::batch_norm_update_stats";
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // internal ATen calls need no autograd
+  check_batch_norm_update_stats(op, running_mean, running_var, batch_mean, batch_var, count);
   const int64_t C = batch_mean.numel();
-  TORCH_CHECK(batch_mean.dim() == 1 && batch_var.dim() == 1 && batch_var.numel() == C, op,
-              ": expected 1-D batch_mean and batch_var of the same size, but got ",
-              batch_mean.sizes(), " and ", batch_var.sizes());
-  for (const auto* t : {&running_mean, &running_var}) {
-    TORCH_CHECK(t->dim() == 1 && t->numel() == C, op, ": expected running statistics of ", C,
-                " elements (one per channel), but got shape ", t->sizes());
-    TORCH_CHECK(t->is_contiguous(), op, ": expected contiguous running statistics");
-    TORCH_CHECK(t->device() == batch_mean.device(), op, ": expected running statistics on ",
-                batch_mean.device(), ", but got ", t->device());
-    check_floating(op, *t, "running statistics");
-  }
-  TORCH_CHECK(count >= 0, op, ": expected a non-negative count, but got ", count);
   if (count == 0 || C == 0) return;
   const c10::cuda::CUDAGuard device_guard(running_mean.device());
   const at::Tensor mean = batch_mean.to(at::kDouble).contiguous();

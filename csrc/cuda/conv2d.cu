@@ -1,17 +1,15 @@
-// conv2d on CUDA by im2col + GEMM: the CPU algorithm (csrc/cpu/conv2d.cpp) with kernels of
-// ours for the data movement and cuBLAS (through at::mm, on the current stream, honouring
-// torch's TF32 setting) for the GEMMs.
+// conv2d on CUDA: the CUDA backend of csrc/conv2d_driver.h (which holds the algorithm:
+// im2col + one GEMM per group per chunk of images, the GEMMs through at::mm, i.e. cuBLAS on
+// the current stream, honouring torch's TF32 setting) and F.unfold/F.fold-like ops.
 //
-//   forward   im2col_kernel: columns[K, chunk*L] of a chunk of images (one thread per
-//             column entry, index math from csrc/conv2d.h); one GEMM per group into
-//             out_t[O, chunk*L]; scatter_output_kernel copies to [chunk, O, L] adding the bias.
-//   backward  gather_grad_kernel: grad_t[O, chunk*L] from grad_output; grad_W_g += grad_t_g @
-//             columns_g^T (GEMM accumulated over chunks, in float for half types);
-//             dcolumns_g = W_g^T @ grad_t_g; col2im_kernel gathers each input element's
-//             gradient (deterministic, no atomics); bias_grad_kernel: one block per channel.
-// Column buffer bounded by CONVKIT_COLUMN_BUDGET_MB (default 64 MiB), as on the CPU.
-// No host synchronisation anywhere: every kernel and GEMM is queued on the current stream.
-// Version 1 (this file): element-per-thread im2col/col2im, one GEMM per group per chunk.
+//   im2col_kernel          one thread per column entry, im2col_value of csrc/conv2d.h
+//   col2im_kernel          one thread per input element, gathering its column entries
+//                          (col2im_gather of csrc/conv2d.h): deterministic, no atomics
+//   scatter_output_kernel  [O, count*L] -> [count, O, L] with the bias added
+//   gather_grad_kernel     [count, O, L] -> [O, count*L]
+//   bias_grad_kernel       one block per output channel, a block reduction in float/double
+// All index math is 64-bit; no host synchronisation: everything is queued on the current
+// stream. Version 1 (this file): element-per-thread kernels, one GEMM per group per chunk.
 // It has not yet been run on a GPU: the index helpers it uses are tested on the CPU through
 // the im2col/col2im ops.
 #include <ATen/core/Tensor.h>
@@ -28,8 +26,8 @@
 #include <tuple>
 
 #include "../checks.h"
-#include "../column_buffer.h"
 #include "../conv2d.h"
+#include "../conv2d_driver.h"
 #include "common.cuh"
 
 namespace convkit {
@@ -131,141 +129,75 @@ __global__ void bias_grad_kernel(const scalar_t* __restrict__ grad_output, int64
 }
 
 
+// The CUDA side of csrc/conv2d_driver.h: each step one kernel on the current stream.
+struct CudaConvBackend {
+  template <typename scalar_t>
+  static void im2col_chunk(const scalar_t* input, const Conv2dGeometry& g, int64_t first,
+                           int64_t count, scalar_t* columns) {
+    const int64_t L = g.out_area();
+    im2col_kernel<scalar_t><<<blocks_for(g.column_rows() * count * L), kThreads, 0,
+                              c10::cuda::getCurrentCUDAStream()>>>(input, g, first, count, L,
+                                                                   count * L, columns);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  template <typename scalar_t>
+  static void col2im_chunk(const scalar_t* columns, const Conv2dGeometry& g, int64_t first,
+                           int64_t count, scalar_t* grad_input) {
+    const int64_t L = g.out_area();
+    col2im_kernel<scalar_t><<<blocks_for(count * g.in_channels * g.in_area()), kThreads, 0,
+                              c10::cuda::getCurrentCUDAStream()>>>(columns, g, first, count, L,
+                                                                   count * L, grad_input);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  template <typename scalar_t>
+  static void scatter_output(const scalar_t* out_t, const scalar_t* bias, const Conv2dGeometry& g,
+                             int64_t first, int64_t count, scalar_t* output) {
+    const int64_t O = g.out_channels;
+    const int64_t L = g.out_area();
+    scatter_output_kernel<scalar_t><<<blocks_for(count * O * L), kThreads, 0,
+                                      c10::cuda::getCurrentCUDAStream()>>>(out_t, bias, first,
+                                                                           count, O, L, output);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  template <typename scalar_t>
+  static void gather_grad(const scalar_t* grad_output, const Conv2dGeometry& g, int64_t first,
+                          int64_t count, scalar_t* grad_t) {
+    const int64_t O = g.out_channels;
+    const int64_t L = g.out_area();
+    gather_grad_kernel<scalar_t><<<blocks_for(count * O * L), kThreads, 0,
+                                   c10::cuda::getCurrentCUDAStream()>>>(grad_output, first, count,
+                                                                        O, L, grad_t);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  template <typename scalar_t>
+  static void bias_grad(const scalar_t* grad_output, const Conv2dGeometry& g, scalar_t* grad_bias) {
+    bias_grad_kernel<scalar_t><<<static_cast<unsigned int>(g.out_channels), kThreads, 0,
+                                 c10::cuda::getCurrentCUDAStream()>>>(
+        grad_output, g.batch, g.out_channels, g.out_area(), grad_bias);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
 at::Tensor conv2d_forward_cuda(const at::Tensor& input, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                at::IntArrayRef padding, at::IntArrayRef dilation,
                                int64_t groups) {
-  const char* op = "convkit::conv2d_forward";
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const Conv2dGeometry g = make_conv2d_geometry(op, input, weight, stride, padding, dilation, groups);
-  check_conv2d_bias(op, input, bias, g.out_channels);
   const c10::cuda::CUDAGuard device_guard(input.device());
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-
-  const at::Tensor x = input.contiguous();
-  at::Tensor output = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, x.options());
-  if (output.numel() == 0) return output;
-  const int64_t O = g.out_channels;
-  const int64_t K = g.column_rows();
-  const int64_t L = g.out_area();
-  const int64_t Og = O / groups;
-  const int64_t Kg = K / groups;
-  const at::Tensor weight_matrix = weight.contiguous().view({O, Kg});
-  const bool has_bias = bias.has_value() && bias->defined();
-  const at::Tensor bias_c = has_bias ? bias->contiguous() : at::Tensor();
-  const int64_t chunk = images_per_chunk(g, x.element_size());
-  at::Tensor column_buffer = at::empty({K * chunk * L}, x.options());
-  at::Tensor out_t_buffer = at::empty({O * chunk * L}, x.options());
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv2d_forward_cuda",
-                                  [&] {
-    for (int64_t first = 0; first < g.batch; first += chunk) {
-      const int64_t count = std::min(chunk, g.batch - first);
-      at::Tensor columns = matrix_view(column_buffer, K, count * L);
-      at::Tensor out_t = matrix_view(out_t_buffer, O, count * L);
-      im2col_kernel<scalar_t><<<blocks_for(K * count * L), kThreads, 0, stream>>>(
-          x.const_data_ptr<scalar_t>(), g, first, count, L, count * L,
-          columns.mutable_data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      for (int64_t group = 0; group < groups; ++group) {
-        at::Tensor out_group = out_t.narrow(0, group * Og, Og);
-        at::mm_out(out_group, weight_matrix.narrow(0, group * Og, Og),
-                   columns.narrow(0, group * Kg, Kg));
-      }
-      scatter_output_kernel<scalar_t><<<blocks_for(count * O * L), kThreads, 0, stream>>>(
-          out_t.const_data_ptr<scalar_t>(), has_bias ? bias_c.const_data_ptr<scalar_t>() : nullptr,
-          first, count, O, L, output.mutable_data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-  });
-  return output;
+  return conv2d_forward_impl<CudaConvBackend>(input, weight, bias, stride, padding, dilation,
+                                              groups);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     std::array<bool, 3> output_mask) {
-  const char* op = "convkit::conv2d_backward";
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const Conv2dGeometry g = make_conv2d_geometry(op, input, weight, stride, padding, dilation, groups);
-  check_conv2d_grad_output(op, input, grad_output, g);
   const c10::cuda::CUDAGuard device_guard(input.device());
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-
-  const at::Tensor x = input.contiguous();
-  const at::Tensor dy = grad_output.contiguous();
-  const int64_t O = g.out_channels;
-  const int64_t K = g.column_rows();
-  const int64_t L = g.out_area();
-  const int64_t Og = O / groups;
-  const int64_t Kg = K / groups;
-  const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());
-
-  at::Tensor grad_input = output_mask[0] ? at::empty_like(x) : at::empty({0}, x.options());
-  at::Tensor grad_weight_acc =
-      output_mask[1] ? at::zeros({O, Kg}, x.options().dtype(acc_type)) : at::Tensor();
-  at::Tensor grad_bias = output_mask[2] ? at::empty({O}, x.options()) : at::empty({0}, x.options());
-
-  const bool need_columns_pass = (output_mask[0] || output_mask[1]) && g.batch > 0 && L > 0;
-  if (need_columns_pass) {
-    const at::Tensor weight_matrix = weight.contiguous().view({O, Kg});
-    const int64_t chunk = images_per_chunk(g, x.element_size());
-    at::Tensor column_buffer = at::empty({K * chunk * L}, x.options());
-    at::Tensor grad_t_buffer = at::empty({O * chunk * L}, x.options());
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
-                                    "conv2d_backward_cuda", [&] {
-      for (int64_t first = 0; first < g.batch; first += chunk) {
-        const int64_t count = std::min(chunk, g.batch - first);
-        at::Tensor columns = matrix_view(column_buffer, K, count * L);
-        at::Tensor grad_t = matrix_view(grad_t_buffer, O, count * L);
-        gather_grad_kernel<scalar_t><<<blocks_for(count * O * L), kThreads, 0, stream>>>(
-            dy.const_data_ptr<scalar_t>(), first, count, O, L, grad_t.mutable_data_ptr<scalar_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        if (output_mask[1]) {
-          im2col_kernel<scalar_t><<<blocks_for(K * count * L), kThreads, 0, stream>>>(
-              x.const_data_ptr<scalar_t>(), g, first, count, L, count * L,
-              columns.mutable_data_ptr<scalar_t>());
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-          for (int64_t group = 0; group < groups; ++group) {
-            at::Tensor acc_group = grad_weight_acc.narrow(0, group * Og, Og);
-            const at::Tensor grad_group = grad_t.narrow(0, group * Og, Og);
-            const at::Tensor columns_group = columns.narrow(0, group * Kg, Kg);
-            if (acc_type == x.scalar_type()) {
-              acc_group.addmm_(grad_group, columns_group.t());
-            } else {
-              acc_group.add_(at::mm(grad_group, columns_group.t()));
-            }
-          }
-        }
-        if (output_mask[0]) {
-          for (int64_t group = 0; group < groups; ++group) {
-            at::Tensor dcolumns_group = columns.narrow(0, group * Kg, Kg);
-            at::mm_out(dcolumns_group, weight_matrix.narrow(0, group * Og, Og).t(),
-                       grad_t.narrow(0, group * Og, Og));
-          }
-          col2im_kernel<scalar_t><<<blocks_for(count * g.in_channels * g.in_area()), kThreads, 0,
-                                    stream>>>(columns.const_data_ptr<scalar_t>(), g, first, count,
-                                              L, count * L, grad_input.mutable_data_ptr<scalar_t>());
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
-      }
-    });
-  } else if (output_mask[0]) {
-    grad_input.zero_();
-  }
-
-  if (output_mask[2]) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
-                                    "conv2d_bias_grad_cuda", [&] {
-      bias_grad_kernel<scalar_t><<<static_cast<unsigned int>(O), kThreads, 0, stream>>>(
-          dy.const_data_ptr<scalar_t>(), g.batch, O, L, grad_bias.mutable_data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
-  at::Tensor grad_weight = output_mask[1]
-                               ? grad_weight_acc.to(x.scalar_type()).view(weight.sizes())
-                               : at::empty({0}, x.options());
-  return std::make_tuple(grad_input, grad_weight, grad_bias);
+  return conv2d_backward_impl<CudaConvBackend>(grad_output, input, weight, stride, padding,
+                                               dilation, groups, output_mask);
 }
 
 at::Tensor im2col_cuda(const at::Tensor& input, at::IntArrayRef kernel_size,
