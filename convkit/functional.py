@@ -16,19 +16,19 @@ from convkit import ops
 IntPair = Union[int, Sequence[int]]
 
 
-def _pair(value: IntPair, name: str) -> tuple[int, int]:
-    if isinstance(value, bool):
-        raise ValueError(f"conv2d: expected {name} to be an int or a pair of ints, got {value!r}")
-    if isinstance(value, int):
-        return (value, value)
-    values = tuple(value)
-    if len(values) == 1:
-        values = values * 2
-    if len(values) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise ValueError(
-            f"conv2d: expected {name} to be an int or a pair of ints, got {value!r}"
-        )
-    return values
+def _pair(value: IntPair, name: str, op: str = "conv2d") -> tuple[int, int]:
+    """An int or a pair of ints (a 1-element sequence counts as a pair) as a pair."""
+    values = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if isinstance(values, (list, tuple)) and len(values) == 1:
+        values = tuple(values) * 2
+    is_pair = (
+        isinstance(values, (list, tuple))
+        and len(values) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+    )
+    if not is_pair:
+        raise ValueError(f"{op}: expected {name} to be an int or a pair of ints, got {value!r}")
+    return tuple(values)
 
 
 def _same_padding(
@@ -108,10 +108,10 @@ def im2col(
     """
     return ops.im2col(
         input,
-        _pair(kernel_size, "kernel_size"),
-        _pair(dilation, "dilation"),
-        _pair(padding, "padding"),
-        _pair(stride, "stride"),
+        _pair(kernel_size, "kernel_size", "im2col"),
+        _pair(dilation, "dilation", "im2col"),
+        _pair(padding, "padding", "im2col"),
+        _pair(stride, "stride", "im2col"),
     )
 
 
@@ -130,11 +130,11 @@ def col2im(
     """
     return ops.col2im(
         columns,
-        _pair(output_size, "output_size"),
-        _pair(kernel_size, "kernel_size"),
-        _pair(dilation, "dilation"),
-        _pair(padding, "padding"),
-        _pair(stride, "stride"),
+        _pair(output_size, "output_size", "col2im"),
+        _pair(kernel_size, "kernel_size", "col2im"),
+        _pair(dilation, "dilation", "col2im"),
+        _pair(padding, "padding", "col2im"),
+        _pair(stride, "stride", "col2im"),
     )
 
 

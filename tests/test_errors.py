@@ -156,3 +156,14 @@ def test_batch_norm_update_stats_errors():
 def test_batch_norm_device_mismatch():
     with pytest.raises(RuntimeError, match=r"expected weight on the same device as input"):
         convkit.batch_norm(torch.randn(4, 3, device="cuda"), None, None, torch.ones(3), None, training=True)
+
+
+def test_window_argument_errors_name_the_op():
+    from convkit.functional import col2im, im2col
+
+    with pytest.raises(ValueError, match=r"im2col: expected kernel_size to be an int or a pair of ints, got 2.5"):
+        im2col(torch.randn(1, 1, 4, 4), 2.5)
+    with pytest.raises(ValueError, match=r"col2im: expected stride to be an int or a pair of ints, got \(1, 2, 3\)"):
+        col2im(torch.randn(1, 4, 9), (4, 4), 2, stride=(1, 2, 3))
+    with pytest.raises(ValueError, match=r"conv2d: expected dilation to be an int or a pair of ints, got True"):
+        convkit.conv2d(torch.randn(1, 1, 4, 4), torch.randn(1, 1, 2, 2), dilation=True)

@@ -17,9 +17,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <array>
-#include <cstdlib>
-#include <tuple>
 
 #include "../checks.h"
 #include "../conv2d.h"
