@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 
@@ -32,6 +33,23 @@ inline int64_t images_per_chunk(const Conv2dGeometry& g, int64_t element_size) {
   const int64_t bytes_per_image = g.column_rows() * g.out_area() * element_size;
   const int64_t fit = column_budget_bytes() / std::max<int64_t>(bytes_per_image, 1);
   return std::max<int64_t>(1, std::min<int64_t>(fit, g.batch));
+}
+
+// The largest column buffer (all threads' tiles together on the CPU, one chunk's on CUDA) of
+// any conv call since the last reset: the memory CONVKIT_COLUMN_BUDGET_MB bounds, reported by
+// the op column_buffer_peak_bytes and the benchmark.
+inline std::atomic<int64_t> column_buffer_peak{0};
+
+inline void record_column_buffer(int64_t bytes) {
+  int64_t seen = column_buffer_peak.load();
+  while (bytes > seen && !column_buffer_peak.compare_exchange_weak(seen, bytes)) {
+  }
+}
+
+inline int64_t column_buffer_peak_bytes(bool reset) {
+  const int64_t peak = column_buffer_peak.load();
+  if (reset) column_buffer_peak.store(0);
+  return peak;
 }
 
 // A contiguous [rows, cols] matrix view over the start of a flat buffer.

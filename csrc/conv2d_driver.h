@@ -66,6 +66,7 @@ at::Tensor conv2d_forward_impl(const at::Tensor& input, const at::Tensor& weight
   const at::Tensor bias_c = has_bias ? bias->contiguous() : at::Tensor();
   const int64_t chunk = images_per_chunk(g, x.element_size());
   at::Tensor column_buffer = at::empty({K * chunk * L}, x.options());
+  record_column_buffer(column_buffer.nbytes());
   at::Tensor out_t_buffer = at::empty({O * chunk * L}, x.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv2d_forward", [&] {
@@ -119,6 +120,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_impl(
     const at::Tensor weight_matrix = weight.contiguous().view({O, Kg});
     const int64_t chunk = images_per_chunk(g, x.element_size());
     at::Tensor column_buffer = at::empty({K * chunk * L}, x.options());
+    record_column_buffer(column_buffer.nbytes());
     at::Tensor grad_t_buffer = at::empty({O * chunk * L}, x.options());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv2d_backward",
                                     [&] {

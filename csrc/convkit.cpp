@@ -8,6 +8,8 @@
 // gradient.
 #include <torch/library.h>
 
+#include "column_buffer.h"
+
 #ifdef CONVKIT_PYTHON_MODULE
 #include <Python.h>
 #endif
@@ -45,6 +47,9 @@ TORCH_LIBRARY(convkit, m) {
   m.def(
       "batch_norm_update_stats(Tensor(a!) running_mean, Tensor(b!) running_var, "
       "Tensor batch_mean, Tensor batch_var, float momentum, int count) -> ()");
+  // Bytes of the largest conv column buffer since the last reset (all threads' tiles
+  // together): what CONVKIT_COLUMN_BUDGET_MB bounds. Device-independent bookkeeping.
+  m.def("column_buffer_peak_bytes(bool reset=False) -> int", &convkit::column_buffer_peak_bytes);
 }
 
 #ifdef CONVKIT_PYTHON_MODULE

@@ -1,15 +1,41 @@
-// conv2d on the CPU: the CPU backend of csrc/conv2d_driver.h (which holds the algorithm:
-// im2col + one GEMM per group per chunk of images) and F.unfold/F.fold-like ops.
+// conv2d on the CPU: im2col + GEMM, tiled so that the column matrix never leaves the cache,
+// and F.unfold/F.fold-like ops.
 //
-// im2col_channel writes the rows of one (image, channel): each row is a run of the input row
-// (copied with std::copy when stride is 1) with zeros where the window leaves the padded
-// input; col2im gathers each input element's gradient (col2im_gather of csrc/conv2d.h), so
-// every element is written once and the result does not depend on the thread count.
-// Parallelism: at::parallel_for over (image, channel) for im2col/col2im and over
-// (image, out channel) for the copies; the GEMMs are BLAS-threaded.
-// Memory passes per chunk: im2col reads the input once and writes the columns once; the
-// GEMMs stream the columns; the output copy reads and writes the output once.
-// Version 1 (this file): one GEMM per group per chunk through at::mm (MKL/oneDNN BLAS).
+// Algorithm (forward). The output columns (image, oh, ow) are cut into tiles: several whole
+// images when an image's columns are few (the chapter's late layers have 1-16 positions per
+// image), else a band of output rows of one image. Each thread takes whole tiles and, per
+// tile, writes the tile's column matrix [K, n] (K = C*kH*kW) into its own buffer of about
+// kTileBytes (sized to stay in L2), multiplies it by the weights with one single-threaded
+// BLAS GEMM per group, and adds the bias while the result is still in cache. A band of one
+// image is multiplied straight into the output (ldc = oH*oW); several images go through a
+// small [O, n] buffer and are copied out. A 1x1, stride-1, unpadded conv reads the input as
+// its own column matrix: no im2col at all.
+// Backward. Same tiles, but a thread owns whole images (their input gradient accumulates
+// over the image's bands): per tile, the columns are rebuilt (cheaper than storing them),
+// grad_weight += dY @ columns^T into the thread's own accumulator, then dcolumns = W^T @ dY
+// is scattered back into the input gradient (col2im as row-wise adds in a fixed order: the
+// result does not depend on how images are spread over threads). The thread accumulators are
+// summed in thread order at the end, so grad_weight is deterministic for a given thread
+// count. The bias gradient is one reduction over dY.
+// float16/bfloat16 are converted to float while the columns and dY tiles are written, so
+// every GEMM runs in float and accumulates in float; the result is rounded once.
+//
+// Floors, chapter CNN at N=512 (fp32; "bytes" = input + output + weights, once each):
+//   layer           GFLOP fwd   MB moved fwd   columns written per pass (stay in L2)
+//   1->8, 5x5 s2      0.040        4.8           10.0 MB
+//   8->16, 3x3 s2     0.058        4.8            7.2 MB
+//   16->32, 3x3 s2    0.075        2.6            4.7 MB
+//   32->64, 3x3 s2    0.075        1.3            2.4 MB
+//   64->10, 3x3 s2    0.006        0.6            1.2 MB
+// At ~50-90 GFLOP/s per core for these GEMM shapes (MKL, measured) and 2 cores, the forward
+// floors are 0.3-0.5 ms per layer; the im2col writes add ~0.1-0.3 ms. Backward: twice the
+// GEMM work plus the column rebuild; the first layer needs no input gradient in training.
+//
+// Version 1: one im2col of a chunk of images (up to a 64 MiB buffer) and one at::mm per group
+//   per chunk, BLAS-threaded; col2im by gather. Chapter N=512, 2 threads: forward 2.5-8x
+//   oneDNN, the 64->10 layer 1.8 ms for 6 MFLOP.
+// Version 2 (this file): cache-sized tiles, one thread per tile, BLAS on raw pointers,
+//   row-wise col2im, 1x1 without im2col. Measurements in BENCHMARKS.md.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -17,10 +43,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
+#include <tuple>
 
 #include "../checks.h"
+#include "../column_buffer.h"
 #include "../conv2d.h"
-#include "../conv2d_driver.h"
+#include "gemm.h"
 
 namespace convkit {
 namespace {
@@ -32,153 +62,458 @@ int64_t grain_for(int64_t elements_per_task) {
   return std::max<int64_t>(1, kParallelGrainElements / std::max<int64_t>(elements_per_task, 1));
 }
 
-// Writes the kH * kW rows of channel `c` of one image into `columns` (already offset to the
-// image's first column); `row_stride` is the full row length of the column matrix.
-template <typename scalar_t>
-void im2col_channel(const scalar_t* image, const Conv2dGeometry& g, int64_t c, scalar_t* columns,
-                    int64_t row_stride) {
+// A thread's column tile: small enough to stay in L2 next to the weights and the output tile
+// (L2 is 512 KiB-2 MiB per core on current x86 server parts).
+constexpr int64_t kTileBytes = int64_t(384) << 10;
+
+// How the output columns are cut into tiles.
+struct TilePlan {
+  int64_t images_per_tile;  // whole images per tile (> 1 only when rows_per_tile == out_h)
+  int64_t rows_per_tile;    // output rows per band when images_per_tile == 1
+  int64_t bands;            // bands per image: ceil(out_h / rows_per_tile)
+  int64_t image_groups;     // ceil(batch / images_per_tile)
+  int64_t columns;          // most columns in one tile
+  int64_t threads;          // per-thread buffers to allocate
+};
+
+TilePlan plan_tiles(const Conv2dGeometry& g, int64_t acc_size) {
+  TilePlan p;
+  p.threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t L = g.out_area();
+  const int64_t K = g.column_rows();
+  // The column budget (CONVKIT_COLUMN_BUDGET_MB) bounds all threads' tiles together.
+  const int64_t per_thread = std::min(kTileBytes, column_budget_bytes() / p.threads);
+  const int64_t target = std::max<int64_t>(1, per_thread / std::max<int64_t>(K * acc_size, 1));
+  if (L <= target) {
+    const int64_t per_thread_images = (g.batch + p.threads - 1) / p.threads;
+    int64_t images = std::max<int64_t>(1, std::min(target / L, per_thread_images));
+    // Balance: a number of tiles that the threads share evenly.
+    int64_t groups = (g.batch + images - 1) / images;
+    if (g.batch >= p.threads) groups = (groups + p.threads - 1) / p.threads * p.threads;
+    images = std::max<int64_t>(1, (g.batch + groups - 1) / groups);
+    p.images_per_tile = images;
+    p.rows_per_tile = g.out_h;
+  } else {
+    p.images_per_tile = 1;
+    p.rows_per_tile = std::max<int64_t>(1, std::min(g.out_h, target / g.out_w));
+  }
+  p.bands = (g.out_h + p.rows_per_tile - 1) / p.rows_per_tile;
+  p.image_groups = (g.batch + p.images_per_tile - 1) / p.images_per_tile;
+  p.columns = p.images_per_tile * p.rows_per_tile * g.out_w;
+  return p;
+}
+
+bool reads_input_as_columns(const Conv2dGeometry& g) {
+  return g.kernel_h == 1 && g.kernel_w == 1 && g.stride_h == 1 && g.stride_w == 1 &&
+         g.pad_h == 0 && g.pad_w == 0;
+}
+
+// Writes the column rows of channel c for output rows [oh_begin, oh_end) of one image into
+// dst (row r of the channel at dst + r * ld), converting to acc_t.
+template <typename scalar_t, typename acc_t>
+void im2col_band(const scalar_t* image, const Conv2dGeometry& g, int64_t c, int64_t oh_begin,
+                 int64_t oh_end, acc_t* dst, int64_t ld) {
   const scalar_t* plane = image + c * g.in_area();
   for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
     for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
-      const int64_t row = (c * g.kernel_h + kh) * g.kernel_w + kw;
-      scalar_t* dst_row = columns + row * row_stride;
+      acc_t* dst_row = dst + (kh * g.kernel_w + kw) * ld;
       int64_t ow_begin = 0, ow_end = 0;
       conv_valid_output_range(g.in_w, g.out_w, kw, g.stride_w, g.pad_w, g.dilation_w, &ow_begin,
                               &ow_end);
-      for (int64_t oh = 0; oh < g.out_h; ++oh) {
-        scalar_t* dst = dst_row + oh * g.out_w;
+      const int64_t iw0 = conv_input_coordinate(ow_begin, kw, g.stride_w, g.pad_w, g.dilation_w);
+      for (int64_t oh = oh_begin; oh < oh_end; ++oh) {
+        acc_t* out = dst_row + (oh - oh_begin) * g.out_w;
         const int64_t ih = conv_input_coordinate(oh, kh, g.stride_h, g.pad_h, g.dilation_h);
         if (ih < 0 || ih >= g.in_h) {
-          std::fill(dst, dst + g.out_w, scalar_t(0));
+          std::fill(out, out + g.out_w, acc_t(0));
           continue;
         }
-        const scalar_t* src_row = plane + ih * g.in_w;
-        std::fill(dst, dst + ow_begin, scalar_t(0));
-        const int64_t iw0 = conv_input_coordinate(ow_begin, kw, g.stride_w, g.pad_w, g.dilation_w);
+        const scalar_t* src = plane + ih * g.in_w + iw0;
+        std::fill(out, out + ow_begin, acc_t(0));
+        const int64_t n = ow_end - ow_begin;
+        acc_t* run = out + ow_begin;
         if (g.stride_w == 1) {
-          std::copy(src_row + iw0, src_row + iw0 + (ow_end - ow_begin), dst + ow_begin);
+          for (int64_t i = 0; i < n; ++i) run[i] = static_cast<acc_t>(src[i]);
+        } else if (g.stride_w == 2) {
+          for (int64_t i = 0; i < n; ++i) run[i] = static_cast<acc_t>(src[2 * i]);
         } else {
-          for (int64_t ow = ow_begin; ow < ow_end; ++ow) {
-            dst[ow] = src_row[iw0 + (ow - ow_begin) * g.stride_w];
+          for (int64_t i = 0; i < n; ++i) run[i] = static_cast<acc_t>(src[i * g.stride_w]);
+        }
+        std::fill(out + ow_end, out + g.out_w, acc_t(0));
+      }
+    }
+  }
+}
+
+// The column gradient of output rows [oh_begin, oh_end) of one image, channel c (row r at
+// src + r * ld), added into that channel's input-gradient plane: the transpose of
+// im2col_band, element by element in a fixed order.
+template <typename acc_t>
+void col2im_band_add(const acc_t* src, int64_t ld, const Conv2dGeometry& g, int64_t oh_begin,
+                     int64_t oh_end, acc_t* plane) {
+  for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+    for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
+      const acc_t* src_row = src + (kh * g.kernel_w + kw) * ld;
+      int64_t ow_begin = 0, ow_end = 0;
+      conv_valid_output_range(g.in_w, g.out_w, kw, g.stride_w, g.pad_w, g.dilation_w, &ow_begin,
+                              &ow_end);
+      const int64_t iw0 = conv_input_coordinate(ow_begin, kw, g.stride_w, g.pad_w, g.dilation_w);
+      const int64_t n = ow_end - ow_begin;
+      for (int64_t oh = oh_begin; oh < oh_end; ++oh) {
+        const int64_t ih = conv_input_coordinate(oh, kh, g.stride_h, g.pad_h, g.dilation_h);
+        if (ih < 0 || ih >= g.in_h) continue;
+        const acc_t* run = src_row + (oh - oh_begin) * g.out_w + ow_begin;
+        acc_t* dst = plane + ih * g.in_w + iw0;
+        if (g.stride_w == 1) {
+          for (int64_t i = 0; i < n; ++i) dst[i] += run[i];
+        } else {
+          for (int64_t i = 0; i < n; ++i) dst[i * g.stride_w] += run[i];
+        }
+      }
+    }
+  }
+}
+
+// One tile of the output columns: images [first, first + count), output rows [oh_begin,
+// oh_end) of each (all rows when count > 1).
+struct Tile {
+  int64_t first, count, oh_begin, oh_end;
+  int64_t columns(const Conv2dGeometry& g) const { return count * (oh_end - oh_begin) * g.out_w; }
+};
+
+// The column matrix of a tile in `buffer` ([K, n], ld n), or, for a 1x1 stride-1 conv on a
+// band of one image in the compute type, the input itself (ld = H*W). Returns the matrix
+// and its leading dimension.
+template <typename scalar_t, typename acc_t>
+std::pair<const acc_t*, int64_t> tile_columns(const scalar_t* input, const Conv2dGeometry& g,
+                                              const Tile& t, acc_t* buffer) {
+  const int64_t C = g.in_channels;
+  const int64_t L = g.out_area();
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (t.count == 1 && reads_input_as_columns(g)) {
+      return {input + t.first * C * L + t.oh_begin * g.out_w, L};
+    }
+  }
+  const int64_t n = t.columns(g);
+  const int64_t per_image = (t.oh_end - t.oh_begin) * g.out_w;
+  for (int64_t i = 0; i < t.count; ++i) {
+    const scalar_t* image = input + (t.first + i) * C * g.in_area();
+    for (int64_t c = 0; c < C; ++c) {
+      im2col_band(image, g, c, t.oh_begin, t.oh_end, buffer + c * g.kernel_area() * n + i * per_image,
+                  n);
+    }
+  }
+  return {buffer, n};
+}
+
+// The tiles of image group `group` (bands when one image per tile).
+template <typename Fn>
+void for_each_tile(const Conv2dGeometry& g, const TilePlan& p, int64_t group, Fn&& fn) {
+  const int64_t first = group * p.images_per_tile;
+  const int64_t count = std::min(p.images_per_tile, g.batch - first);
+  for (int64_t band = 0; band < p.bands; ++band) {
+    const int64_t oh_begin = band * p.rows_per_tile;
+    const int64_t oh_end = std::min(g.out_h, oh_begin + p.rows_per_tile);
+    fn(Tile{first, count, oh_begin, oh_end});
+  }
+}
+
+template <typename scalar_t>
+void conv2d_forward_kernel(const at::Tensor& x, const at::Tensor& weight_acc,
+                           const at::Tensor& bias_acc, const Conv2dGeometry& g,
+                           at::Tensor& output) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const TilePlan p = plan_tiles(g, sizeof(acc_t));
+  const int64_t O = g.out_channels;
+  const int64_t K = g.column_rows();
+  const int64_t L = g.out_area();
+  const int64_t Og = O / g.groups;
+  const int64_t Kg = K / g.groups;
+  // A band of one image goes straight into the output when scalar_t is the compute type;
+  // otherwise the tile's result lands in a buffer first.
+  const bool direct = p.images_per_tile == 1 && std::is_same_v<scalar_t, acc_t>;
+  const int64_t column_elems = reads_input_as_columns(g) && direct ? 0 : K * p.columns;
+  const int64_t out_elems = direct ? 0 : O * p.columns;
+  at::Tensor buffers = at::empty({p.threads * (column_elems + out_elems)},
+                                 x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  record_column_buffer(p.threads * column_elems * int64_t(sizeof(acc_t)));
+
+  const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+  const acc_t* w_ptr = weight_acc.const_data_ptr<acc_t>();
+  const acc_t* bias_ptr = bias_acc.defined() ? bias_acc.const_data_ptr<acc_t>() : nullptr;
+  scalar_t* y_ptr = output.mutable_data_ptr<scalar_t>();
+  acc_t* buffer_base = buffers.mutable_data_ptr<acc_t>();
+
+  at::parallel_for(0, p.image_groups, 1, [&](int64_t begin, int64_t end) {
+    const int64_t thread = std::min<int64_t>(at::get_thread_num(), p.threads - 1);
+    acc_t* columns_buffer = buffer_base + thread * (column_elems + out_elems);
+    acc_t* out_buffer = columns_buffer + column_elems;
+    for (int64_t group = begin; group < end; ++group) {
+      for_each_tile(g, p, group, [&](const Tile& t) {
+        const int64_t n = t.columns(g);
+        const auto [cols, ld] = tile_columns<scalar_t, acc_t>(x_ptr, g, t, columns_buffer);
+        acc_t* out;
+        int64_t ldc;
+        if (direct) {
+          out = reinterpret_cast<acc_t*>(y_ptr) + t.first * O * L + t.oh_begin * g.out_w;
+          ldc = L;
+        } else {
+          out = out_buffer;
+          ldc = n;
+        }
+        for (int64_t grp = 0; grp < g.groups; ++grp) {
+          cpu::gemm<acc_t>(false, false, Og, n, Kg, acc_t(1), w_ptr + grp * Og * Kg, Kg,
+                           cols + grp * Kg * ld, ld, acc_t(0), out + grp * Og * ldc, ldc);
+        }
+        if (direct) {
+          if (bias_ptr != nullptr) {
+            for (int64_t o = 0; o < O; ++o) {
+              acc_t* row = out + o * ldc;
+              const acc_t b = bias_ptr[o];
+              for (int64_t i = 0; i < n; ++i) row[i] += b;
+            }
+          }
+          return;
+        }
+        const int64_t per_image = (t.oh_end - t.oh_begin) * g.out_w;
+        for (int64_t i = 0; i < t.count; ++i) {
+          for (int64_t o = 0; o < O; ++o) {
+            const acc_t* src = out_buffer + o * n + i * per_image;
+            scalar_t* dst = y_ptr + ((t.first + i) * O + o) * L + t.oh_begin * g.out_w;
+            const acc_t b = bias_ptr != nullptr ? bias_ptr[o] : acc_t(0);
+            for (int64_t l = 0; l < per_image; ++l) dst[l] = static_cast<scalar_t>(src[l] + b);
           }
         }
-        std::fill(dst + ow_end, dst + g.out_w, scalar_t(0));
-      }
-    }
-  }
-}
-
-// im2col of images [first, first + count) of a contiguous input into a contiguous
-// [K, count * L] column matrix.
-template <typename scalar_t>
-void im2col_chunk_cpu(const scalar_t* input, const Conv2dGeometry& g, int64_t first,
-                      int64_t count, scalar_t* columns) {
-  const int64_t C = g.in_channels;
-  const int64_t L = g.out_area();
-  const int64_t row_stride = count * L;
-  at::parallel_for(0, count * C, grain_for(g.kernel_area() * L), [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / C;
-      const int64_t c = task % C;
-      im2col_channel(input + (first + b) * C * g.in_area(), g, c, columns + b * L, row_stride);
+      });
     }
   });
 }
 
-// grad_input of images [first, first + count) from a [K, count * L] column-gradient matrix,
-// each input element gathered once (no accumulation races, same result on any thread count).
+at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const char* op = "convkit::conv2d_forward";
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const Conv2dGeometry g = make_conv2d_geometry(op, input, weight, stride, padding, dilation, groups);
+  check_conv2d_bias(op, input, bias, g.out_channels);
+  const at::Tensor x = input.contiguous();
+  at::Tensor output = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, x.options());
+  if (output.numel() == 0) return output;
+  const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());
+  // Weights and bias in the compute type, [O, K/groups] row-major: converted once per call.
+  const at::Tensor weight_acc = weight.to(acc_type).contiguous();
+  const bool has_bias = bias.has_value() && bias->defined();
+  const at::Tensor bias_acc = has_bias ? bias->to(acc_type).contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv2d_forward", [&] {
+    conv2d_forward_kernel<scalar_t>(x, weight_acc, bias_acc, g, output);
+  });
+  return output;
+}
+
 template <typename scalar_t>
-void col2im_chunk_cpu(const scalar_t* columns, const Conv2dGeometry& g, int64_t first,
-                      int64_t count, scalar_t* grad_input) {
+void conv2d_backward_kernel(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight_acc,
+                            const Conv2dGeometry& g, bool need_input_grad, bool need_weight_grad,
+                            at::Tensor& grad_input, at::Tensor& grad_weight_acc) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool same_type = std::is_same_v<scalar_t, acc_t>;
+  const TilePlan p = plan_tiles(g, sizeof(acc_t));
+  const int64_t O = g.out_channels;
   const int64_t C = g.in_channels;
+  const int64_t K = g.column_rows();
   const int64_t L = g.out_area();
-  const int64_t row_stride = count * L;
-  at::parallel_for(0, count * C, grain_for(g.in_area() * g.kernel_area()),
+  const int64_t Og = O / g.groups;
+  const int64_t Kg = K / g.groups;
+  const int64_t image_elems = C * g.in_area();
+  const bool one_image = p.images_per_tile == 1;
+  // With one image per tile (and no conversion) dY's band is used in place (ld = L), a 1x1
+  // stride-1 conv reads its columns from the input and writes its input gradient directly.
+  const bool dy_in_place = one_image && same_type;
+  const bool input_as_columns = dy_in_place && reads_input_as_columns(g);
+  const int64_t column_elems = input_as_columns ? 0 : K * p.columns;
+  const int64_t dy_elems = dy_in_place ? 0 : O * p.columns;
+  // The input gradient of the thread's images accumulates in acc_t: in grad_input itself
+  // when it is acc_t, else in a per-thread buffer rounded once per image group.
+  const int64_t grad_acc_elems = (need_input_grad && !same_type) ? p.images_per_tile * image_elems : 0;
+  const int64_t weight_acc_elems = need_weight_grad ? O * Kg : 0;
+  const int64_t per_thread = column_elems + dy_elems + grad_acc_elems + weight_acc_elems;
+  at::Tensor buffers = at::zeros({p.threads * per_thread},
+                                 x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  record_column_buffer(p.threads * column_elems * int64_t(sizeof(acc_t)));
+
+  const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+  const scalar_t* dy_ptr = dy.const_data_ptr<scalar_t>();
+  const acc_t* w_ptr = weight_acc.const_data_ptr<acc_t>();
+  scalar_t* dx_ptr = need_input_grad ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
+  acc_t* buffer_base = buffers.mutable_data_ptr<acc_t>();
+
+  at::parallel_for(0, p.image_groups, 1, [&](int64_t begin, int64_t end) {
+    const int64_t thread = std::min<int64_t>(at::get_thread_num(), p.threads - 1);
+    acc_t* columns_buffer = buffer_base + thread * per_thread;
+    acc_t* dy_buffer = columns_buffer + column_elems;
+    acc_t* grad_acc = dy_buffer + dy_elems;
+    acc_t* weight_grad = grad_acc + grad_acc_elems;
+    for (int64_t group = begin; group < end; ++group) {
+      const int64_t first = group * p.images_per_tile;
+      const int64_t count = std::min(p.images_per_tile, g.batch - first);
+      // Where this group's input gradient accumulates.
+      acc_t* dx_acc = nullptr;
+      if (need_input_grad) {
+        if constexpr (same_type) {
+          dx_acc = dx_ptr + first * image_elems;
+        } else {
+          dx_acc = grad_acc;
+        }
+        if (!input_as_columns) std::fill(dx_acc, dx_acc + count * image_elems, acc_t(0));
+      }
+      for_each_tile(g, p, group, [&](const Tile& t) {
+        const int64_t n = t.columns(g);
+        const int64_t per_image = (t.oh_end - t.oh_begin) * g.out_w;
+        // dY of the tile as an [O, n] matrix.
+        const acc_t* dy_tile;
+        int64_t ld_dy;
+        if constexpr (same_type) {
+          if (dy_in_place) {
+            dy_tile = dy_ptr + t.first * O * L + t.oh_begin * g.out_w;
+            ld_dy = L;
+          }
+        }
+        if (!dy_in_place) {
+          for (int64_t o = 0; o < O; ++o) {
+            for (int64_t i = 0; i < t.count; ++i) {
+              const scalar_t* src = dy_ptr + ((t.first + i) * O + o) * L + t.oh_begin * g.out_w;
+              acc_t* dst = dy_buffer + o * n + i * per_image;
+              for (int64_t l = 0; l < per_image; ++l) dst[l] = static_cast<acc_t>(src[l]);
+            }
+          }
+          dy_tile = dy_buffer;
+          ld_dy = n;
+        }
+        if (need_weight_grad) {
+          const auto [cols, ld] = tile_columns<scalar_t, acc_t>(x_ptr, g, t, columns_buffer);
+          for (int64_t grp = 0; grp < g.groups; ++grp) {
+            cpu::gemm<acc_t>(false, true, Og, Kg, n, acc_t(1), dy_tile + grp * Og * ld_dy, ld_dy,
+                             cols + grp * Kg * ld, ld, acc_t(1), weight_grad + grp * Og * Kg, Kg);
+          }
+        }
+        if (!need_input_grad) return;
+        if (input_as_columns) {
+          // 1x1 stride 1: the column gradient is the input gradient (no overlap, no adds).
+          acc_t* dst = reinterpret_cast<acc_t*>(dx_ptr) + t.first * image_elems + t.oh_begin * g.out_w;
+          for (int64_t grp = 0; grp < g.groups; ++grp) {
+            cpu::gemm<acc_t>(true, false, Kg, n, Og, acc_t(1), w_ptr + grp * Og * Kg, Kg,
+                             dy_tile + grp * Og * ld_dy, ld_dy, acc_t(0), dst + grp * Kg * L, L);
+          }
+          return;
+        }
+        for (int64_t grp = 0; grp < g.groups; ++grp) {
+          cpu::gemm<acc_t>(true, false, Kg, n, Og, acc_t(1), w_ptr + grp * Og * Kg, Kg,
+                           dy_tile + grp * Og * ld_dy, ld_dy, acc_t(0), columns_buffer + grp * Kg * n, n);
+        }
+        for (int64_t i = 0; i < t.count; ++i) {
+          acc_t* image_grad = dx_acc + (t.first - first + i) * image_elems;
+          for (int64_t c = 0; c < C; ++c) {
+            col2im_band_add(columns_buffer + c * g.kernel_area() * n + i * per_image, n, g,
+                            t.oh_begin, t.oh_end, image_grad + c * g.in_area());
+          }
+        }
+      });
+      if constexpr (!same_type) {
+        if (need_input_grad) {
+          scalar_t* dst = dx_ptr + first * image_elems;
+          for (int64_t e = 0; e < count * image_elems; ++e) dst[e] = static_cast<scalar_t>(dx_acc[e]);
+        }
+      }
+    }
+  });
+
+  if (need_weight_grad) {
+    // Thread accumulators summed in thread order.
+    acc_t* total = grad_weight_acc.mutable_data_ptr<acc_t>();
+    for (int64_t thread = 0; thread < p.threads; ++thread) {
+      const acc_t* part = buffer_base + thread * per_thread + column_elems + dy_elems + grad_acc_elems;
+      for (int64_t e = 0; e < O * Kg; ++e) total[e] += part[e];
+    }
+  }
+}
+
+// The bias gradient: each (image, channel) plane summed in acc_t, planes in double.
+template <typename scalar_t>
+void conv2d_bias_grad(const scalar_t* dy, const Conv2dGeometry& g, scalar_t* grad_bias) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t O = g.out_channels;
+  const int64_t L = g.out_area();
+  at::parallel_for(0, O, grain_for(g.batch * L), [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      double sum = 0.0;
+      for (int64_t b = 0; b < g.batch; ++b) {
+        const scalar_t* src = dy + (b * O + o) * L;
+        acc_t plane = acc_t(0);
+        for (int64_t l = 0; l < L; ++l) plane += static_cast<acc_t>(src[l]);
+        sum += static_cast<double>(plane);
+      }
+      grad_bias[o] = static_cast<scalar_t>(sum);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    std::array<bool, 3> output_mask) {
+  const char* op = "convkit::conv2d_backward";
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const Conv2dGeometry g = make_conv2d_geometry(op, input, weight, stride, padding, dilation, groups);
+  check_conv2d_grad_output(op, input, grad_output, g);
+  const at::Tensor x = input.contiguous();
+  const at::Tensor dy = grad_output.contiguous();
+  const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());
+  const int64_t O = g.out_channels;
+  const int64_t Kg = g.column_rows() / groups;
+
+  at::Tensor grad_input = output_mask[0] ? at::empty_like(x) : at::empty({0}, x.options());
+  at::Tensor grad_weight_acc =
+      output_mask[1] ? at::zeros({O, Kg}, x.options().dtype(acc_type)) : at::Tensor();
+  at::Tensor grad_bias = output_mask[2] ? at::empty({O}, x.options()) : at::empty({0}, x.options());
+
+  const bool columns_pass = (output_mask[0] || output_mask[1]) && g.batch > 0 && g.out_area() > 0;
+  if (columns_pass) {
+    const at::Tensor weight_acc = weight.to(acc_type).contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv2d_backward", [&] {
+      conv2d_backward_kernel<scalar_t>(dy, x, weight_acc, g, output_mask[0], output_mask[1],
+                                       grad_input, grad_weight_acc);
+    });
+  } else if (output_mask[0]) {
+    grad_input.zero_();
+  }
+  if (output_mask[2] && O > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv2d_bias_grad", [&] {
+      conv2d_bias_grad(dy.const_data_ptr<scalar_t>(), g, grad_bias.mutable_data_ptr<scalar_t>());
+    });
+  }
+  at::Tensor grad_weight = output_mask[1] ? grad_weight_acc.to(x.scalar_type()).view(weight.sizes())
+                                          : at::empty({0}, x.options());
+  return std::make_tuple(grad_input, grad_weight, grad_bias);
+}
+
+// col2im of one image by gather (csrc/conv2d.h's col2im_gather, the index math the CUDA
+// kernel runs): each input element written once.
+template <typename scalar_t>
+void col2im_gather_image(const scalar_t* columns, const Conv2dGeometry& g, scalar_t* grad_input) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t L = g.out_area();
+  at::parallel_for(0, g.in_channels, grain_for(g.in_area() * g.kernel_area()),
                    [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / C;
-      const int64_t c = task % C;
-      scalar_t* dst = grad_input + ((first + b) * C + c) * g.in_area();
-      const scalar_t* image_columns = columns + b * L;
+    for (int64_t c = begin; c < end; ++c) {
+      scalar_t* dst = grad_input + c * g.in_area();
       for (int64_t ih = 0; ih < g.in_h; ++ih) {
         for (int64_t iw = 0; iw < g.in_w; ++iw) {
-          dst[ih * g.in_w + iw] = static_cast<scalar_t>(
-              col2im_gather<scalar_t, acc_t>(image_columns, row_stride, g, c, ih, iw));
+          dst[ih * g.in_w + iw] =
+              static_cast<scalar_t>(col2im_gather<scalar_t, acc_t>(columns, L, g, c, ih, iw));
         }
       }
     }
   });
 }
-
-// The CPU side of csrc/conv2d_driver.h: loops parallelised with at::parallel_for.
-struct CpuConvBackend {
-  template <typename scalar_t>
-  static void im2col_chunk(const scalar_t* input, const Conv2dGeometry& g, int64_t first,
-                           int64_t count, scalar_t* columns) {
-    im2col_chunk_cpu(input, g, first, count, columns);
-  }
-
-  template <typename scalar_t>
-  static void col2im_chunk(const scalar_t* columns, const Conv2dGeometry& g, int64_t first,
-                           int64_t count, scalar_t* grad_input) {
-    col2im_chunk_cpu(columns, g, first, count, grad_input);
-  }
-
-  // out_t is [O, count * L]; the output wants [count, O, L]: copy and add the bias.
-  template <typename scalar_t>
-  static void scatter_output(const scalar_t* out_t, const scalar_t* bias, const Conv2dGeometry& g,
-                             int64_t first, int64_t count, scalar_t* output) {
-    const int64_t O = g.out_channels;
-    const int64_t L = g.out_area();
-    at::parallel_for(0, count * O, grain_for(L), [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / O;
-        const int64_t o = task % O;
-        const scalar_t* src = out_t + o * count * L + b * L;
-        scalar_t* dst = output + ((first + b) * O + o) * L;
-        if (bias != nullptr) {
-          const scalar_t bias_value = bias[o];
-          for (int64_t l = 0; l < L; ++l) dst[l] = src[l] + bias_value;
-        } else {
-          std::copy(src, src + L, dst);
-        }
-      }
-    });
-  }
-
-  template <typename scalar_t>
-  static void gather_grad(const scalar_t* grad_output, const Conv2dGeometry& g, int64_t first,
-                          int64_t count, scalar_t* grad_t) {
-    const int64_t O = g.out_channels;
-    const int64_t L = g.out_area();
-    at::parallel_for(0, count * O, grain_for(L), [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / O;
-        const int64_t o = task % O;
-        const scalar_t* src = grad_output + ((first + b) * O + o) * L;
-        std::copy(src, src + L, grad_t + o * count * L + b * L);
-      }
-    });
-  }
-
-  // Sums in double: a channel can hold millions of values.
-  template <typename scalar_t>
-  static void bias_grad(const scalar_t* grad_output, const Conv2dGeometry& g, scalar_t* grad_bias) {
-    const int64_t O = g.out_channels;
-    const int64_t L = g.out_area();
-    at::parallel_for(0, O, grain_for(g.batch * L), [&](int64_t begin, int64_t end) {
-      for (int64_t o = begin; o < end; ++o) {
-        double sum = 0.0;
-        for (int64_t b = 0; b < g.batch; ++b) {
-          const scalar_t* src = grad_output + (b * O + o) * L;
-          for (int64_t l = 0; l < L; ++l) sum += static_cast<double>(src[l]);
-        }
-        grad_bias[o] = static_cast<scalar_t>(sum);
-      }
-    });
-  }
-};
 
 // F.unfold's semantics, one element at a time through the shared helper im2col_value: the
 // reference the row-wise im2col above (and the CUDA kernel) can be checked against.
@@ -221,9 +556,8 @@ at::Tensor col2im_cpu(const at::Tensor& columns, at::IntArrayRef output_size,
     scalar_t* out_ptr = output.mutable_data_ptr<scalar_t>();
     const int64_t K = g.column_rows();
     const int64_t L = g.out_area();
-    // One image at a time: the gather of col2im_chunk with a chunk of one.
     for (int64_t b = 0; b < g.batch; ++b) {
-      col2im_chunk_cpu(col_ptr + b * K * L, g, b, 1, out_ptr);
+      col2im_gather_image(col_ptr + b * K * L, g, out_ptr + b * g.in_channels * g.in_area());
     }
   });
   return output;
@@ -232,8 +566,8 @@ at::Tensor col2im_cpu(const at::Tensor& columns, at::IntArrayRef output_size,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(convkit, CPU, m) {
-  m.impl("conv2d_forward", &conv2d_forward_impl<CpuConvBackend>);
-  m.impl("conv2d_backward", &conv2d_backward_impl<CpuConvBackend>);
+  m.impl("conv2d_forward", &conv2d_forward_cpu);
+  m.impl("conv2d_backward", &conv2d_backward_cpu);
   m.impl("im2col", &im2col_cpu);
   m.impl("col2im", &col2im_cpu);
 }
