@@ -60,7 +60,7 @@ def want_cuda() -> bool:
 def make_extension():
     debug = env_flag("DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx_flags = opt + ["-fopenmp", "-DCONVKIT_PYTHON_MODULE"]
+    cxx_flags = opt + ["-fopenmp", "-DCONVKIT_PYTHON_MODULE", "-march=native"]
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     extra_link_args = ["-fopenmp"]
     if want_cuda():

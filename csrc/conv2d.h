@@ -74,11 +74,11 @@ CONVKIT_HOST_DEVICE inline void conv_valid_output_range(int64_t in, int64_t out,
   *end = last_excl;
 }
 
-// One element of the column matrix of one image: row `row`, position `pos` (= oh * out_w +
-// ow). `image` points at that image's [in_channels, in_h, in_w] contiguous data.
-template <typename scalar_t>
-CONVKIT_HOST_DEVICE inline scalar_t im2col_value(const scalar_t* image, const Conv2dGeometry& g,
-                                                 int64_t row, int64_t pos) {
+// Where column-matrix entry (row, pos) of one image comes from: its offset in the image's
+// [in_channels, in_h, in_w] data, or -1 when the window reads the zero padding. Row r =
+// (c * kernel_h + kh) * kernel_w + kw, position pos = oh * out_w + ow.
+CONVKIT_HOST_DEVICE inline int64_t im2col_source_offset(const Conv2dGeometry& g, int64_t row,
+                                                        int64_t pos) {
   const int64_t kw = row % g.kernel_w;
   const int64_t kh = (row / g.kernel_w) % g.kernel_h;
   const int64_t c = row / g.kernel_area();
@@ -86,8 +86,17 @@ CONVKIT_HOST_DEVICE inline scalar_t im2col_value(const scalar_t* image, const Co
   const int64_t ow = pos % g.out_w;
   const int64_t ih = conv_input_coordinate(oh, kh, g.stride_h, g.pad_h, g.dilation_h);
   const int64_t iw = conv_input_coordinate(ow, kw, g.stride_w, g.pad_w, g.dilation_w);
-  if (ih < 0 || ih >= g.in_h || iw < 0 || iw >= g.in_w) return scalar_t(0);
-  return image[(c * g.in_h + ih) * g.in_w + iw];
+  if (ih < 0 || ih >= g.in_h || iw < 0 || iw >= g.in_w) return -1;
+  return (c * g.in_h + ih) * g.in_w + iw;
+}
+
+// One element of the column matrix of one image: row `row`, position `pos`. `image` points
+// at that image's [in_channels, in_h, in_w] contiguous data.
+template <typename scalar_t>
+CONVKIT_HOST_DEVICE inline scalar_t im2col_value(const scalar_t* image, const Conv2dGeometry& g,
+                                                 int64_t row, int64_t pos) {
+  const int64_t offset = im2col_source_offset(g, row, pos);
+  return offset < 0 ? scalar_t(0) : image[offset];
 }
 
 // The output coordinate that reads input coordinate `in` at kernel offset `k`, or -1 when

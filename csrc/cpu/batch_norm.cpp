@@ -12,24 +12,32 @@
 //   by y > 0 (y recomputed from x with the forward's own arithmetic, so the mask is exactly
 //   the forward's and y is never stored), then one element-wise pass for grad_input.
 // Version 1: scalar loops, double accumulators everywhere.
-// Version 2 (this file): the backward reduction sums each plane in acc_t with the ReLU mask
-//   as a select, the planes in double: 27.1 -> 9.2 ms on [32,64,56,56] (1 thread), see
-//   BENCHMARKS.md.
+// Version 2: the backward reduction sums each plane in acc_t with the ReLU mask as a select,
+//   the planes in double: 27.1 -> 9.2 ms on [32,64,56,56] (1 thread), see BENCHMARKS.md.
+// Version 3 (this file): both reductions (statistics, backward) sum blocks of 1024 values
+//   with `omp simd` reductions (without it the compiler must keep the float sum's order and
+//   runs one add per 4 cycles); built for the host's vector width (-march=native).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <tuple>
+#include <vector>
 
 #include "../batch_norm.h"
 #include "../checks.h"
 
 namespace convkit {
 namespace {
+
+// Reductions sum blocks of this many values in acc_t (vectorised), the blocks in double:
+// float rounding stays that of a 1024-term sum however large the channel.
+constexpr int64_t kSumBlock = 1024;
 
 // Per-channel parameter in the accumulation type, or `fill` when the tensor is absent.
 at::Tensor per_channel_or(const c10::optional<at::Tensor>& t, int64_t channels,
@@ -38,6 +46,173 @@ at::Tensor per_channel_or(const c10::optional<at::Tensor>& t, int64_t channels,
   return at::full({channels}, fill, options.dtype(acc_type));
 }
 
+// ---- The row path, for small images: C*S <= kMaxRowLength.
+//
+// With planes of 1-196 values (the chapter's 14x14 ... 1x1 feature maps) the per-channel
+// loops above spend their time on loop bookkeeping, one short plane at a time. Here each
+// image's [C*S] values are one contiguous row and every pass is a vectorised loop along it,
+// with the per-channel constants spread into rows of C*S values. Reductions accumulate rows
+// of sums per block of kImagesPerBlock images (in acc_t), then each channel's entries of
+// all blocks in double, in block order: the same result on any number of threads.
+constexpr int64_t kMaxRowLength = 4096;
+constexpr int64_t kImagesPerBlock = 32;
+
+bool use_row_path(int64_t C, int64_t S) { return C * S <= kMaxRowLength; }
+
+// row[c * S + s] = per_channel[c]
+template <typename acc_t>
+std::vector<acc_t> spread(const acc_t* per_channel, int64_t C, int64_t S) {
+  std::vector<acc_t> row(C * S);
+  for (int64_t c = 0; c < C; ++c) std::fill(row.begin() + c * S, row.begin() + (c + 1) * S, per_channel[c]);
+  return row;
+}
+
+// Runs body(first_image, end_image, partial) for each block of images in parallel, with
+// `partial` the block's two zeroed rows of sums; returns the per-channel totals of both rows
+// (in double, blocks summed in order).
+template <typename acc_t, typename Body>
+void row_reduce(int64_t N, int64_t C, int64_t S, Body&& body, double* total_a, double* total_b) {
+  const int64_t R = C * S;
+  const int64_t blocks = (N + kImagesPerBlock - 1) / kImagesPerBlock;
+  std::vector<acc_t> partial(blocks * 2 * R, acc_t(0));
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t first = block * kImagesPerBlock;
+      body(first, std::min(N, first + kImagesPerBlock), partial.data() + block * 2 * R);
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    double a = 0.0, b = 0.0;
+    for (int64_t block = 0; block < blocks; ++block) {
+      const acc_t* rows = partial.data() + block * 2 * R;
+      for (int64_t s = 0; s < S; ++s) {
+        a += static_cast<double>(rows[c * S + s]);
+        b += static_cast<double>(rows[R + c * S + s]);
+      }
+    }
+    total_a[c] = a;
+    total_b[c] = b;
+  }
+}
+
+// Elementwise over images in parallel: fn(n, offset of image n's row).
+template <typename Fn>
+void for_each_image(int64_t N, int64_t R, Fn&& fn) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(R, 1));
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) fn(n * R);
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void row_statistics(const scalar_t* x, int64_t N, int64_t C, int64_t S, acc_t* mean, acc_t* var) {
+  const int64_t R = C * S;
+  const int64_t count = N * S;
+  // Shift by each channel's first value: keeps the variance accurate for large means.
+  std::vector<acc_t> shift_c(C);
+  for (int64_t c = 0; c < C; ++c) shift_c[c] = static_cast<acc_t>(x[c * S]);
+  const std::vector<acc_t> shift = spread(shift_c.data(), C, S);
+  std::vector<double> sum(C), sum_sq(C);
+  row_reduce<acc_t>(N, C, S, [&](int64_t first, int64_t end, acc_t* rows) {
+    acc_t* __restrict sums = rows;
+    acc_t* __restrict squares = rows + R;
+    const acc_t* __restrict shift_row = shift.data();
+    for (int64_t n = first; n < end; ++n) {
+      const scalar_t* __restrict row = x + n * R;
+      #pragma omp simd
+      for (int64_t j = 0; j < R; ++j) {
+        const acc_t d = static_cast<acc_t>(row[j]) - shift_row[j];
+        sums[j] += d;
+        squares[j] += d * d;
+      }
+    }
+  }, sum.data(), sum_sq.data());
+  for (int64_t c = 0; c < C; ++c) {
+    const double mean_shifted = sum[c] / double(count);
+    mean[c] = static_cast<acc_t>(static_cast<double>(shift_c[c]) + mean_shifted);
+    var[c] = static_cast<acc_t>(std::max(0.0, sum_sq[c] / double(count) - mean_shifted * mean_shifted));
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void row_normalize(const scalar_t* x, int64_t N, int64_t C, int64_t S, const acc_t* scale_c,
+                   const acc_t* shift_c, bool relu, scalar_t* y) {
+  const int64_t R = C * S;
+  const std::vector<acc_t> scale = spread(scale_c, C, S);
+  const std::vector<acc_t> shift = spread(shift_c, C, S);
+  for_each_image(N, R, [&](int64_t offset) {
+    const scalar_t* __restrict src = x + offset;
+    scalar_t* __restrict dst = y + offset;
+    const acc_t* __restrict a = scale.data();
+    const acc_t* __restrict b = shift.data();
+    if (relu) {
+      #pragma omp simd
+      for (int64_t j = 0; j < R; ++j) dst[j] = batch_norm_output(src[j], a[j], b[j], true);
+    } else {
+      #pragma omp simd
+      for (int64_t j = 0; j < R; ++j) dst[j] = batch_norm_output(src[j], a[j], b[j], false);
+    }
+  });
+}
+
+// Backward on rows: per-channel sum(dy') and sum(dy' * (x - mean)) into sum_dy/sum_dy_xmu,
+// then (when dx != nullptr) the element-wise pass.
+template <typename scalar_t, typename acc_t>
+void row_backward(const scalar_t* x, const scalar_t* dy, int64_t N, int64_t C, int64_t S,
+                  const acc_t* scale_c, const acc_t* shift_c, const acc_t* mean_c,
+                  const acc_t* invstd_c, bool training, bool relu, double* sum_dy,
+                  double* sum_dy_xmu, scalar_t* dx) {
+  const int64_t R = C * S;
+  const int64_t count = N * S;
+  const std::vector<acc_t> scale = spread(scale_c, C, S);
+  const std::vector<acc_t> shift = spread(shift_c, C, S);
+  const std::vector<acc_t> mean = spread(mean_c, C, S);
+  row_reduce<acc_t>(N, C, S, [&](int64_t first, int64_t end, acc_t* rows) {
+    acc_t* __restrict sums = rows;
+    acc_t* __restrict products = rows + R;
+    const acc_t* __restrict a = scale.data();
+    const acc_t* __restrict b = shift.data();
+    const acc_t* __restrict mu = mean.data();
+    for (int64_t n = first; n < end; ++n) {
+      const scalar_t* __restrict xs = x + n * R;
+      const scalar_t* __restrict dys = dy + n * R;
+      #pragma omp simd
+      for (int64_t j = 0; j < R; ++j) {
+        const acc_t dy_value = static_cast<acc_t>(dys[j]);
+        const acc_t g = !relu || batch_norm_relu_passes(xs[j], a[j], b[j]) ? dy_value : acc_t(0);
+        sums[j] += g;
+        products[j] += g * (static_cast<acc_t>(xs[j]) - mu[j]);
+      }
+    }
+  }, sum_dy, sum_dy_xmu);
+  if (dx == nullptr) return;
+  std::vector<acc_t> mean_dy_c(C), proj_c(C);
+  for (int64_t c = 0; c < C; ++c) {
+    mean_dy_c[c] = training && count > 0 ? static_cast<acc_t>(sum_dy[c] / double(count)) : acc_t(0);
+    proj_c[c] = training && count > 0
+                    ? static_cast<acc_t>(sum_dy_xmu[c] / double(count)) * invstd_c[c] * invstd_c[c]
+                    : acc_t(0);
+  }
+  const std::vector<acc_t> mean_dy = spread(mean_dy_c.data(), C, S);
+  const std::vector<acc_t> proj = spread(proj_c.data(), C, S);
+  for_each_image(N, R, [&](int64_t offset) {
+    const scalar_t* __restrict xs = x + offset;
+    const scalar_t* __restrict dys = dy + offset;
+    scalar_t* __restrict dxs = dx + offset;
+    const acc_t* __restrict a = scale.data();
+    const acc_t* __restrict b = shift.data();
+    const acc_t* __restrict mu = mean.data();
+    const acc_t* __restrict mdy = mean_dy.data();
+    const acc_t* __restrict pr = proj.data();
+    #pragma omp simd
+    for (int64_t j = 0; j < R; ++j) {
+      const acc_t dy_value = static_cast<acc_t>(dys[j]);
+      const acc_t g = !relu || batch_norm_relu_passes(xs[j], a[j], b[j]) ? dy_value : acc_t(0);
+      const acc_t xmu = static_cast<acc_t>(xs[j]) - mu[j];
+      dxs[j] = static_cast<scalar_t>(batch_norm_grad_input(g, xmu, mdy[j], pr[j], a[j]));
+    }
+  });
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
     const at::Tensor& input, const c10::optional<at::Tensor>& weight,
@@ -70,6 +245,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
     acc_t* var_ptr = save_var.mutable_data_ptr<acc_t>();
     const acc_t* w_ptr = w.const_data_ptr<acc_t>();
     const acc_t* b_ptr = b.const_data_ptr<acc_t>();
+    if (use_row_path(C, S)) {
+      if (training) {
+        if (count == 0) {
+          std::fill(mean_ptr, mean_ptr + C, acc_t(0));
+          std::fill(var_ptr, var_ptr + C, acc_t(0));
+        } else {
+          row_statistics(x_ptr, N, C, S, mean_ptr, var_ptr);
+        }
+      }
+      std::vector<acc_t> scale(C), shift(C);
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t invstd = acc_t(1) / std::sqrt(var_ptr[c] + static_cast<acc_t>(eps));
+        scale[c] = w_ptr[c] * invstd;
+        shift[c] = b_ptr[c] - mean_ptr[c] * scale[c];
+      }
+      row_normalize(x_ptr, N, C, S, scale.data(), shift.data(), relu, y_ptr);
+      return;
+    }
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(count, 1));
     at::parallel_for(0, C, grain, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
@@ -78,14 +271,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
             mean_ptr[c] = acc_t(0);
             var_ptr[c] = acc_t(0);
           } else {
-            const double shift = static_cast<double>(x_ptr[c * S]);
+            // Sums of (x - shift) and its square, shift = the channel's first value (keeps
+            // the variance accurate when the mean is large): blocks of up to kSumBlock values
+            // summed in acc_t by a vectorised reduction, the blocks in double.
+            const acc_t shift_acc = static_cast<acc_t>(x_ptr[c * S]);
+            const double shift = static_cast<double>(shift_acc);
             double sum = 0.0, sum_sq = 0.0;
             for (int64_t n = 0; n < N; ++n) {
               const scalar_t* plane = x_ptr + (n * C + c) * S;
-              for (int64_t s = 0; s < S; ++s) {
-                const double d = static_cast<double>(plane[s]) - shift;
-                sum += d;
-                sum_sq += d * d;
+              for (int64_t s0 = 0; s0 < S; s0 += kSumBlock) {
+                const int64_t len = std::min(kSumBlock, S - s0);
+                acc_t block_sum = acc_t(0), block_sum_sq = acc_t(0);
+                _Pragma("omp simd reduction(+ : block_sum, block_sum_sq)")
+                for (int64_t s = s0; s < s0 + len; ++s) {
+                  const acc_t d = static_cast<acc_t>(plane[s]) - shift_acc;
+                  block_sum += d;
+                  block_sum_sq += d * d;
+                }
+                sum += static_cast<double>(block_sum);
+                sum_sq += static_cast<double>(block_sum_sq);
               }
             }
             const double mean_shifted = sum / double(count);
@@ -100,6 +304,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
         for (int64_t n = 0; n < N; ++n) {
           const scalar_t* src = x_ptr + (n * C + c) * S;
           scalar_t* dst = y_ptr + (n * C + c) * S;
+          _Pragma("omp simd")
           for (int64_t s = 0; s < S; ++s) dst[s] = batch_norm_output(src[s], scale, shift, relu);
         }
       }
@@ -142,6 +347,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
     const acc_t* var_ptr = var.const_data_ptr<acc_t>();
     acc_t* gw_ptr = grad_weight_acc.mutable_data_ptr<acc_t>();
     acc_t* gb_ptr = grad_bias_acc.mutable_data_ptr<acc_t>();
+    if (use_row_path(C, S)) {
+      std::vector<acc_t> scale(C), shift(C), invstd(C);
+      for (int64_t c = 0; c < C; ++c) {
+        invstd[c] = acc_t(1) / std::sqrt(var_ptr[c] + static_cast<acc_t>(eps));
+        scale[c] = w_ptr[c] * invstd[c];
+        shift[c] = b_ptr[c] - mean_ptr[c] * scale[c];
+      }
+      std::vector<double> sum_dy(C), sum_dy_xmu(C);
+      row_backward(x_ptr, dy_ptr, N, C, S, scale.data(), shift.data(), mean_ptr, invstd.data(),
+                   training, relu, sum_dy.data(), sum_dy_xmu.data(), dx_ptr);
+      for (int64_t c = 0; c < C; ++c) {
+        gw_ptr[c] = static_cast<acc_t>(sum_dy_xmu[c] * static_cast<double>(invstd[c]));
+        gb_ptr[c] = static_cast<acc_t>(sum_dy[c]);
+      }
+      return;
+    }
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(count, 1));
     at::parallel_for(0, C, grain, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
@@ -155,15 +376,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
         for (int64_t n = 0; n < N; ++n) {
           const scalar_t* xs = x_ptr + (n * C + c) * S;
           const scalar_t* dys = dy_ptr + (n * C + c) * S;
-          acc_t plane_dy = acc_t(0), plane_dy_xmu = acc_t(0);
-          for (int64_t s = 0; s < S; ++s) {
-            const acc_t dy_value = static_cast<acc_t>(dys[s]);
-            const acc_t g = !relu || batch_norm_relu_passes(xs[s], scale, shift) ? dy_value : acc_t(0);
-            plane_dy += g;
-            plane_dy_xmu += g * (static_cast<acc_t>(xs[s]) - mu);
+          for (int64_t s0 = 0; s0 < S; s0 += kSumBlock) {
+            const int64_t len = std::min(kSumBlock, S - s0);
+            acc_t block_dy = acc_t(0), block_dy_xmu = acc_t(0);
+                _Pragma("omp simd reduction(+ : block_dy, block_dy_xmu)")
+            for (int64_t s = s0; s < s0 + len; ++s) {
+              const acc_t dy_value = static_cast<acc_t>(dys[s]);
+              const acc_t g =
+                  !relu || batch_norm_relu_passes(xs[s], scale, shift) ? dy_value : acc_t(0);
+              block_dy += g;
+              block_dy_xmu += g * (static_cast<acc_t>(xs[s]) - mu);
+            }
+            sum_dy += static_cast<double>(block_dy);
+            sum_dy_xmu += static_cast<double>(block_dy_xmu);
           }
-          sum_dy += static_cast<double>(plane_dy);
-          sum_dy_xmu += static_cast<double>(plane_dy_xmu);
         }
         gw_ptr[c] = static_cast<acc_t>(sum_dy_xmu * static_cast<double>(invstd));
         gb_ptr[c] = static_cast<acc_t>(sum_dy);
@@ -178,6 +404,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
           const scalar_t* xs = x_ptr + (n * C + c) * S;
           const scalar_t* dys = dy_ptr + (n * C + c) * S;
           scalar_t* dxs = dx_ptr + (n * C + c) * S;
+          _Pragma("omp simd")
           for (int64_t s = 0; s < S; ++s) {
             acc_t g = static_cast<acc_t>(dys[s]);
             if (relu && !batch_norm_relu_passes(xs[s], scale, shift)) g = acc_t(0);

@@ -44,8 +44,9 @@
 
 #include <algorithm>
 #include <array>
-#include <atomic>
+#include <limits>
 #include <tuple>
+#include <vector>
 
 #include "../checks.h"
 #include "../column_buffer.h"
@@ -62,28 +63,35 @@ int64_t grain_for(int64_t elements_per_task) {
   return std::max<int64_t>(1, kParallelGrainElements / std::max<int64_t>(elements_per_task, 1));
 }
 
-// A thread's column tile: small enough to stay in L2 next to the weights and the output tile
-// (L2 is 512 KiB-2 MiB per core on current x86 server parts).
+// A thread's column tile: small enough to stay in L2 next to the output tile (L2 is 512 KiB-
+// 2 MiB per core on current x86 server parts) ...
 constexpr int64_t kTileBytes = int64_t(384) << 10;
+// ... but at least this many columns, so that each weight the GEMM loads is used often
+// enough to hide its load: layers with large weight matrices (ResNet's 256-512 channels)
+// would otherwise stream megabytes of weights for a few dozen columns.
+constexpr int64_t kMinTileColumns = 384;
 
 // How the output columns are cut into tiles.
 struct TilePlan {
-  int64_t images_per_tile;  // whole images per tile (> 1 only when rows_per_tile == out_h)
-  int64_t rows_per_tile;    // output rows per band when images_per_tile == 1
-  int64_t bands;            // bands per image: ceil(out_h / rows_per_tile)
+  int64_t images_per_tile;  // whole images per tile (the image path), or 1 (the band path)
+  int64_t rows_per_tile;    // output rows per tile: out_h on the image path
+  int64_t bands;            // tiles per image: 1 on the image path
   int64_t image_groups;     // ceil(batch / images_per_tile)
   int64_t columns;          // most columns in one tile
   int64_t threads;          // per-thread buffers to allocate
+  bool whole_images() const { return bands == 1; }
 };
 
 TilePlan plan_tiles(const Conv2dGeometry& g, int64_t acc_size) {
   TilePlan p;
   p.threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t L = g.out_area();
-  const int64_t K = g.column_rows();
-  // The column budget (CONVKIT_COLUMN_BUDGET_MB) bounds all threads' tiles together.
-  const int64_t per_thread = std::min(kTileBytes, column_budget_bytes() / p.threads);
-  const int64_t target = std::max<int64_t>(1, per_thread / std::max<int64_t>(K * acc_size, 1));
+  const int64_t column_bytes = std::max<int64_t>(g.column_rows() * acc_size, 1);
+  // The column budget (CONVKIT_COLUMN_BUDGET_MB) bounds all threads' tiles together and
+  // wins over the preferences above.
+  const int64_t budget_columns = column_budget_bytes() / p.threads / column_bytes;
+  const int64_t preferred = std::max(kTileBytes / column_bytes, kMinTileColumns);
+  const int64_t target = std::max<int64_t>(1, std::min(preferred, budget_columns));
   if (L <= target) {
     const int64_t per_thread_images = (g.batch + p.threads - 1) / p.threads;
     int64_t images = std::max<int64_t>(1, std::min(target / L, per_thread_images));
@@ -218,12 +226,248 @@ void for_each_tile(const Conv2dGeometry& g, const TilePlan& p, int64_t group, Fn
   }
 }
 
+// ---- The image path: tiles of whole images.
+//
+// Each image's column matrix is written transposed, [L, K] (position-major), by a gather
+// through a small table built once per call: entry l * kA + r (kA = kH*kW, r = kh*kW + kw)
+// holds the offset in a channel plane of the value that column entry (c*kA + r, l) copies,
+// the same for every channel. The image is first copied plane by plane into a buffer with one
+// zero after each plane, and padding entries point at that zero: the gather has no branch
+// and no per-row bookkeeping (the late chapter layers have rows of 1-4 elements, where that
+// bookkeeping cost more than the copy). The GEMMs read the [count*L, K] tile as a transposed
+// operand.
+
+struct GatherTable {
+  std::vector<int32_t> offsets;  // [L, kA]
+  int64_t plane_stride;          // H*W + 1: a plane and its zero
+};
+
+// Output rows at least this wide are copied as runs (the band path's im2col, which the
+// compiler vectorises); narrower ones go through the gather table.
+constexpr int64_t kMinRunWidth = 8;
+
+bool image_path_fits(const Conv2dGeometry& g, const TilePlan& p) {
+  return p.whole_images() && g.out_w < kMinRunWidth &&
+         g.in_channels * (g.in_area() + 1) < std::numeric_limits<int32_t>::max();
+}
+
+GatherTable make_gather_table(const Conv2dGeometry& g) {
+  const int64_t L = g.out_area();
+  const int64_t kA = g.kernel_area();
+  GatherTable table{std::vector<int32_t>(L * kA), g.in_area() + 1};
+  for (int64_t l = 0; l < L; ++l) {
+    for (int64_t r = 0; r < kA; ++r) {
+      // Row r of channel 0: the offset is the in-plane offset for every channel.
+      const int64_t offset = im2col_source_offset(g, r, l);
+      table.offsets[l * kA + r] = static_cast<int32_t>(offset < 0 ? g.in_area() : offset);
+    }
+  }
+  return table;
+}
+
+// Copies an image's planes into `planes` (plane stride H*W + 1), each followed by a zero.
+template <typename scalar_t, typename acc_t>
+void copy_planes(const scalar_t* image, const Conv2dGeometry& g, acc_t* planes) {
+  const int64_t area = g.in_area();
+  for (int64_t c = 0; c < g.in_channels; ++c) {
+    const scalar_t* src = image + c * area;
+    acc_t* dst = planes + c * (area + 1);
+    for (int64_t e = 0; e < area; ++e) dst[e] = static_cast<acc_t>(src[e]);
+    dst[area] = acc_t(0);
+  }
+}
+
+// columns_t [L, K] of one image from its copied planes.
+template <typename acc_t>
+void gather_image_columns(const acc_t* __restrict planes, const Conv2dGeometry& g,
+                          const GatherTable& table, acc_t* __restrict columns_t) {
+  const int64_t L = g.out_area();
+  const int64_t kA = g.kernel_area();
+  const int64_t C = g.in_channels;
+  const int32_t* __restrict offsets = table.offsets.data();
+  for (int64_t l = 0; l < L; ++l) {
+    const int32_t* __restrict row = offsets + l * kA;
+    acc_t* __restrict dst = columns_t + l * C * kA;
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t* __restrict plane = planes + c * table.plane_stride;
+      for (int64_t r = 0; r < kA; ++r) dst[c * kA + r] = plane[row[r]];
+    }
+  }
+}
+
+// The transpose of gather_image_columns: every column-gradient entry added to the input
+// element it was copied from, in a fixed order (deterministic), padding into the zeros;
+// then the planes are written to grad_image.
+template <typename scalar_t, typename acc_t>
+void scatter_image_columns(const acc_t* __restrict columns_t, const Conv2dGeometry& g,
+                           const GatherTable& table, acc_t* __restrict planes,
+                           scalar_t* __restrict grad_image) {
+  const int64_t L = g.out_area();
+  const int64_t kA = g.kernel_area();
+  const int64_t C = g.in_channels;
+  const int64_t area = g.in_area();
+  const int32_t* __restrict offsets = table.offsets.data();
+  std::fill(planes, planes + C * table.plane_stride, acc_t(0));
+  for (int64_t l = 0; l < L; ++l) {
+    const int32_t* __restrict row = offsets + l * kA;
+    const acc_t* __restrict src = columns_t + l * C * kA;
+    for (int64_t c = 0; c < C; ++c) {
+      acc_t* __restrict plane = planes + c * table.plane_stride;
+      for (int64_t r = 0; r < kA; ++r) plane[row[r]] += src[c * kA + r];
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t* src = planes + c * table.plane_stride;
+    scalar_t* dst = grad_image + c * area;
+    for (int64_t e = 0; e < area; ++e) dst[e] = static_cast<scalar_t>(src[e]);
+  }
+}
+
+template <typename scalar_t>
+void conv2d_forward_images(const at::Tensor& x, const at::Tensor& weight_acc,
+                           const at::Tensor& bias_acc, const Conv2dGeometry& g,
+                           const TilePlan& p, at::Tensor& output) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t O = g.out_channels;
+  const int64_t K = g.column_rows();
+  const int64_t L = g.out_area();
+  const int64_t Og = O / g.groups;
+  const int64_t Kg = K / g.groups;
+  const int64_t image_elems = g.in_channels * g.in_area();
+  const GatherTable table = make_gather_table(g);
+  const int64_t column_elems = K * p.columns;
+  const int64_t per_thread = column_elems + O * p.columns + g.in_channels * table.plane_stride;
+  at::Tensor buffers = at::empty({p.threads * per_thread},
+                                 x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  record_column_buffer(p.threads * column_elems * int64_t(sizeof(acc_t)));
+
+  const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+  const acc_t* w_ptr = weight_acc.const_data_ptr<acc_t>();
+  const acc_t* bias_ptr = bias_acc.defined() ? bias_acc.const_data_ptr<acc_t>() : nullptr;
+  scalar_t* y_ptr = output.mutable_data_ptr<scalar_t>();
+  acc_t* buffer_base = buffers.mutable_data_ptr<acc_t>();
+
+  at::parallel_for(0, p.image_groups, 1, [&](int64_t begin, int64_t end) {
+    const int64_t thread = std::min<int64_t>(at::get_thread_num(), p.threads - 1);
+    acc_t* columns_t = buffer_base + thread * per_thread;
+    acc_t* out = columns_t + column_elems;
+    acc_t* image_copy = out + O * p.columns;
+    for (int64_t group = begin; group < end; ++group) {
+      const int64_t first = group * p.images_per_tile;
+      const int64_t count = std::min(p.images_per_tile, g.batch - first);
+      const int64_t n = count * L;
+      for (int64_t i = 0; i < count; ++i) {
+        copy_planes(x_ptr + (first + i) * image_elems, g, image_copy);
+        gather_image_columns(image_copy, g, table, columns_t + i * L * K);
+      }
+      for (int64_t grp = 0; grp < g.groups; ++grp) {
+        cpu::gemm<acc_t>(false, true, Og, n, Kg, acc_t(1), w_ptr + grp * Og * Kg, Kg,
+                         columns_t + grp * Kg, K, acc_t(0), out + grp * Og * n, n);
+      }
+      for (int64_t i = 0; i < count; ++i) {
+        for (int64_t o = 0; o < O; ++o) {
+          const acc_t* src = out + o * n + i * L;
+          scalar_t* dst = y_ptr + ((first + i) * O + o) * L;
+          const acc_t b = bias_ptr != nullptr ? bias_ptr[o] : acc_t(0);
+          for (int64_t l = 0; l < L; ++l) dst[l] = static_cast<scalar_t>(src[l] + b);
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void conv2d_backward_images(const at::Tensor& dy, const at::Tensor& x,
+                            const at::Tensor& weight_acc, const Conv2dGeometry& g,
+                            const TilePlan& p, bool need_input_grad, bool need_weight_grad,
+                            at::Tensor& grad_input, at::Tensor& grad_weight_acc) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t O = g.out_channels;
+  const int64_t K = g.column_rows();
+  const int64_t L = g.out_area();
+  const int64_t Og = O / g.groups;
+  const int64_t Kg = K / g.groups;
+  const int64_t image_elems = g.in_channels * g.in_area();
+  const GatherTable table = make_gather_table(g);
+  const int64_t column_elems = K * p.columns;
+  const int64_t dy_elems = O * p.columns;
+  const int64_t plane_elems = g.in_channels * table.plane_stride;
+  const int64_t weight_grad_elems = need_weight_grad ? O * Kg : 0;
+  const int64_t per_thread = column_elems + dy_elems + plane_elems + weight_grad_elems;
+  at::Tensor buffers = at::zeros({p.threads * per_thread},
+                                 x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  record_column_buffer(p.threads * column_elems * int64_t(sizeof(acc_t)));
+
+  const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+  const scalar_t* dy_ptr = dy.const_data_ptr<scalar_t>();
+  const acc_t* w_ptr = weight_acc.const_data_ptr<acc_t>();
+  scalar_t* dx_ptr = need_input_grad ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
+  acc_t* buffer_base = buffers.mutable_data_ptr<acc_t>();
+  auto weight_grad_of = [&](int64_t thread) {
+    return buffer_base + thread * per_thread + column_elems + dy_elems + plane_elems;
+  };
+
+  at::parallel_for(0, p.image_groups, 1, [&](int64_t begin, int64_t end) {
+    const int64_t thread = std::min<int64_t>(at::get_thread_num(), p.threads - 1);
+    acc_t* columns_t = buffer_base + thread * per_thread;
+    acc_t* dy_tile = columns_t + column_elems;
+    acc_t* image_buffer = dy_tile + dy_elems;
+    acc_t* weight_grad = weight_grad_of(thread);
+    for (int64_t group = begin; group < end; ++group) {
+      const int64_t first = group * p.images_per_tile;
+      const int64_t count = std::min(p.images_per_tile, g.batch - first);
+      const int64_t n = count * L;
+      for (int64_t o = 0; o < O; ++o) {
+        for (int64_t i = 0; i < count; ++i) {
+          const scalar_t* src = dy_ptr + ((first + i) * O + o) * L;
+          acc_t* dst = dy_tile + o * n + i * L;
+          for (int64_t l = 0; l < L; ++l) dst[l] = static_cast<acc_t>(src[l]);
+        }
+      }
+      if (need_weight_grad) {
+        for (int64_t i = 0; i < count; ++i) {
+          copy_planes(x_ptr + (first + i) * image_elems, g, image_buffer);
+          gather_image_columns(image_buffer, g, table, columns_t + i * L * K);
+        }
+        for (int64_t grp = 0; grp < g.groups; ++grp) {
+          cpu::gemm<acc_t>(false, false, Og, Kg, n, acc_t(1), dy_tile + grp * Og * n, n,
+                           columns_t + grp * Kg, K, acc_t(1), weight_grad + grp * Og * Kg, Kg);
+        }
+      }
+      if (need_input_grad) {
+        for (int64_t grp = 0; grp < g.groups; ++grp) {
+          cpu::gemm<acc_t>(true, false, n, Kg, Og, acc_t(1), dy_tile + grp * Og * n, n,
+                           w_ptr + grp * Og * Kg, Kg, acc_t(0), columns_t + grp * Kg, K);
+        }
+        for (int64_t i = 0; i < count; ++i) {
+          scatter_image_columns(columns_t + i * L * K, g, table, image_buffer,
+                                dx_ptr + (first + i) * image_elems);
+        }
+      }
+    }
+  });
+
+  if (need_weight_grad) {
+    acc_t* total = grad_weight_acc.mutable_data_ptr<acc_t>();
+    for (int64_t thread = 0; thread < p.threads; ++thread) {
+      const acc_t* part = weight_grad_of(thread);
+      for (int64_t e = 0; e < O * Kg; ++e) total[e] += part[e];
+    }
+  }
+}
+
+// ---- The band path: one image per tile, a band of its output rows, [K, n] columns.
+
 template <typename scalar_t>
 void conv2d_forward_kernel(const at::Tensor& x, const at::Tensor& weight_acc,
                            const at::Tensor& bias_acc, const Conv2dGeometry& g,
                            at::Tensor& output) {
   using acc_t = at::opmath_type<scalar_t>;
   const TilePlan p = plan_tiles(g, sizeof(acc_t));
+  if (image_path_fits(g, p)) {
+    conv2d_forward_images<scalar_t>(x, weight_acc, bias_acc, g, p, output);
+    return;
+  }
   const int64_t O = g.out_channels;
   const int64_t K = g.column_rows();
   const int64_t L = g.out_area();
@@ -317,6 +561,11 @@ void conv2d_backward_kernel(const at::Tensor& dy, const at::Tensor& x, const at:
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool same_type = std::is_same_v<scalar_t, acc_t>;
   const TilePlan p = plan_tiles(g, sizeof(acc_t));
+  if (image_path_fits(g, p)) {
+    conv2d_backward_images<scalar_t>(dy, x, weight_acc, g, p, need_input_grad, need_weight_grad,
+                                     grad_input, grad_weight_acc);
+    return;
+  }
   const int64_t O = g.out_channels;
   const int64_t C = g.in_channels;
   const int64_t K = g.column_rows();
