@@ -11,7 +11,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from convkit import ops
+from convkit import autograd, ops
 
 IntPair = Union[int, Sequence[int]]
 
@@ -89,7 +89,7 @@ def conv2d(
             )
     else:
         padding = _pair(padding, "padding")
-    output = ops.conv2d_forward(input, weight, bias, stride, padding, dilation, groups)
+    output = autograd.conv2d(input, weight, bias, stride, padding, dilation, groups)
     return output.squeeze(0) if unbatched else output
 
 
@@ -171,7 +171,7 @@ def _batch_norm(
             "batch_norm: momentum=None (cumulative average) needs the number of batches seen; "
             "use convkit.nn.BatchNorm2d, or pass momentum=1/num_batches_tracked"
         )
-    output, save_mean, save_var = ops.batch_norm_forward(
+    output, save_mean, save_var = autograd.batch_norm(
         input, weight, bias, running_mean, running_var, training, eps, relu
     )
     if update_running:

@@ -394,7 +394,7 @@ void conv2d_backward_images(const at::Tensor& dy, const at::Tensor& x,
   const int64_t plane_elems = g.in_channels * table.plane_stride;
   const int64_t weight_grad_elems = need_weight_grad ? O * Kg : 0;
   const int64_t per_thread = column_elems + dy_elems + plane_elems + weight_grad_elems;
-  at::Tensor buffers = at::zeros({p.threads * per_thread},
+  at::Tensor buffers = at::empty({p.threads * per_thread},
                                  x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   record_column_buffer(p.threads * column_elems * int64_t(sizeof(acc_t)));
 
@@ -406,6 +406,10 @@ void conv2d_backward_images(const at::Tensor& dy, const at::Tensor& x,
   auto weight_grad_of = [&](int64_t thread) {
     return buffer_base + thread * per_thread + column_elems + dy_elems + plane_elems;
   };
+  // Only the weight-gradient accumulators need zeros; the rest is written before it is read.
+  for (int64_t thread = 0; thread < p.threads; ++thread) {
+    std::fill(weight_grad_of(thread), weight_grad_of(thread) + weight_grad_elems, acc_t(0));
+  }
 
   at::parallel_for(0, p.image_groups, 1, [&](int64_t begin, int64_t end) {
     const int64_t thread = std::min<int64_t>(at::get_thread_num(), p.threads - 1);
@@ -585,9 +589,14 @@ void conv2d_backward_kernel(const at::Tensor& dy, const at::Tensor& x, const at:
   const int64_t grad_acc_elems = (need_input_grad && !same_type) ? p.images_per_tile * image_elems : 0;
   const int64_t weight_acc_elems = need_weight_grad ? O * Kg : 0;
   const int64_t per_thread = column_elems + dy_elems + grad_acc_elems + weight_acc_elems;
-  at::Tensor buffers = at::zeros({p.threads * per_thread},
+  at::Tensor buffers = at::empty({p.threads * per_thread},
                                  x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   record_column_buffer(p.threads * column_elems * int64_t(sizeof(acc_t)));
+  // Only the weight-gradient accumulators (the end of each thread's slice) need zeros.
+  for (int64_t thread = 0; thread < p.threads; ++thread) {
+    acc_t* weight_grad = buffers.mutable_data_ptr<acc_t>() + (thread + 1) * per_thread - weight_acc_elems;
+    std::fill(weight_grad, weight_grad + weight_acc_elems, acc_t(0));
+  }
 
   const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
   const scalar_t* dy_ptr = dy.const_data_ptr<scalar_t>();
