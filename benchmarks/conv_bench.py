@@ -69,13 +69,14 @@ CUDA_OPS = ("conv2d_forward", "conv2d_backward", "batch_norm_forward", "batch_no
             "batch_norm_update_stats")
 
 CONV_DIRECTIONS = ("forward", "backward", "forward+backward")
-BN_MODES = ("train forward", "backward", "eval forward")
+BN_MODES = ("train forward", "backward", "train forward+backward", "eval forward")
 # Bytes one fused BatchNorm+ReLU pass structure moves, in units of the tensor's size: the
 # training forward reads x for the statistics, then reads x and writes y; the backward reads
 # (x, dy) for the reductions, then (x, dy) again and writes dx; eval reads x and writes y.
 # The same count is used for PyTorch's unfused pair, so the GB/s of both are "effective"
 # bandwidths of the same work and their ratio is the time ratio.
-BN_TENSOR_PASSES = {"train forward": 3, "backward": 5, "eval forward": 2}
+BN_TENSOR_PASSES = {"train forward": 3, "backward": 5, "train forward+backward": 8,
+                    "eval forward": 2}
 
 
 # ----------------------------------------------------------------------------- cases
@@ -98,6 +99,9 @@ class ConvCase:
     dilation: int = 1
     groups: int = 1
     bias: bool = False
+    # False for a network's first layer: its input is the data, which needs no gradient,
+    # so training runs the weight and bias gradients only.
+    input_grad: bool = True
 
     def output_size(self) -> tuple[int, int]:
         """(oH, oW), as F.conv2d computes them."""
@@ -129,6 +133,8 @@ class ConvCase:
             extras.append(f"g{self.groups}")
         if self.bias:
             extras.append("bias")
+        if not self.input_grad:
+            extras.append("no dx")
         return " ".join([text] + extras)
 
 
@@ -153,7 +159,7 @@ class Config:
     bn_chapter_batches: tuple[int, ...]
     bn_large_batch: int
     bn_large_channels: tuple[int, ...]
-    training_batch: int
+    training_batches: tuple[int, ...]
     copy_mib: int
     min_run_time: float
 
@@ -165,7 +171,7 @@ FULL = Config(
     bn_chapter_batches=(64, 512),
     bn_large_batch=32,
     bn_large_channels=(64, 128, 256, 512),
-    training_batch=512,
+    training_batches=(512, 64),
     copy_mib=64,
     min_run_time=0.2,
 )
@@ -177,7 +183,7 @@ QUICK = Config(
     bn_chapter_batches=(64,),
     bn_large_batch=32,
     bn_large_channels=(64,),
-    training_batch=512,
+    training_batches=(512, 64),
     copy_mib=64,
     min_run_time=0.05,
 )
@@ -189,7 +195,7 @@ TINY = Config(
     bn_chapter_batches=(4,),
     bn_large_batch=2,
     bn_large_channels=(64,),
-    training_batch=16,
+    training_batches=(16,),
     copy_mib=4,
     min_run_time=0.002,
 )
@@ -203,7 +209,7 @@ def chapter_conv_cases(batch: int) -> list[ConvCase]:
              ("c4", 32, 64, 4, 3), ("c5", 64, 10, 2, 3)]
     return [
         ConvCase(f"chapter.{name} N={batch}", batch, ni, nf, size, size, ks,
-                 stride=2, padding=ks // 2, bias=True)
+                 stride=2, padding=ks // 2, bias=True, input_grad=name != "c1")
         for name, ni, nf, size, ks in specs
     ]
 
@@ -336,6 +342,31 @@ class Clock:
             times.extend(timer.timeit(measurement.number_per_run).times)
         return statistics.median(times) * 1e3
 
+    def compare(self, fns: Sequence[Callable[[], Any]]) -> list[float]:
+        """Medians (ms) of several callables measured side by side: on the CPU in
+        interleaved rounds (each round times every callable once), so that a slow spell of a
+        shared machine falls on all of them alike instead of on whichever ran then."""
+        if self.device.type == "cuda":
+            return [self._cuda_median_ms(fn) for fn in fns]
+        timers = [benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=self.threads)
+                  for fn in fns]
+        # Size each sample to about a tenth of min_run_time (warming up on the way).
+        numbers = []
+        for timer in timers:
+            probe = timer.blocked_autorange(min_run_time=self.min_run_time / 5)
+            per_call = statistics.median(probe.times)
+            numbers.append(max(1, int(self.min_run_time / 10 / max(per_call, 1e-9))))
+        samples: list[list[float]] = [[] for _ in fns]
+        start = time.perf_counter()
+        rounds = 0
+        while rounds < max(self.min_repeats, 5) or (
+            time.perf_counter() - start < self.min_run_time * len(fns) and rounds < 1000
+        ):
+            for timer, number, times in zip(timers, numbers, samples):
+                times.extend(timer.timeit(number).times)
+            rounds += 1
+        return [statistics.median(times) * 1e3 for times in samples]
+
     def _cuda_median_ms(self, fn: Callable[[], Any]) -> float:
         # The first calls pay for cuDNN/cuBLAS handle creation, autotuning and the caching
         # allocator's first allocations.
@@ -372,6 +403,19 @@ def im2col_backend(device: torch.device) -> Iterator[None]:
     else:
         with torch.backends.mkldnn.flags(enabled=False), torch.backends.nnpack.flags(enabled=False):
             yield
+
+
+def _inside_im2col_backend(device: torch.device, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """fn with PyTorch's im2col path selected for the duration of each call."""
+    def run() -> Any:
+        with im2col_backend(device):
+            return fn()
+    return run
+
+
+def column_buffer_peak_bytes(reset: bool = False) -> int:
+    """convkit's largest conv column buffer since the last reset (all threads' tiles)."""
+    return int(torch.ops.convkit.column_buffer_peak_bytes(reset))
 
 
 def conv_backend_name(case: ConvCase, x: torch.Tensor, w: torch.Tensor) -> str:
@@ -440,11 +484,18 @@ def _conv_tensors(
     return x, w, b, dy
 
 
-def _leaves(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> list[torch.Tensor]:
-    leaves = [x.detach().requires_grad_(), w.detach().requires_grad_()]
+def _leaves(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
+            input_grad: bool = True) -> list[torch.Tensor]:
+    """The tensors a backward differentiates: [x (when input_grad), w, b (when given)];
+    x itself stays first in the conv call either way."""
+    leaves = [x.detach().requires_grad_(input_grad), w.detach().requires_grad_()]
     if b is not None:
         leaves.append(b.detach().requires_grad_())
     return leaves
+
+
+def _wanted(leaves: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [t for t in leaves if t.requires_grad]
 
 
 def validate_conv(case: ConvCase, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
@@ -456,15 +507,17 @@ def validate_conv(case: ConvCase, x: torch.Tensor, w: torch.Tensor, b: Optional[
         for impl, conv, dtype in (("convkit", convkit.conv2d, None), ("torch", F.conv2d, None),
                                   ("reference", F.conv2d, torch.float64)):
             tensors = [t if dtype is None or t is None else t.to(dtype) for t in (x, w, b)]
-            leaves = _leaves(*tensors)
+            leaves = _leaves(*tensors, input_grad=case.input_grad)
             bias = leaves[2] if b is not None else None
             y = _conv_call(conv, case, leaves[0], leaves[1], bias)
             grad_y = dy if dtype is None else dy.to(dtype)
-            grads = torch.autograd.grad(y, leaves, grad_y)
+            grads = torch.autograd.grad(y, _wanted(leaves), grad_y)
             results[impl] = (y.detach(),) + tuple(grads)
     except Exception as exc:  # a kernel that raises is as wrong as one that miscomputes
         return f"raised {type(exc).__name__}: {exc}"
     names = ("output", "grad_input", "grad_weight", "grad_bias")
+    if not case.input_grad:
+        names = ("output", "grad_weight", "grad_bias")
     return first_error([
         error_vs_reference(name, ours, theirs, ref)
         for name, ours, theirs, ref in zip(
@@ -479,7 +532,8 @@ def _conv_timed_fn(direction: str, conv: Callable[..., torch.Tensor], case: Conv
     """The callable one timing repeats. forward runs without autograd (the kernel alone);
     backward replays one recorded graph (retain_graph) for all three gradients;
     forward+backward records and runs a fresh graph each call, as a training step does."""
-    leaves = _leaves(x, w, b)
+    leaves = _leaves(x, w, b, case.input_grad)
+    wanted = _wanted(leaves)
     bias = leaves[2] if b is not None else None
     if direction == "forward":
         def run_forward() -> torch.Tensor:
@@ -490,12 +544,12 @@ def _conv_timed_fn(direction: str, conv: Callable[..., torch.Tensor], case: Conv
         y = _conv_call(conv, case, leaves[0], leaves[1], bias)
 
         def run_backward() -> Any:
-            return torch.autograd.grad(y, leaves, dy, retain_graph=True)
+            return torch.autograd.grad(y, wanted, dy, retain_graph=True)
         return run_backward
 
     def run_forward_backward() -> Any:
         y = _conv_call(conv, case, leaves[0], leaves[1], bias)
-        return torch.autograd.grad(y, leaves, dy)
+        return torch.autograd.grad(y, wanted, dy)
     return run_forward_backward
 
 
@@ -509,21 +563,25 @@ def bench_conv_case(case: ConvCase, section: str, device: torch.device,
         backends["torch_im2col_backend"] = conv_backend_name(case, x, w)
     rows = []
     for direction in CONV_DIRECTIONS:
-        # Backward computes both the input and the weight gradient: each costs a forward.
-        forwards_worth = {"forward": 1, "backward": 2, "forward+backward": 3}[direction]
+        # Backward computes the input and the weight gradient: each costs a forward.
+        backward_worth = 2 if case.input_grad else 1
+        forwards_worth = {"forward": 1, "backward": backward_worth,
+                          "forward+backward": 1 + backward_worth}[direction]
         flops = case.forward_flops() * forwards_worth
         row = Row(section, f"{case.label} {direction}", case.describe(), error is None,
                   rate_unit="GFLOP/s", work=flops, error=error,
                   extra={"direction": direction, **backends})
         if error is None:
-            row.ms_convkit = clock.median_ms(
-                _conv_timed_fn(direction, convkit.conv2d, case, x, w, b, dy))
-            row.ms_torch = clock.median_ms(_conv_timed_fn(direction, F.conv2d, case, x, w, b, dy))
+            ours = _conv_timed_fn(direction, convkit.conv2d, case, x, w, b, dy)
+            theirs = _conv_timed_fn(direction, F.conv2d, case, x, w, b, dy)
             # The flags are global and read again in the backward, so both the graph's
             # recording and every timed call run inside them.
             with im2col_backend(device):
-                row.ms_torch_im2col = clock.median_ms(
-                    _conv_timed_fn(direction, F.conv2d, case, x, w, b, dy))
+                im2col = _conv_timed_fn(direction, F.conv2d, case, x, w, b, dy)
+            column_buffer_peak_bytes(reset=True)
+            row.ms_convkit, row.ms_torch, row.ms_torch_im2col = clock.compare(
+                [ours, theirs, _inside_im2col_backend(device, im2col)])
+            row.extra["column_buffer_peak_mib"] = column_buffer_peak_bytes() / 2**20
         rows.append(row)
     return rows
 
@@ -607,6 +665,11 @@ def _bn_timed_fn(mode: str, fn: Callable[..., torch.Tensor],
                 return fn(t["x"], running_mean, running_var, t["weight"], t["bias"], False)
         return run_eval
     leaves = [t[k].detach().requires_grad_() for k in ("x", "weight", "bias")]
+    if mode == "train forward+backward":
+        def run_train_step() -> Any:
+            y = fn(leaves[0], running_mean, running_var, leaves[1], leaves[2], True)
+            return torch.autograd.grad(y, leaves, t["dy"])
+        return run_train_step
     y = fn(leaves[0], running_mean, running_var, leaves[1], leaves[2], True)
 
     def run_backward() -> Any:
@@ -626,8 +689,10 @@ def bench_batch_norm_case(case: BatchNormCase, device: torch.device, clock: Cloc
                   rate_unit="GB/s", work=float(BN_TENSOR_PASSES[mode] * tensor_bytes), error=error,
                   extra={"direction": mode, "gbps_copy": copy_gbps})
         if error is None:
-            row.ms_convkit = clock.median_ms(_bn_timed_fn(mode, _convkit_batch_norm_relu, t))
-            row.ms_torch = clock.median_ms(_bn_timed_fn(mode, _torch_batch_norm_relu, t))
+            row.ms_convkit, row.ms_torch = clock.compare([
+                _bn_timed_fn(mode, _convkit_batch_norm_relu, t),
+                _bn_timed_fn(mode, _torch_batch_norm_relu, t),
+            ])
         rows.append(row)
     return rows
 
@@ -716,10 +781,49 @@ def bench_training_step(bn: bool, batch: int, device: torch.device, clock: Clock
               work=float(batch), error=error, extra={"direction": "train step"})
     if error is None:
         im2col_model = copy.deepcopy(torch_model)
-        row.ms_convkit = clock.median_ms(_training_step_fn(convkit_model, x, y))
-        row.ms_torch = clock.median_ms(_training_step_fn(torch_model, x, y))
         with im2col_backend(device):
-            row.ms_torch_im2col = clock.median_ms(_training_step_fn(im2col_model, x, y))
+            im2col_step = _training_step_fn(im2col_model, x, y)
+        row.ms_convkit, row.ms_torch, row.ms_torch_im2col = clock.compare([
+            _training_step_fn(convkit_model, x, y),
+            _training_step_fn(torch_model, x, y),
+            _inside_im2col_backend(device, im2col_step),
+        ])
+        row.extra.update(memory_over_steps(convkit_model, x, y, device))
+    return row
+
+
+def resident_mib() -> Optional[float]:
+    """The process's resident memory (Linux /proc), None where it cannot be read."""
+    try:
+        with open("/proc/self/statm") as statm:
+            pages = int(statm.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def memory_over_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                      device: torch.device, steps: int = 300) -> dict[str, Any]:
+    """Memory across a longer run of convkit training steps: resident memory (CPU) or
+    allocated memory (CUDA) after the first 20 steps and after `steps`; with the column
+    buffer's peak. Flat memory means the second figure equals the first."""
+    step = _training_step_fn(model, x, y)
+    column_buffer_peak_bytes(reset=True)
+
+    def used_mib() -> Optional[float]:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            return torch.cuda.memory_allocated(device) / 2**20
+        return resident_mib()
+    for _ in range(20):
+        step()
+    early = used_mib()
+    for _ in range(steps - 20):
+        step()
+    late = used_mib()
+    return {"memory_steps": steps, "memory_mib_after_20": early,
+            f"memory_mib_after_{steps}": late,
+            "column_buffer_peak_mib": column_buffer_peak_bytes() / 2**20}
     return row
 
 
@@ -913,7 +1017,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:index]")
     parser.add_argument("--quick", action="store_true",
                         help="a subset (chapter layers at batch 64, four common layers at batch 8, "
-                             "five batch-norm shapes, both training steps) with short timings, "
+                             "five batch-norm shapes, both training steps at batch 512 and 64) with short timings, "
                              "under a minute: a smoke test")
     parser.add_argument("--tiny", action="store_true",
                         help="the quick subset on a few images, seconds long (for the test suite)")
@@ -947,6 +1051,30 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         parser.error(f"--device must be cpu or cuda, got {args.device!r}")
     args.device = device
     return args
+
+
+def memory_lines(rows: Sequence[Row]) -> list[str]:
+    """The column buffer's largest size over the conv rows (against its budget) and the
+    memory before and after the long training runs."""
+    lines = []
+    peaks = [row.extra["column_buffer_peak_mib"] for row in rows
+             if row.section == "conv" and "column_buffer_peak_mib" in row.extra]
+    if peaks:
+        budget = os.environ.get("CONVKIT_COLUMN_BUDGET_MB", "64 (default)")
+        lines.append(f"conv column buffer: largest {max(peaks):.2f} MiB over {len(peaks)} rows "
+                     f"(budget CONVKIT_COLUMN_BUDGET_MB = {budget} MiB)")
+    for row in rows:
+        if "memory_steps" not in row.extra:
+            continue
+        steps = row.extra["memory_steps"]
+        early = row.extra["memory_mib_after_20"]
+        late = row.extra[f"memory_mib_after_{steps}"]
+        if early is None or late is None:
+            continue
+        lines.append(f"{row.name}: memory after 20 steps {early:.1f} MiB, after {steps} "
+                     f"{late:.1f} MiB ({late - early:+.1f}); column buffer peak "
+                     f"{row.extra['column_buffer_peak_mib']:.2f} MiB")
+    return lines
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -1001,8 +1129,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             yield from bench_batch_norm_case(case, device, clock, copy_gbps)
 
     def training_rows() -> Iterator[Row]:
-        for bn in (True, False):
-            yield bench_training_step(bn, config.training_batch, device, clock)
+        for batch in config.training_batches:
+            for bn in (True, False):
+                yield bench_training_step(bn, batch, device, clock)
 
     run_section("conv chapter", "GFLOP/s", chapter_rows)
     run_section("conv common", "GFLOP/s", common_rows)
@@ -1018,6 +1147,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     share_line = cpu_share.report()
     if share_line:
         print(share_line)
+    for line in memory_lines(rows):
+        print(line)
 
     common = {"device": str(device), "threads": args.threads, "dtype": "float32"}
     if args.json:
