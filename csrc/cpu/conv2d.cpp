@@ -246,8 +246,10 @@ struct GatherTable {
 // compiler vectorises); narrower ones go through the gather table.
 constexpr int64_t kMinRunWidth = 8;
 
+bool direct_path_fits(const Conv2dGeometry& g);
+
 bool image_path_fits(const Conv2dGeometry& g, const TilePlan& p) {
-  return p.whole_images() && g.out_w < kMinRunWidth &&
+  return p.whole_images() && (g.out_w < kMinRunWidth || direct_path_fits(g)) &&
          g.in_channels * (g.in_area() + 1) < std::numeric_limits<int32_t>::max();
 }
 
@@ -323,6 +325,178 @@ void scatter_image_columns(const acc_t* __restrict columns_t, const Conv2dGeomet
   }
 }
 
+// ---- Implicit GEMM for few output channels (the chapter's first layers).
+//
+// With 8-32 output channels the GEMM of the image path is a thin [O, K] x [K, n] product
+// that BLAS runs at half speed, after an im2col that costs as much again. Here the
+// product reads the image directly: each output position's K inputs come from the image's
+// plane copy through an offset table (the gather table spread over the channels), and the
+// accumulators are output channels, so the weights are read as contiguous vectors of
+// kDirectBlock channels and every input value is one broadcast. The forward keeps
+// 128 / block positions x block channels of sums in registers; the weight gradient keeps
+// 128 / block taps x block channels, streaming dY transposed to [L, O]. The input gradient
+// still goes through the GEMM and the scatter of the image path.
+constexpr int64_t kMaxDirectChannels = 32;
+constexpr int kDirectAccumulators = 128;  // sums kept in registers per step (8 zmm of float)
+
+// Positions are processed kDirectAccumulators / block at a time (4-16): fewer per image
+// would mostly compute padding (the chapter's last layer has one position per image).
+constexpr int64_t kMinDirectPositions = 16;
+
+bool direct_path_fits(const Conv2dGeometry& g) {
+  return g.groups == 1 && g.out_channels <= kMaxDirectChannels &&
+         g.out_area() >= kMinDirectPositions;
+}
+
+struct DirectLayout {
+  int64_t block;     // output channels per vector block: 8, 16 or 32
+  int64_t padded_o;  // O rounded up to the block
+  int64_t padded_l;  // L rounded up to kDirectAccumulators / block positions
+  int64_t padded_k;  // K rounded up to kDirectAccumulators / block taps
+  std::vector<int32_t> offsets;  // [padded_l, padded_k] into the plane copy; pads read a zero
+};
+
+DirectLayout make_direct_layout(const Conv2dGeometry& g, const GatherTable& table) {
+  DirectLayout d;
+  const int64_t O = g.out_channels;
+  d.block = O <= 8 ? 8 : (O <= 16 ? 16 : 32);
+  d.padded_o = (O + d.block - 1) / d.block * d.block;
+  const int64_t step = kDirectAccumulators / d.block;
+  const int64_t L = g.out_area();
+  const int64_t K = g.column_rows();
+  const int64_t kA = g.kernel_area();
+  d.padded_l = (L + step - 1) / step * step;
+  d.padded_k = (K + step - 1) / step * step;
+  const int32_t zero = static_cast<int32_t>(g.in_area());  // plane 0's trailing zero
+  d.offsets.assign(d.padded_l * d.padded_k, zero);
+  for (int64_t l = 0; l < L; ++l) {
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t c = k / kA;
+      d.offsets[l * d.padded_k + k] =
+          static_cast<int32_t>(c * table.plane_stride + table.offsets[l * kA + k % kA]);
+    }
+  }
+  return d;
+}
+
+// out_t[l, o] = sum_k planes[offsets[l, k]] * weight_t[k, o] for the padded [L, O] tile.
+template <typename acc_t, int Block>
+void direct_forward_image(const acc_t* __restrict planes, const DirectLayout& d, int64_t K,
+                          const acc_t* __restrict weight_t, acc_t* __restrict out_t) {
+  constexpr int Positions = kDirectAccumulators / Block;
+  for (int64_t o0 = 0; o0 < d.padded_o; o0 += Block) {
+    for (int64_t l0 = 0; l0 < d.padded_l; l0 += Positions) {
+      acc_t acc[Positions][Block] = {};
+      const int32_t* __restrict offsets = d.offsets.data() + l0 * d.padded_k;
+      for (int64_t k = 0; k < K; ++k) {
+        const acc_t* __restrict w = weight_t + k * d.padded_o + o0;
+        for (int p = 0; p < Positions; ++p) {
+          const acc_t v = planes[offsets[p * d.padded_k + k]];
+#pragma omp simd
+          for (int o = 0; o < Block; ++o) acc[p][o] += v * w[o];
+        }
+      }
+      for (int p = 0; p < Positions; ++p) {
+        for (int o = 0; o < Block; ++o) out_t[(l0 + p) * d.padded_o + o0 + o] = acc[p][o];
+      }
+    }
+  }
+}
+
+// weight_grad_t[k, o] += sum_l planes[offsets[l, k]] * dy_t[l, o] over the real positions.
+template <typename acc_t, int Block>
+void direct_weight_grad_image(const acc_t* __restrict planes, const DirectLayout& d,
+                              int64_t L, const acc_t* __restrict dy_t,
+                              acc_t* __restrict weight_grad_t) {
+  constexpr int Taps = kDirectAccumulators / Block;
+  for (int64_t o0 = 0; o0 < d.padded_o; o0 += Block) {
+    for (int64_t k0 = 0; k0 < d.padded_k; k0 += Taps) {
+      acc_t acc[Taps][Block] = {};
+      for (int64_t l = 0; l < L; ++l) {
+        const acc_t* __restrict dy_row = dy_t + l * d.padded_o + o0;
+        const int32_t* __restrict offsets = d.offsets.data() + l * d.padded_k + k0;
+        for (int t = 0; t < Taps; ++t) {
+          const acc_t v = planes[offsets[t]];
+#pragma omp simd
+          for (int o = 0; o < Block; ++o) acc[t][o] += v * dy_row[o];
+        }
+      }
+      for (int t = 0; t < Taps; ++t) {
+        for (int o = 0; o < Block; ++o) weight_grad_t[(k0 + t) * d.padded_o + o0 + o] += acc[t][o];
+      }
+    }
+  }
+}
+
+template <typename acc_t>
+void direct_forward(const acc_t* planes, const DirectLayout& d, int64_t K, const acc_t* weight_t,
+                    acc_t* out_t) {
+  switch (d.block) {
+    case 8: direct_forward_image<acc_t, 8>(planes, d, K, weight_t, out_t); break;
+    case 16: direct_forward_image<acc_t, 16>(planes, d, K, weight_t, out_t); break;
+    default: direct_forward_image<acc_t, 32>(planes, d, K, weight_t, out_t); break;
+  }
+}
+
+template <typename acc_t>
+void direct_weight_grad(const acc_t* planes, const DirectLayout& d, int64_t L, const acc_t* dy_t,
+                        acc_t* weight_grad_t) {
+  switch (d.block) {
+    case 8: direct_weight_grad_image<acc_t, 8>(planes, d, L, dy_t, weight_grad_t); break;
+    case 16: direct_weight_grad_image<acc_t, 16>(planes, d, L, dy_t, weight_grad_t); break;
+    default: direct_weight_grad_image<acc_t, 32>(planes, d, L, dy_t, weight_grad_t); break;
+  }
+}
+
+// weight [O, K] -> weight_t [padded_k, padded_o], zeros in the padding.
+template <typename acc_t>
+std::vector<acc_t> transpose_weight(const acc_t* weight, const DirectLayout& d, int64_t O,
+                                    int64_t K) {
+  std::vector<acc_t> weight_t(d.padded_k * d.padded_o, acc_t(0));
+  for (int64_t o = 0; o < O; ++o) {
+    for (int64_t k = 0; k < K; ++k) weight_t[k * d.padded_o + o] = weight[o * K + k];
+  }
+  return weight_t;
+}
+
+template <typename scalar_t>
+void conv2d_forward_direct(const at::Tensor& x, const at::Tensor& weight_acc,
+                           const at::Tensor& bias_acc, const Conv2dGeometry& g,
+                           const TilePlan& p, at::Tensor& output) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t O = g.out_channels;
+  const int64_t K = g.column_rows();
+  const int64_t L = g.out_area();
+  const int64_t image_elems = g.in_channels * g.in_area();
+  const GatherTable table = make_gather_table(g);
+  const DirectLayout d = make_direct_layout(g, table);
+  const std::vector<acc_t> weight_t = transpose_weight(weight_acc.const_data_ptr<acc_t>(), d, O, K);
+  const int64_t plane_elems = g.in_channels * table.plane_stride;
+  const int64_t per_thread = plane_elems + d.padded_l * d.padded_o;
+  at::Tensor buffers = at::empty({p.threads * per_thread},
+                                 x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  record_column_buffer(0);  // no column matrix on this path
+
+  const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+  const acc_t* bias_ptr = bias_acc.defined() ? bias_acc.const_data_ptr<acc_t>() : nullptr;
+  scalar_t* y_ptr = output.mutable_data_ptr<scalar_t>();
+  acc_t* buffer_base = buffers.mutable_data_ptr<acc_t>();
+  at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
+    const int64_t thread = std::min<int64_t>(at::get_thread_num(), p.threads - 1);
+    acc_t* planes = buffer_base + thread * per_thread;
+    acc_t* out_t = planes + plane_elems;
+    for (int64_t b = begin; b < end; ++b) {
+      copy_planes(x_ptr + b * image_elems, g, planes);
+      direct_forward(planes, d, K, weight_t.data(), out_t);
+      for (int64_t o = 0; o < O; ++o) {
+        const acc_t bias = bias_ptr != nullptr ? bias_ptr[o] : acc_t(0);
+        scalar_t* dst = y_ptr + (b * O + o) * L;
+        for (int64_t l = 0; l < L; ++l) dst[l] = static_cast<scalar_t>(out_t[l * d.padded_o + o] + bias);
+      }
+    }
+  });
+}
+
 template <typename scalar_t>
 void conv2d_forward_images(const at::Tensor& x, const at::Tensor& weight_acc,
                            const at::Tensor& bias_acc, const Conv2dGeometry& g,
@@ -389,11 +563,18 @@ void conv2d_backward_images(const at::Tensor& dy, const at::Tensor& x,
   const int64_t Kg = K / g.groups;
   const int64_t image_elems = g.in_channels * g.in_area();
   const GatherTable table = make_gather_table(g);
-  const int64_t column_elems = K * p.columns;
-  const int64_t dy_elems = O * p.columns;
+  // Few output channels: the weight gradient by the implicit GEMM (no columns), in the
+  // transposed [padded_k, padded_o] layout; the input gradient as below.
+  const bool direct = direct_path_fits(g);
+  const DirectLayout d = direct ? make_direct_layout(g, table) : DirectLayout{};
+  const int64_t column_elems = direct && !need_input_grad ? 0 : K * p.columns;
+  const int64_t dy_elems = direct && !need_input_grad ? 0 : O * p.columns;
+  const int64_t dy_t_elems = direct ? d.padded_l * d.padded_o : 0;
   const int64_t plane_elems = g.in_channels * table.plane_stride;
-  const int64_t weight_grad_elems = need_weight_grad ? O * Kg : 0;
-  const int64_t per_thread = column_elems + dy_elems + plane_elems + weight_grad_elems;
+  const int64_t weight_grad_elems =
+      need_weight_grad ? (direct ? d.padded_k * d.padded_o : O * Kg) : 0;
+  const int64_t per_thread =
+      column_elems + dy_elems + dy_t_elems + plane_elems + weight_grad_elems;
   at::Tensor buffers = at::empty({p.threads * per_thread},
                                  x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   record_column_buffer(p.threads * column_elems * int64_t(sizeof(acc_t)));
@@ -404,7 +585,7 @@ void conv2d_backward_images(const at::Tensor& dy, const at::Tensor& x,
   scalar_t* dx_ptr = need_input_grad ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
   acc_t* buffer_base = buffers.mutable_data_ptr<acc_t>();
   auto weight_grad_of = [&](int64_t thread) {
-    return buffer_base + thread * per_thread + column_elems + dy_elems + plane_elems;
+    return buffer_base + thread * per_thread + column_elems + dy_elems + dy_t_elems + plane_elems;
   };
   // Only the weight-gradient accumulators need zeros; the rest is written before it is read.
   for (int64_t thread = 0; thread < p.threads; ++thread) {
@@ -415,20 +596,34 @@ void conv2d_backward_images(const at::Tensor& dy, const at::Tensor& x,
     const int64_t thread = std::min<int64_t>(at::get_thread_num(), p.threads - 1);
     acc_t* columns_t = buffer_base + thread * per_thread;
     acc_t* dy_tile = columns_t + column_elems;
-    acc_t* image_buffer = dy_tile + dy_elems;
+    acc_t* dy_t = dy_tile + dy_elems;
+    acc_t* image_buffer = dy_t + dy_t_elems;
     acc_t* weight_grad = weight_grad_of(thread);
     for (int64_t group = begin; group < end; ++group) {
       const int64_t first = group * p.images_per_tile;
       const int64_t count = std::min(p.images_per_tile, g.batch - first);
       const int64_t n = count * L;
-      for (int64_t o = 0; o < O; ++o) {
-        for (int64_t i = 0; i < count; ++i) {
-          const scalar_t* src = dy_ptr + ((first + i) * O + o) * L;
-          acc_t* dst = dy_tile + o * n + i * L;
-          for (int64_t l = 0; l < L; ++l) dst[l] = static_cast<acc_t>(src[l]);
+      if (dy_elems > 0) {
+        for (int64_t o = 0; o < O; ++o) {
+          for (int64_t i = 0; i < count; ++i) {
+            const scalar_t* src = dy_ptr + ((first + i) * O + o) * L;
+            acc_t* dst = dy_tile + o * n + i * L;
+            for (int64_t l = 0; l < L; ++l) dst[l] = static_cast<acc_t>(src[l]);
+          }
         }
       }
-      if (need_weight_grad) {
+      if (need_weight_grad && direct) {
+        for (int64_t i = 0; i < count; ++i) {
+          copy_planes(x_ptr + (first + i) * image_elems, g, image_buffer);
+          // dY of the image as [L, padded_o], zeros in the padded channels.
+          std::fill(dy_t, dy_t + L * d.padded_o, acc_t(0));
+          for (int64_t o = 0; o < O; ++o) {
+            const scalar_t* src = dy_ptr + ((first + i) * O + o) * L;
+            for (int64_t l = 0; l < L; ++l) dy_t[l * d.padded_o + o] = static_cast<acc_t>(src[l]);
+          }
+          direct_weight_grad(image_buffer, d, L, dy_t, weight_grad);
+        }
+      } else if (need_weight_grad) {
         for (int64_t i = 0; i < count; ++i) {
           copy_planes(x_ptr + (first + i) * image_elems, g, image_buffer);
           gather_image_columns(image_buffer, g, table, columns_t + i * L * K);
@@ -455,7 +650,13 @@ void conv2d_backward_images(const at::Tensor& dy, const at::Tensor& x,
     acc_t* total = grad_weight_acc.mutable_data_ptr<acc_t>();
     for (int64_t thread = 0; thread < p.threads; ++thread) {
       const acc_t* part = weight_grad_of(thread);
-      for (int64_t e = 0; e < O * Kg; ++e) total[e] += part[e];
+      if (direct) {
+        for (int64_t o = 0; o < O; ++o) {
+          for (int64_t k = 0; k < K; ++k) total[o * K + k] += part[k * d.padded_o + o];
+        }
+      } else {
+        for (int64_t e = 0; e < O * Kg; ++e) total[e] += part[e];
+      }
     }
   }
 }
@@ -469,7 +670,11 @@ void conv2d_forward_kernel(const at::Tensor& x, const at::Tensor& weight_acc,
   using acc_t = at::opmath_type<scalar_t>;
   const TilePlan p = plan_tiles(g, sizeof(acc_t));
   if (image_path_fits(g, p)) {
-    conv2d_forward_images<scalar_t>(x, weight_acc, bias_acc, g, p, output);
+    if (direct_path_fits(g)) {
+      conv2d_forward_direct<scalar_t>(x, weight_acc, bias_acc, g, p, output);
+    } else {
+      conv2d_forward_images<scalar_t>(x, weight_acc, bias_acc, g, p, output);
+    }
     return;
   }
   const int64_t O = g.out_channels;
