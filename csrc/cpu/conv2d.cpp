@@ -497,6 +497,257 @@ void conv2d_forward_direct(const at::Tensor& x, const at::Tensor& weight_acc,
   });
 }
 
+// ---- Direct convolution along output rows (few input and output channels, wide rows).
+//
+// The implicit GEMM above puts output channels in the vector lanes; with 8 of them each
+// gathered input value feeds one 8-lane FMA and the loads dominate (the chapter's first
+// layer: 1 -> 8 channels, 5x5, stride 2). Here the lanes are kRowLanes consecutive output
+// positions of one row: the image is copied once, zero-padded and split by the column
+// stride into phase planes, so that every tap's inputs for a run of positions are
+// contiguous; one vector load then feeds an FMA per output channel. The weight gradient
+// reuses the layout: per tap a dot product of its input runs with dY's rows.
+constexpr int kRowLanes = 16;
+constexpr int64_t kMaxRowChannels = 16;
+
+bool row_direct_fits(const Conv2dGeometry& g) {
+  return g.groups == 1 && g.out_channels <= kMaxRowChannels && g.out_w >= 8 &&
+         g.in_channels * g.kernel_area() <= 64;
+}
+
+struct RowLayout {
+  int64_t padded_h;     // H + 2 * pad_h
+  int64_t phase_width;  // columns of a phase plane, with slack for the last vector
+  int64_t phases;       // stride_w
+  int64_t row_vectors;  // ceil(out_w / kRowLanes)
+  int64_t plane_elems() const { return padded_h * phase_width; }
+};
+
+RowLayout make_row_layout(const Conv2dGeometry& g) {
+  RowLayout r;
+  r.phases = g.stride_w;
+  r.padded_h = g.in_h + 2 * g.pad_h;
+  r.row_vectors = (g.out_w + kRowLanes - 1) / kRowLanes;
+  const int64_t padded_w = g.in_w + 2 * g.pad_w;
+  const int64_t max_shift = ((g.kernel_w - 1) * g.dilation_w) / g.stride_w;
+  r.phase_width = std::max((padded_w + r.phases - 1) / r.phases,
+                           r.row_vectors * kRowLanes + max_shift);
+  return r;
+}
+
+// phases[(c * stride_w + ph) * plane + ih * width + j] = padded input (c, ih, j * stride_w + ph)
+template <typename scalar_t, typename acc_t>
+void split_phases(const scalar_t* image, const Conv2dGeometry& g, const RowLayout& r,
+                  acc_t* phases) {
+  const int64_t plane = r.plane_elems();
+  std::fill(phases, phases + g.in_channels * r.phases * plane, acc_t(0));
+  for (int64_t c = 0; c < g.in_channels; ++c) {
+    for (int64_t ph = 0; ph < r.phases; ++ph) {
+      // Phase ph holds padded columns ph, ph + s, ...: input columns j * s + ph - pad_w.
+      int64_t j_begin = 0, j_end = 0;
+      conv_valid_output_range(g.in_w, r.phase_width, 0, r.phases, g.pad_w - ph, 1, &j_begin,
+                              &j_end);
+      for (int64_t ih = 0; ih < g.in_h; ++ih) {
+        const scalar_t* src = image + (c * g.in_h + ih) * g.in_w;
+        acc_t* dst = phases + (c * r.phases + ph) * plane + (ih + g.pad_h) * r.phase_width;
+        const int64_t iw0 = j_begin * r.phases + ph - g.pad_w;
+        for (int64_t j = j_begin; j < j_end; ++j) {
+          dst[j] = static_cast<acc_t>(src[iw0 + (j - j_begin) * r.phases]);
+        }
+      }
+    }
+  }
+}
+
+// The run of kRowLanes inputs that tap (c, kh, kw) reads for output row oh from column ow0.
+template <typename acc_t>
+inline const acc_t* tap_run(const acc_t* phases, const Conv2dGeometry& g, const RowLayout& r,
+                            int64_t c, int64_t kh, int64_t kw, int64_t oh, int64_t ow0) {
+  const int64_t shift = kw * g.dilation_w;
+  const int64_t ih = oh * g.stride_h + kh * g.dilation_h;
+  return phases + (c * r.phases + shift % r.phases) * r.plane_elems() + ih * r.phase_width +
+         ow0 + shift / r.phases;
+}
+
+// out[o, oh, ow] = bias[o] + sum over taps of weight[o, tap] * input run, for one image.
+template <typename scalar_t, typename acc_t, int Channels>
+void row_direct_forward_image(const acc_t* __restrict phases, const Conv2dGeometry& g,
+                              const RowLayout& r, const acc_t* __restrict weight_t,
+                              const acc_t* bias, scalar_t* __restrict out) {
+  const int64_t O = g.out_channels;
+  const int64_t L = g.out_area();
+  for (int64_t oh = 0; oh < g.out_h; ++oh) {
+    for (int64_t v = 0; v < r.row_vectors; ++v) {
+      const int64_t ow0 = v * kRowLanes;
+      acc_t acc[Channels][kRowLanes] = {};
+      int64_t k = 0;
+      for (int64_t c = 0; c < g.in_channels; ++c) {
+        for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+          for (int64_t kw = 0; kw < g.kernel_w; ++kw, ++k) {
+            const acc_t* __restrict run = tap_run(phases, g, r, c, kh, kw, oh, ow0);
+            const acc_t* __restrict w = weight_t + k * Channels;
+            for (int o = 0; o < Channels; ++o) {
+#pragma omp simd
+              for (int lane = 0; lane < kRowLanes; ++lane) acc[o][lane] += w[o] * run[lane];
+            }
+          }
+        }
+      }
+      const int64_t lanes = std::min<int64_t>(kRowLanes, g.out_w - ow0);
+      for (int64_t o = 0; o < O; ++o) {
+        const acc_t b = bias != nullptr ? bias[o] : acc_t(0);
+        scalar_t* dst = out + o * L + oh * g.out_w + ow0;
+        for (int64_t lane = 0; lane < lanes; ++lane) dst[lane] = static_cast<scalar_t>(acc[o][lane] + b);
+      }
+    }
+  }
+}
+
+// weight_grad_t[tap, o] += sum over positions of dy[o, position] * input(tap, position);
+// dy_rows holds dY as [O, out_h, row_vectors * kRowLanes] with zeros past out_w. Taps are
+// taken kRowAccumulators / Channels at a time, so each dY vector loaded feeds that many FMAs.
+constexpr int kRowAccumulators = 16;
+
+template <typename acc_t, int Channels>
+void row_direct_weight_grad_image(const acc_t* __restrict phases, const Conv2dGeometry& g,
+                                  const RowLayout& r, const acc_t* __restrict dy_rows,
+                                  acc_t* __restrict weight_grad_t) {
+  constexpr int Taps = kRowAccumulators / Channels;
+  const int64_t row_len = r.row_vectors * kRowLanes;
+  const int64_t kA = g.kernel_area();
+  const int64_t K = g.column_rows();
+  for (int64_t k0 = 0; k0 < K; k0 += Taps) {
+    const int taps = static_cast<int>(std::min<int64_t>(Taps, K - k0));
+    acc_t acc[Taps][Channels][kRowLanes] = {};
+    for (int64_t oh = 0; oh < g.out_h; ++oh) {
+      for (int64_t v = 0; v < r.row_vectors; ++v) {
+        const acc_t* run[Taps];
+        for (int t = 0; t < Taps; ++t) {
+          const int64_t k = k0 + std::min(t, taps - 1);  // a short last block repeats a tap
+          const int64_t c = k / kA;
+          const int64_t kh = (k % kA) / g.kernel_w;
+          const int64_t kw = k % g.kernel_w;
+          run[t] = tap_run(phases, g, r, c, kh, kw, oh, v * kRowLanes);
+        }
+        for (int o = 0; o < Channels; ++o) {
+          const acc_t* __restrict d = dy_rows + (o * g.out_h + oh) * row_len + v * kRowLanes;
+          for (int t = 0; t < Taps; ++t) {
+#pragma omp simd
+            for (int lane = 0; lane < kRowLanes; ++lane) acc[t][o][lane] += d[lane] * run[t][lane];
+          }
+        }
+      }
+    }
+    for (int t = 0; t < taps; ++t) {
+      for (int o = 0; o < Channels; ++o) {
+        acc_t sum = acc_t(0);
+        for (int lane = 0; lane < kRowLanes; ++lane) sum += acc[t][o][lane];
+        weight_grad_t[(k0 + t) * Channels + o] += sum;
+      }
+    }
+  }
+}
+
+// weight [O, K] -> [K, Channels] with zeros in the padded channels.
+template <typename acc_t>
+std::vector<acc_t> weight_by_tap(const acc_t* weight, int64_t O, int64_t K, int64_t channels) {
+  std::vector<acc_t> weight_t(K * channels, acc_t(0));
+  for (int64_t o = 0; o < O; ++o) {
+    for (int64_t k = 0; k < K; ++k) weight_t[k * channels + o] = weight[o * K + k];
+  }
+  return weight_t;
+}
+
+template <typename scalar_t>
+void conv2d_forward_rows(const at::Tensor& x, const at::Tensor& weight_acc,
+                         const at::Tensor& bias_acc, const Conv2dGeometry& g, int64_t threads,
+                         at::Tensor& output) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t O = g.out_channels;
+  const int64_t K = g.column_rows();
+  const int64_t L = g.out_area();
+  const int64_t image_elems = g.in_channels * g.in_area();
+  const RowLayout r = make_row_layout(g);
+  const int64_t channels = O <= 8 ? 8 : kMaxRowChannels;
+  const std::vector<acc_t> weight_t = weight_by_tap(weight_acc.const_data_ptr<acc_t>(), O, K, channels);
+  const int64_t per_thread = g.in_channels * r.phases * r.plane_elems();
+  at::Tensor buffers = at::empty({threads * per_thread},
+                                 x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  record_column_buffer(0);  // no column matrix on this path
+  const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+  const acc_t* bias_ptr = bias_acc.defined() ? bias_acc.const_data_ptr<acc_t>() : nullptr;
+  scalar_t* y_ptr = output.mutable_data_ptr<scalar_t>();
+  acc_t* buffer_base = buffers.mutable_data_ptr<acc_t>();
+  at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
+    const int64_t thread = std::min<int64_t>(at::get_thread_num(), threads - 1);
+    acc_t* phases = buffer_base + thread * per_thread;
+    for (int64_t b = begin; b < end; ++b) {
+      split_phases(x_ptr + b * image_elems, g, r, phases);
+      if (channels == 8) {
+        row_direct_forward_image<scalar_t, acc_t, 8>(phases, g, r, weight_t.data(), bias_ptr,
+                                                     y_ptr + b * O * L);
+      } else {
+        row_direct_forward_image<scalar_t, acc_t, kMaxRowChannels>(
+            phases, g, r, weight_t.data(), bias_ptr, y_ptr + b * O * L);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void conv2d_weight_grad_rows(const at::Tensor& dy, const at::Tensor& x, const Conv2dGeometry& g,
+                             int64_t threads, at::Tensor& grad_weight_acc) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t O = g.out_channels;
+  const int64_t K = g.column_rows();
+  const int64_t L = g.out_area();
+  const int64_t image_elems = g.in_channels * g.in_area();
+  const RowLayout r = make_row_layout(g);
+  const int64_t channels = O <= 8 ? 8 : kMaxRowChannels;
+  const int64_t row_len = r.row_vectors * kRowLanes;
+  const int64_t phase_elems = g.in_channels * r.phases * r.plane_elems();
+  const int64_t dy_elems = channels * g.out_h * row_len;
+  const int64_t per_thread = phase_elems + dy_elems + K * channels;
+  at::Tensor buffers = at::empty({threads * per_thread},
+                                 x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  record_column_buffer(0);
+  acc_t* buffer_base = buffers.mutable_data_ptr<acc_t>();
+  for (int64_t thread = 0; thread < threads; ++thread) {
+    acc_t* dy_rows = buffer_base + thread * per_thread + phase_elems;
+    // Padded lanes and channels stay zero for the whole call; the weight sums start at zero.
+    std::fill(dy_rows, dy_rows + dy_elems + K * channels, acc_t(0));
+  }
+  const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+  const scalar_t* dy_ptr = dy.const_data_ptr<scalar_t>();
+  at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
+    const int64_t thread = std::min<int64_t>(at::get_thread_num(), threads - 1);
+    acc_t* phases = buffer_base + thread * per_thread;
+    acc_t* dy_rows = phases + phase_elems;
+    acc_t* weight_grad_t = dy_rows + dy_elems;
+    for (int64_t b = begin; b < end; ++b) {
+      split_phases(x_ptr + b * image_elems, g, r, phases);
+      for (int64_t o = 0; o < O; ++o) {
+        for (int64_t oh = 0; oh < g.out_h; ++oh) {
+          const scalar_t* src = dy_ptr + (b * O + o) * L + oh * g.out_w;
+          acc_t* dst = dy_rows + (o * g.out_h + oh) * row_len;
+          for (int64_t ow = 0; ow < g.out_w; ++ow) dst[ow] = static_cast<acc_t>(src[ow]);
+        }
+      }
+      if (channels == 8) {
+        row_direct_weight_grad_image<acc_t, 8>(phases, g, r, dy_rows, weight_grad_t);
+      } else {
+        row_direct_weight_grad_image<acc_t, kMaxRowChannels>(phases, g, r, dy_rows, weight_grad_t);
+      }
+    }
+  });
+  acc_t* total = grad_weight_acc.mutable_data_ptr<acc_t>();
+  for (int64_t thread = 0; thread < threads; ++thread) {
+    const acc_t* part = buffer_base + thread * per_thread + phase_elems + dy_elems;
+    for (int64_t o = 0; o < O; ++o) {
+      for (int64_t k = 0; k < K; ++k) total[o * K + k] += part[k * channels + o];
+    }
+  }
+}
+
 template <typename scalar_t>
 void conv2d_forward_images(const at::Tensor& x, const at::Tensor& weight_acc,
                            const at::Tensor& bias_acc, const Conv2dGeometry& g,
@@ -669,6 +920,10 @@ void conv2d_forward_kernel(const at::Tensor& x, const at::Tensor& weight_acc,
                            at::Tensor& output) {
   using acc_t = at::opmath_type<scalar_t>;
   const TilePlan p = plan_tiles(g, sizeof(acc_t));
+  if (row_direct_fits(g)) {
+    conv2d_forward_rows<scalar_t>(x, weight_acc, bias_acc, g, p.threads, output);
+    return;
+  }
   if (image_path_fits(g, p)) {
     if (direct_path_fits(g)) {
       conv2d_forward_direct<scalar_t>(x, weight_acc, bias_acc, g, p, output);
@@ -770,6 +1025,11 @@ void conv2d_backward_kernel(const at::Tensor& dy, const at::Tensor& x, const at:
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool same_type = std::is_same_v<scalar_t, acc_t>;
   const TilePlan p = plan_tiles(g, sizeof(acc_t));
+  if (row_direct_fits(g) && need_weight_grad && !need_input_grad) {
+    // A first layer in training: only the weight gradient, along output rows.
+    conv2d_weight_grad_rows<scalar_t>(dy, x, g, p.threads, grad_weight_acc);
+    return;
+  }
   if (image_path_fits(g, p)) {
     conv2d_backward_images<scalar_t>(dy, x, weight_acc, g, p, need_input_grad, need_weight_grad,
                                      grad_input, grad_weight_acc);
@@ -911,6 +1171,7 @@ void conv2d_bias_grad(const scalar_t* dy, const Conv2dGeometry& g, scalar_t* gra
       for (int64_t b = 0; b < g.batch; ++b) {
         const scalar_t* src = dy + (b * O + o) * L;
         acc_t plane = acc_t(0);
+#pragma omp simd reduction(+ : plane)
         for (int64_t l = 0; l < L; ++l) plane += static_cast<acc_t>(src[l]);
         sum += static_cast<double>(plane);
       }

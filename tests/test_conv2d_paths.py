@@ -1,0 +1,89 @@
+"""The CPU conv kernel's code paths, each forced and checked against F.conv2d.
+
+csrc/cpu/conv2d.cpp picks one of four paths per call from the layer's shape and the column
+budget: the implicit GEMM (8-32 output channels, >= 16 positions), the image path (gather
+table + BLAS on tiles of whole images), the band path (bands of output rows, [K, n]
+columns), and within it the 1x1 stride-1 case that reads the input as its columns. These
+tests pick shapes (and CONVKIT_COLUMN_BUDGET_MB) that land on each, in float64 (against
+F.conv2d to 1e-10), float32 and bfloat16 (against a float64 reference, within twice
+PyTorch's own error), with and without the input gradient.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import convkit
+from conftest import assert_close_to_reference
+
+# name -> (batch, in_channels, H, W, out_channels, kernel, stride, padding, dilation, groups,
+#          column budget in MiB or None for the default)
+PATHS = {
+    "implicit_gemm_o8": (5, 1, 28, 28, 8, 5, 2, 2, 1, 1, None),
+    "implicit_gemm_o32": (6, 16, 7, 7, 32, 3, 2, 1, 1, 1, None),
+    "implicit_gemm_o20_dilated": (3, 5, 13, 11, 20, 3, 1, 2, 2, 1, None),
+    "image_path_gemm_o40": (7, 12, 6, 6, 40, 3, 2, 1, 1, 1, None),
+    "image_path_one_position": (9, 24, 2, 2, 10, 3, 2, 1, 1, 1, None),
+    "image_path_grouped": (4, 12, 5, 5, 12, 3, 1, 1, 1, 3, None),
+    "band_path_rows": (3, 6, 12, 14, 40, 3, 1, 1, 1, 1, "0.02"),
+    "band_path_strided_grouped": (2, 8, 15, 13, 44, 3, 2, 1, 1, 2, "0.01"),
+    "band_path_1x1": (3, 16, 10, 9, 36, 1, 1, 0, 1, 1, "0.01"),
+    "band_path_1x1_grouped": (2, 16, 9, 9, 48, 1, 1, 0, 1, 4, "0.005"),
+}
+
+
+def _tensors(spec, dtype, input_grad):
+    n, c, h, w, o, k, stride, padding, dilation, groups, _ = spec
+    x = torch.randn(n, c, h, w, dtype=dtype).requires_grad_(input_grad)
+    weight = torch.randn(o, c // groups, k, k, dtype=dtype).requires_grad_()
+    bias = torch.randn(o, dtype=dtype).requires_grad_()
+    kwargs = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    return x, weight, bias, kwargs
+
+
+def _run(conv, x, weight, bias, kwargs, dy):
+    leaves = [t.detach().clone().requires_grad_(t.requires_grad) for t in (x, weight, bias)]
+    out = conv(leaves[0], leaves[1], leaves[2], **kwargs)
+    wanted = [t for t in leaves if t.requires_grad]
+    grads = torch.autograd.grad(out, wanted, dy)
+    return [out.detach()] + list(grads)
+
+
+@pytest.mark.parametrize("input_grad", [True, False], ids=["dx", "no_dx"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("path", list(PATHS))
+def test_conv2d_path_matches_torch(path, dtype, input_grad, monkeypatch):
+    spec = PATHS[path]
+    budget = spec[-1]
+    if budget is not None:
+        monkeypatch.setenv("CONVKIT_COLUMN_BUDGET_MB", budget)
+    x, weight, bias, kwargs = _tensors(spec, dtype, input_grad)
+    dy = torch.randn_like(F.conv2d(x.detach(), weight.detach(), bias.detach(), **kwargs))
+    ours = _run(convkit.conv2d, x, weight, bias, kwargs, dy)
+    names = ["output"] + (["grad_input"] if input_grad else []) + ["grad_weight", "grad_bias"]
+    if dtype == torch.float64:
+        theirs = _run(F.conv2d, x, weight, bias, kwargs, dy)
+        for name, a, b in zip(names, ours, theirs):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+        return
+    theirs = _run(F.conv2d, x, weight, bias, kwargs, dy)
+    reference = _run(F.conv2d, *(t.double().requires_grad_(t.requires_grad)
+                                 for t in (x, weight, bias)), kwargs, dy.double())
+    for name, a, b, r in zip(names, ours, theirs, reference):
+        assert_close_to_reference(a, b, r, name=f"{path} {name}")
+
+
+def test_column_buffer_peak_respects_budget(monkeypatch):
+    """The reported column-buffer peak of a call stays within CONVKIT_COLUMN_BUDGET_MB
+    (whenever one output row of one image fits it)."""
+    monkeypatch.setenv("CONVKIT_COLUMN_BUDGET_MB", "0.25")
+    x = torch.randn(4, 32, 30, 30, requires_grad=True)
+    weight = torch.randn(48, 32, 3, 3, requires_grad=True)
+    torch.ops.convkit.column_buffer_peak_bytes(True)
+    convkit.conv2d(x, weight, None, 1, 1).sum().backward()
+    peak = torch.ops.convkit.column_buffer_peak_bytes(False)
+    assert 0 < peak <= 0.25 * 2**20
+    # reset=True returns the peak and starts over
+    assert torch.ops.convkit.column_buffer_peak_bytes(True) == peak
+    assert torch.ops.convkit.column_buffer_peak_bytes(False) == 0
