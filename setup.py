@@ -2,6 +2,9 @@
 
 CPU-only by default. The CUDA sources in csrc/cuda/ are added when nvcc is found (through
 CUDA_HOME) and either a GPU is visible or FORCE_CUDA=1 is set. DEBUG=1 builds with -O0 -g.
+The C++ is compiled for the building machine's CPU (-march=native: AVX2/AVX-512 in the
+kernels' loops); CONVKIT_MARCH=<arch> picks another -march, CONVKIT_MARCH=none none at all
+(a build to copy to other machines).
 """
 from __future__ import annotations
 
@@ -57,10 +60,18 @@ def want_cuda() -> bool:
     return env_flag("FORCE_CUDA") or torch.cuda.is_available()
 
 
+def march_flags() -> list[str]:
+    """-march for the C++ sources: the host's CPU unless CONVKIT_MARCH says otherwise."""
+    march = os.environ.get("CONVKIT_MARCH", "native").strip()
+    if march.lower() in ("", "none", "0", "off"):
+        return []
+    return [f"-march={march}"]
+
+
 def make_extension():
     debug = env_flag("DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx_flags = opt + ["-fopenmp", "-DCONVKIT_PYTHON_MODULE", "-march=native"]
+    cxx_flags = opt + ["-fopenmp", "-DCONVKIT_PYTHON_MODULE"] + march_flags()
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     extra_link_args = ["-fopenmp"]
     if want_cuda():

@@ -1,9 +1,11 @@
 """The CPU conv kernel's code paths, each forced and checked against F.conv2d.
 
-csrc/cpu/conv2d.cpp picks one of four paths per call from the layer's shape and the column
-budget: the implicit GEMM (8-32 output channels, >= 16 positions), the image path (gather
-table + BLAS on tiles of whole images), the band path (bands of output rows, [K, n]
-columns), and within it the 1x1 stride-1 case that reads the input as its columns. These
+csrc/cpu/conv2d.cpp picks one of five paths per call from the layer's shape and the column
+budget: direct convolution along output rows (first layers: few input channels, <= 16
+outputs, rows >= 8 wide; the weight gradient alone when no input gradient is wanted), the
+implicit GEMM (8-32 output channels, >= 16 positions), the image path (gather table + BLAS
+on tiles of whole images), the band path (bands of output rows, [K, n] columns), and within
+it the 1x1 stride-1 case that reads the input as its columns. These
 tests pick shapes (and CONVKIT_COLUMN_BUDGET_MB) that land on each, in float64 (against
 F.conv2d to 1e-10), float32 and bfloat16 (against a float64 reference, within twice
 PyTorch's own error), with and without the input gradient.
@@ -20,7 +22,10 @@ from conftest import assert_close_to_reference
 # name -> (batch, in_channels, H, W, out_channels, kernel, stride, padding, dilation, groups,
 #          column budget in MiB or None for the default)
 PATHS = {
-    "implicit_gemm_o8": (5, 1, 28, 28, 8, 5, 2, 2, 1, 1, None),
+    "rows_first_layer": (5, 1, 28, 28, 8, 5, 2, 2, 1, 1, None),
+    "rows_two_channels_o12": (3, 2, 19, 23, 12, 3, 1, 1, 1, 1, None),
+    "rows_dilated_stride3": (2, 3, 30, 29, 6, 3, 3, 2, 2, 1, None),
+    "implicit_gemm_o8": (4, 8, 9, 9, 8, 3, 1, 1, 1, 1, None),
     "implicit_gemm_o32": (6, 16, 7, 7, 32, 3, 2, 1, 1, 1, None),
     "implicit_gemm_o20_dilated": (3, 5, 13, 11, 20, 3, 1, 2, 2, 1, None),
     "image_path_gemm_o40": (7, 12, 6, 6, 40, 3, 2, 1, 1, 1, None),
