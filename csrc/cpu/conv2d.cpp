@@ -1,41 +1,61 @@
-// conv2d on the CPU: im2col + GEMM, tiled so that the column matrix never leaves the cache,
-// and F.unfold/F.fold-like ops.
+// conv2d on the CPU: im2col + GEMM in cache-sized tiles, with implicit-GEMM and direct
+// kernels for the small-channel layers where a materialised column matrix cannot win; and
+// F.unfold/F.fold-like ops.
 //
-// Algorithm (forward). The output columns (image, oh, ow) are cut into tiles: several whole
-// images when an image's columns are few (the chapter's late layers have 1-16 positions per
-// image), else a band of output rows of one image. Each thread takes whole tiles and, per
-// tile, writes the tile's column matrix [K, n] (K = C*kH*kW) into its own buffer of about
-// kTileBytes (sized to stay in L2), multiplies it by the weights with one single-threaded
-// BLAS GEMM per group, and adds the bias while the result is still in cache. A band of one
-// image is multiplied straight into the output (ldc = oH*oW); several images go through a
-// small [O, n] buffer and are copied out. A 1x1, stride-1, unpadded conv reads the input as
-// its own column matrix: no im2col at all.
-// Backward. Same tiles, but a thread owns whole images (their input gradient accumulates
-// over the image's bands): per tile, the columns are rebuilt (cheaper than storing them),
-// grad_weight += dY @ columns^T into the thread's own accumulator, then dcolumns = W^T @ dY
-// is scattered back into the input gradient (col2im as row-wise adds in a fixed order: the
-// result does not depend on how images are spread over threads). The thread accumulators are
-// summed in thread order at the end, so grad_weight is deterministic for a given thread
-// count. The bias gradient is one reduction over dY.
-// float16/bfloat16 are converted to float while the columns and dY tiles are written, so
-// every GEMM runs in float and accumulates in float; the result is rounded once.
+// Paths, chosen per call from the shape (each is forced and checked by
+// tests/test_conv2d_paths.py):
+//  1. Rows (first layers: C*kH*kW <= 64, O <= 16, output rows >= 8 wide, groups 1): direct
+//     convolution with 16 consecutive output positions of a row in the vector lanes. The
+//     image is copied once, zero-padded and split by the column stride into phase planes,
+//     so each tap's inputs for a run of positions are contiguous: one load feeds O FMAs.
+//     Forward and, when no input gradient is wanted (a network's first layer), the weight
+//     gradient (per tap, dot products of input runs with dY's rows).
+//  2. Implicit GEMM (O <= 32, >= 16 positions per image, groups 1): output channels in the
+//     lanes; every output position's K inputs are read from the image's plane copy through
+//     an offset table (no column matrix). Forward and weight gradient; the input gradient
+//     goes through path 3's GEMM and scatter.
+//  3. Image path (whole images per tile, output rows < 8 wide): each image's column matrix
+//     written transposed, [L, K], by a branch-free gather through a table shared by all
+//     channels (late layers have rows of 1-4 values, where per-row bookkeeping costs more
+//     than the copy); one BLAS GEMM per group per tile of images reads it as a transposed
+//     operand. Backward: dW += dY @ columns, dcolumns = dY^T @ W scattered back (in a fixed
+//     order, deterministic).
+//  4. Band path (everything else: large images): a tile is a band of output rows of one
+//     image, its [K, n] columns copied row-wise (vectorised runs), one GEMM per group straight
+//     into the output (ldc = oH*oW); 1x1 stride-1 convs read the input as their columns.
+//     Backward per band: columns rebuilt (cheaper than storing them), dW += dY @ columns^T,
+//     dcolumns = W^T @ dY added back row-wise into the image's input gradient.
+// Tiles hold ~384 KiB of columns (L2) but at least 384 columns, so that large weight
+// matrices (ResNet's 256-512 channels) are reused enough per load; CONVKIT_COLUMN_BUDGET_MB
+// bounds all threads' tiles together (down to one output row). Each thread owns whole tiles
+// and calls a single-threaded BLAS (MKL's sgemm_/dgemm_ on raw pointers, csrc/cpu/gemm.h);
+// weight-gradient partial sums are per thread, added in thread order (deterministic for a
+// given thread count). float16/bfloat16 are widened to float as tiles are written: every
+// product accumulates in float and each result is rounded once.
 //
-// Floors, chapter CNN at N=512 (fp32; "bytes" = input + output + weights, once each):
-//   layer           GFLOP fwd   MB moved fwd   columns written per pass (stay in L2)
-//   1->8, 5x5 s2      0.040        4.8           10.0 MB
-//   8->16, 3x3 s2     0.058        4.8            7.2 MB
-//   16->32, 3x3 s2    0.075        2.6            4.7 MB
-//   32->64, 3x3 s2    0.075        1.3            2.4 MB
-//   64->10, 3x3 s2    0.006        0.6            1.2 MB
-// At ~50-90 GFLOP/s per core for these GEMM shapes (MKL, measured) and 2 cores, the forward
-// floors are 0.3-0.5 ms per layer; the im2col writes add ~0.1-0.3 ms. Backward: twice the
-// GEMM work plus the column rebuild; the first layer needs no input gradient in training.
+// Floors, chapter CNN at N=512, fp32 (FLOPs of the forward; the weight and input gradients
+// cost as much each; "MB" = input + output read/written once):
+//   layer           GFLOP fwd   MB fwd   columns (im2col, paths 3-4)   path
+//   1->8, 5x5 s2      0.040       4.8       10.0 MB                     1 (rows)
+//   8->16, 3x3 s2     0.058       4.8        7.2 MB                     2 (implicit GEMM)
+//   16->32, 3x3 s2    0.075       2.6        4.7 MB                     2
+//   32->64, 3x3 s2    0.075       1.3        2.4 MB                     3 (image)
+//   64->10, 3x3 s2    0.006       0.6        1.2 MB                     3
+// Two Zen 4 cores at ~2.6 GHz do one 16-lane fp32 FMA per cycle each: 166 GFLOP/s, so the
+// forward floors are 0.24-0.45 ms per layer (0.04 ms for the last), memory ~0.1 ms at the
+// measured 40 GB/s copy bandwidth. BLAS reaches 45-95 GFLOP/s per core on paths 3-4's
+// shapes (measured, K=25..576, O=8..64), which is why paths 1-2 exist.
 //
 // Version 1: one im2col of a chunk of images (up to a 64 MiB buffer) and one at::mm per group
 //   per chunk, BLAS-threaded; col2im by gather. Chapter N=512, 2 threads: forward 2.5-8x
-//   oneDNN, the 64->10 layer 1.8 ms for 6 MFLOP.
-// Version 2 (this file): cache-sized tiles, one thread per tile, BLAS on raw pointers,
-//   row-wise col2im, 1x1 without im2col. Measurements in BENCHMARKS.md.
+//   oneDNN (the 64->10 layer 1.8 ms for 6 MFLOP); training step 1.70x torch.
+// Version 2: cache-sized tiles, one thread per tile, BLAS on raw pointers, row-wise col2im,
+//   1x1 without im2col: fwd+bwd 0.4-1.3x oneDNN per chapter layer, step 1.03x.
+// Version 3: path 3 (gather table) for narrow outputs, >= 384 columns per tile: the 64->10
+//   forward 2.3 -> 0.18 ms; ResNet-18 layer4 fwd+bwd 4.2x -> 1.5x oneDNN.
+// Version 4 (this file): paths 1 and 2, built for the host CPU (-march=native): chapter
+//   forwards 1.0-0.6 ms -> 0.66/0.46/0.88 ms (layers 1-3); step 0.73-0.89x torch.
+//   Measurements in BENCHMARKS.md.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -95,10 +115,12 @@ TilePlan plan_tiles(const Conv2dGeometry& g, int64_t acc_size) {
   if (L <= target) {
     const int64_t per_thread_images = (g.batch + p.threads - 1) / p.threads;
     int64_t images = std::max<int64_t>(1, std::min(target / L, per_thread_images));
-    // Balance: a number of tiles that the threads share evenly.
-    int64_t groups = (g.batch + images - 1) / images;
-    if (g.batch >= p.threads) groups = (groups + p.threads - 1) / p.threads * p.threads;
-    images = std::max<int64_t>(1, (g.batch + groups - 1) / groups);
+    // Balance: the largest tile (up to the target) whose tile count the threads share
+    // evenly; at 32 images and 2 threads, 3 images per tile would leave one thread a tile
+    // more than the other.
+    if (g.batch >= p.threads) {
+      while (images > 1 && ((g.batch + images - 1) / images) % p.threads != 0) --images;
+    }
     p.images_per_tile = images;
     p.rows_per_tile = g.out_h;
   } else {
