@@ -1,4 +1,7 @@
-// The conv2d algorithm (im2col + GEMM), written once for the CPU and CUDA backends.
+// The chunked im2col + GEMM conv2d driver of the CUDA backend (csrc/cuda/conv2d.cu). The CPU
+// used it too until its tiled kernels (csrc/cpu/conv2d.cpp, which share this file's column
+// layout and csrc/conv2d.h's index helpers) replaced it; a Backend struct keeps the device
+// specifics apart from the algorithm.
 //
 // Per chunk of `count` images (see csrc/conv2d.h for the column layout):
 //   forward   columns[K, count*L] = im2col(input chunk)          Backend::im2col_chunk
