@@ -220,6 +220,12 @@ def _records_graph(*tensors: Optional[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _functorch() -> bool:
+    """Inside a torch.func transform (grad, jacrev, ...): those need a Function with
+    setup_context, which Conv2dFunction/BatchNormFunction are and the eager ones are not."""
+    return torch._C._are_functorch_transforms_active()
+
+
 def conv2d(
     input: torch.Tensor,
     weight: torch.Tensor,
@@ -232,6 +238,8 @@ def conv2d(
     """``convkit::conv2d_forward`` with autograd: [N, C, H, W] -> [N, O, oH, oW]."""
     if torch.compiler.is_compiling():
         return ops.conv2d_forward(input, weight, bias, stride, padding, dilation, groups)
+    if _functorch():
+        return Conv2dFunction.apply(input, weight, bias, stride, padding, dilation, groups)
     if _records_graph(input, weight, bias):
         return _Conv2dEager.apply(input, weight, bias, stride, padding, dilation, groups)
     with torch._C._AutoDispatchBelowAutograd():
@@ -252,6 +260,9 @@ def batch_norm(
     if torch.compiler.is_compiling():
         return ops.batch_norm_forward(input, weight, bias, running_mean, running_var, training,
                                       eps, relu)
+    if _functorch():
+        return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, training,
+                                       eps, relu)
     if _records_graph(input, weight, bias):
         return _BatchNormEager.apply(input, weight, bias, running_mean, running_var, training,
                                        eps, relu)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import convkit
@@ -113,3 +114,18 @@ def test_torch_compile_matches_eager(device):
     # The running statistics were updated the same way inside the compiled graph.
     for (name, b_eager), b_compiled in zip(model.named_buffers(), compiled_model.buffers()):
         torch.testing.assert_close(b_compiled, b_eager, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_torch_func_grad_matches_torch():
+    """convkit's layers under torch.func.grad (a functorch transform) give torch's gradients."""
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    b = torch.randn(3, dtype=torch.float64)
+    ours = torch.func.grad(lambda w: convkit.conv2d(x, w, None, 1, 1).square().sum())(w)
+    theirs = torch.func.grad(lambda w: F.conv2d(x, w, None, 1, 1).square().sum())(w)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
+    ours = torch.func.grad(
+        lambda b: convkit.batch_norm_relu(x, None, None, None, b, True).square().sum())(b)
+    theirs = torch.func.grad(
+        lambda b: F.relu(F.batch_norm(x, None, None, None, b, True)).square().sum())(b)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
