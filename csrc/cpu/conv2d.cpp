@@ -66,6 +66,7 @@
 #include <array>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
@@ -81,6 +82,17 @@ constexpr int64_t kParallelGrainElements = int64_t(1) << 15;
 
 int64_t grain_for(int64_t elements_per_task) {
   return std::max<int64_t>(1, kParallelGrainElements / std::max<int64_t>(elements_per_task, 1));
+}
+
+// Scratch memory of the compute type for `elems` values; callers carve per-thread slices
+// out of it (thread_slot picks the calling thread's inside at::parallel_for).
+template <typename acc_t>
+at::Tensor scratch(const at::Tensor& like, int64_t elems) {
+  return at::empty({elems}, like.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+}
+
+inline int64_t thread_slot(int64_t threads) {
+  return std::min<int64_t>(at::get_thread_num(), threads - 1);
 }
 
 // A thread's column tile: small enough to stay in L2 next to the output tile (L2 is 512 KiB-
@@ -347,6 +359,26 @@ void scatter_image_columns(const acc_t* __restrict columns_t, const Conv2dGeomet
   }
 }
 
+// weight [O, K] -> [K, channels] (tap-major, as paths 1 and 2 read it), zeros in the padded
+// channels.
+template <typename acc_t>
+std::vector<acc_t> weight_by_tap(const acc_t* weight, int64_t O, int64_t K, int64_t channels) {
+  std::vector<acc_t> weight_t(K * channels, acc_t(0));
+  for (int64_t o = 0; o < O; ++o) {
+    for (int64_t k = 0; k < K; ++k) weight_t[k * channels + o] = weight[o * K + k];
+  }
+  return weight_t;
+}
+
+// total[o, k] += part[k, o] for o < O: a tap-major weight-gradient accumulator (paths 1-2)
+// added into the [O, K] gradient.
+template <typename acc_t>
+void add_tap_major(const acc_t* part, int64_t O, int64_t K, int64_t channels, acc_t* total) {
+  for (int64_t o = 0; o < O; ++o) {
+    for (int64_t k = 0; k < K; ++k) total[o * K + k] += part[k * channels + o];
+  }
+}
+
 // ---- Implicit GEMM for few output channels (the chapter's first layers).
 //
 // With 8-32 output channels the GEMM of the image path is a thin [O, K] x [K, n] product
@@ -450,35 +482,15 @@ void direct_weight_grad_image(const acc_t* __restrict planes, const DirectLayout
   }
 }
 
-template <typename acc_t>
-void direct_forward(const acc_t* planes, const DirectLayout& d, int64_t K, const acc_t* weight_t,
-                    acc_t* out_t) {
-  switch (d.block) {
-    case 8: direct_forward_image<acc_t, 8>(planes, d, K, weight_t, out_t); break;
-    case 16: direct_forward_image<acc_t, 16>(planes, d, K, weight_t, out_t); break;
-    default: direct_forward_image<acc_t, 32>(planes, d, K, weight_t, out_t); break;
+// fn(std::integral_constant<int, B>{}) for a vector block of B = 8, 16 or 32 values: the
+// kernels above take it as a template argument so their sums stay in registers.
+template <typename Fn>
+void with_block(int64_t block, Fn&& fn) {
+  switch (block) {
+    case 8: fn(std::integral_constant<int, 8>{}); break;
+    case 16: fn(std::integral_constant<int, 16>{}); break;
+    default: fn(std::integral_constant<int, 32>{}); break;
   }
-}
-
-template <typename acc_t>
-void direct_weight_grad(const acc_t* planes, const DirectLayout& d, int64_t L, const acc_t* dy_t,
-                        acc_t* weight_grad_t) {
-  switch (d.block) {
-    case 8: direct_weight_grad_image<acc_t, 8>(planes, d, L, dy_t, weight_grad_t); break;
-    case 16: direct_weight_grad_image<acc_t, 16>(planes, d, L, dy_t, weight_grad_t); break;
-    default: direct_weight_grad_image<acc_t, 32>(planes, d, L, dy_t, weight_grad_t); break;
-  }
-}
-
-// weight [O, K] -> weight_t [padded_k, padded_o], zeros in the padding.
-template <typename acc_t>
-std::vector<acc_t> transpose_weight(const acc_t* weight, const DirectLayout& d, int64_t O,
-                                    int64_t K) {
-  std::vector<acc_t> weight_t(d.padded_k * d.padded_o, acc_t(0));
-  for (int64_t o = 0; o < O; ++o) {
-    for (int64_t k = 0; k < K; ++k) weight_t[k * d.padded_o + o] = weight[o * K + k];
-  }
-  return weight_t;
 }
 
 template <typename scalar_t>
@@ -492,11 +504,11 @@ void conv2d_forward_direct(const at::Tensor& x, const at::Tensor& weight_acc,
   const int64_t image_elems = g.in_channels * g.in_area();
   const GatherTable table = make_gather_table(g);
   const DirectLayout d = make_direct_layout(g, table);
-  const std::vector<acc_t> weight_t = transpose_weight(weight_acc.const_data_ptr<acc_t>(), d, O, K);
+  const std::vector<acc_t> weight_t =
+      weight_by_tap(weight_acc.const_data_ptr<acc_t>(), O, K, d.padded_o);
   const int64_t plane_elems = g.in_channels * table.plane_stride;
   const int64_t per_thread = plane_elems + d.padded_l * d.padded_o;
-  at::Tensor buffers = at::empty({p.threads * per_thread},
-                                 x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  at::Tensor buffers = scratch<acc_t>(x, p.threads * per_thread);
   record_column_buffer(0);  // no column matrix on this path
 
   const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
@@ -504,12 +516,14 @@ void conv2d_forward_direct(const at::Tensor& x, const at::Tensor& weight_acc,
   scalar_t* y_ptr = output.mutable_data_ptr<scalar_t>();
   acc_t* buffer_base = buffers.mutable_data_ptr<acc_t>();
   at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
-    const int64_t thread = std::min<int64_t>(at::get_thread_num(), p.threads - 1);
+    const int64_t thread = thread_slot(p.threads);
     acc_t* planes = buffer_base + thread * per_thread;
     acc_t* out_t = planes + plane_elems;
     for (int64_t b = begin; b < end; ++b) {
       copy_planes(x_ptr + b * image_elems, g, planes);
-      direct_forward(planes, d, K, weight_t.data(), out_t);
+      with_block(d.block, [&](auto block) {
+        direct_forward_image<acc_t, decltype(block)::value>(planes, d, K, weight_t.data(), out_t);
+      });
       for (int64_t o = 0; o < O; ++o) {
         const acc_t bias = bias_ptr != nullptr ? bias_ptr[o] : acc_t(0);
         scalar_t* dst = y_ptr + (b * O + o) * L;
@@ -669,16 +683,6 @@ void row_direct_weight_grad_image(const acc_t* __restrict phases, const Conv2dGe
   }
 }
 
-// weight [O, K] -> [K, Channels] with zeros in the padded channels.
-template <typename acc_t>
-std::vector<acc_t> weight_by_tap(const acc_t* weight, int64_t O, int64_t K, int64_t channels) {
-  std::vector<acc_t> weight_t(K * channels, acc_t(0));
-  for (int64_t o = 0; o < O; ++o) {
-    for (int64_t k = 0; k < K; ++k) weight_t[k * channels + o] = weight[o * K + k];
-  }
-  return weight_t;
-}
-
 template <typename scalar_t>
 void conv2d_forward_rows(const at::Tensor& x, const at::Tensor& weight_acc,
                          const at::Tensor& bias_acc, const Conv2dGeometry& g, int64_t threads,
@@ -692,25 +696,21 @@ void conv2d_forward_rows(const at::Tensor& x, const at::Tensor& weight_acc,
   const int64_t channels = O <= 8 ? 8 : kMaxRowChannels;
   const std::vector<acc_t> weight_t = weight_by_tap(weight_acc.const_data_ptr<acc_t>(), O, K, channels);
   const int64_t per_thread = g.in_channels * r.phases * r.plane_elems();
-  at::Tensor buffers = at::empty({threads * per_thread},
-                                 x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  at::Tensor buffers = scratch<acc_t>(x, threads * per_thread);
   record_column_buffer(0);  // no column matrix on this path
   const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
   const acc_t* bias_ptr = bias_acc.defined() ? bias_acc.const_data_ptr<acc_t>() : nullptr;
   scalar_t* y_ptr = output.mutable_data_ptr<scalar_t>();
   acc_t* buffer_base = buffers.mutable_data_ptr<acc_t>();
   at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
-    const int64_t thread = std::min<int64_t>(at::get_thread_num(), threads - 1);
+    const int64_t thread = thread_slot(threads);
     acc_t* phases = buffer_base + thread * per_thread;
     for (int64_t b = begin; b < end; ++b) {
       split_phases(x_ptr + b * image_elems, g, r, phases);
-      if (channels == 8) {
-        row_direct_forward_image<scalar_t, acc_t, 8>(phases, g, r, weight_t.data(), bias_ptr,
-                                                     y_ptr + b * O * L);
-      } else {
-        row_direct_forward_image<scalar_t, acc_t, kMaxRowChannels>(
+      with_block(channels, [&](auto block) {
+        row_direct_forward_image<scalar_t, acc_t, decltype(block)::value>(
             phases, g, r, weight_t.data(), bias_ptr, y_ptr + b * O * L);
-      }
+      });
     }
   });
 }
@@ -729,8 +729,7 @@ void conv2d_weight_grad_rows(const at::Tensor& dy, const at::Tensor& x, const Co
   const int64_t phase_elems = g.in_channels * r.phases * r.plane_elems();
   const int64_t dy_elems = channels * g.out_h * row_len;
   const int64_t per_thread = phase_elems + dy_elems + K * channels;
-  at::Tensor buffers = at::empty({threads * per_thread},
-                                 x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  at::Tensor buffers = scratch<acc_t>(x, threads * per_thread);
   record_column_buffer(0);
   acc_t* buffer_base = buffers.mutable_data_ptr<acc_t>();
   for (int64_t thread = 0; thread < threads; ++thread) {
@@ -741,7 +740,7 @@ void conv2d_weight_grad_rows(const at::Tensor& dy, const at::Tensor& x, const Co
   const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
   const scalar_t* dy_ptr = dy.const_data_ptr<scalar_t>();
   at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
-    const int64_t thread = std::min<int64_t>(at::get_thread_num(), threads - 1);
+    const int64_t thread = thread_slot(threads);
     acc_t* phases = buffer_base + thread * per_thread;
     acc_t* dy_rows = phases + phase_elems;
     acc_t* weight_grad_t = dy_rows + dy_elems;
@@ -754,19 +753,16 @@ void conv2d_weight_grad_rows(const at::Tensor& dy, const at::Tensor& x, const Co
           for (int64_t ow = 0; ow < g.out_w; ++ow) dst[ow] = static_cast<acc_t>(src[ow]);
         }
       }
-      if (channels == 8) {
-        row_direct_weight_grad_image<acc_t, 8>(phases, g, r, dy_rows, weight_grad_t);
-      } else {
-        row_direct_weight_grad_image<acc_t, kMaxRowChannels>(phases, g, r, dy_rows, weight_grad_t);
-      }
+      with_block(channels, [&](auto block) {
+        row_direct_weight_grad_image<acc_t, decltype(block)::value>(phases, g, r, dy_rows,
+                                                                    weight_grad_t);
+      });
     }
   });
   acc_t* total = grad_weight_acc.mutable_data_ptr<acc_t>();
   for (int64_t thread = 0; thread < threads; ++thread) {
-    const acc_t* part = buffer_base + thread * per_thread + phase_elems + dy_elems;
-    for (int64_t o = 0; o < O; ++o) {
-      for (int64_t k = 0; k < K; ++k) total[o * K + k] += part[k * channels + o];
-    }
+    add_tap_major(buffer_base + thread * per_thread + phase_elems + dy_elems, O, K, channels,
+                  total);
   }
 }
 
@@ -784,8 +780,7 @@ void conv2d_forward_images(const at::Tensor& x, const at::Tensor& weight_acc,
   const GatherTable table = make_gather_table(g);
   const int64_t column_elems = K * p.columns;
   const int64_t per_thread = column_elems + O * p.columns + g.in_channels * table.plane_stride;
-  at::Tensor buffers = at::empty({p.threads * per_thread},
-                                 x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  at::Tensor buffers = scratch<acc_t>(x, p.threads * per_thread);
   record_column_buffer(p.threads * column_elems * int64_t(sizeof(acc_t)));
 
   const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
@@ -795,7 +790,7 @@ void conv2d_forward_images(const at::Tensor& x, const at::Tensor& weight_acc,
   acc_t* buffer_base = buffers.mutable_data_ptr<acc_t>();
 
   at::parallel_for(0, p.image_groups, 1, [&](int64_t begin, int64_t end) {
-    const int64_t thread = std::min<int64_t>(at::get_thread_num(), p.threads - 1);
+    const int64_t thread = thread_slot(p.threads);
     acc_t* columns_t = buffer_base + thread * per_thread;
     acc_t* out = columns_t + column_elems;
     acc_t* image_copy = out + O * p.columns;
@@ -848,8 +843,7 @@ void conv2d_backward_images(const at::Tensor& dy, const at::Tensor& x,
       need_weight_grad ? (direct ? d.padded_k * d.padded_o : O * Kg) : 0;
   const int64_t per_thread =
       column_elems + dy_elems + dy_t_elems + plane_elems + weight_grad_elems;
-  at::Tensor buffers = at::empty({p.threads * per_thread},
-                                 x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  at::Tensor buffers = scratch<acc_t>(x, p.threads * per_thread);
   record_column_buffer(p.threads * column_elems * int64_t(sizeof(acc_t)));
 
   const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
@@ -866,7 +860,7 @@ void conv2d_backward_images(const at::Tensor& dy, const at::Tensor& x,
   }
 
   at::parallel_for(0, p.image_groups, 1, [&](int64_t begin, int64_t end) {
-    const int64_t thread = std::min<int64_t>(at::get_thread_num(), p.threads - 1);
+    const int64_t thread = thread_slot(p.threads);
     acc_t* columns_t = buffer_base + thread * per_thread;
     acc_t* dy_tile = columns_t + column_elems;
     acc_t* dy_t = dy_tile + dy_elems;
@@ -894,7 +888,10 @@ void conv2d_backward_images(const at::Tensor& dy, const at::Tensor& x,
             const scalar_t* src = dy_ptr + ((first + i) * O + o) * L;
             for (int64_t l = 0; l < L; ++l) dy_t[l * d.padded_o + o] = static_cast<acc_t>(src[l]);
           }
-          direct_weight_grad(image_buffer, d, L, dy_t, weight_grad);
+          with_block(d.block, [&](auto block) {
+            direct_weight_grad_image<acc_t, decltype(block)::value>(image_buffer, d, L, dy_t,
+                                                                      weight_grad);
+          });
         }
       } else if (need_weight_grad) {
         for (int64_t i = 0; i < count; ++i) {
@@ -924,9 +921,7 @@ void conv2d_backward_images(const at::Tensor& dy, const at::Tensor& x,
     for (int64_t thread = 0; thread < p.threads; ++thread) {
       const acc_t* part = weight_grad_of(thread);
       if (direct) {
-        for (int64_t o = 0; o < O; ++o) {
-          for (int64_t k = 0; k < K; ++k) total[o * K + k] += part[k * d.padded_o + o];
-        }
+        add_tap_major(part, O, K, d.padded_o, total);
       } else {
         for (int64_t e = 0; e < O * Kg; ++e) total[e] += part[e];
       }
@@ -964,8 +959,7 @@ void conv2d_forward_kernel(const at::Tensor& x, const at::Tensor& weight_acc,
   const bool direct = p.images_per_tile == 1 && std::is_same_v<scalar_t, acc_t>;
   const int64_t column_elems = reads_input_as_columns(g) && direct ? 0 : K * p.columns;
   const int64_t out_elems = direct ? 0 : O * p.columns;
-  at::Tensor buffers = at::empty({p.threads * (column_elems + out_elems)},
-                                 x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  at::Tensor buffers = scratch<acc_t>(x, p.threads * (column_elems + out_elems));
   record_column_buffer(p.threads * column_elems * int64_t(sizeof(acc_t)));
 
   const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
@@ -975,7 +969,7 @@ void conv2d_forward_kernel(const at::Tensor& x, const at::Tensor& weight_acc,
   acc_t* buffer_base = buffers.mutable_data_ptr<acc_t>();
 
   at::parallel_for(0, p.image_groups, 1, [&](int64_t begin, int64_t end) {
-    const int64_t thread = std::min<int64_t>(at::get_thread_num(), p.threads - 1);
+    const int64_t thread = thread_slot(p.threads);
     acc_t* columns_buffer = buffer_base + thread * (column_elems + out_elems);
     acc_t* out_buffer = columns_buffer + column_elems;
     for (int64_t group = begin; group < end; ++group) {
@@ -1076,8 +1070,7 @@ void conv2d_backward_kernel(const at::Tensor& dy, const at::Tensor& x, const at:
   const int64_t grad_acc_elems = (need_input_grad && !same_type) ? p.images_per_tile * image_elems : 0;
   const int64_t weight_acc_elems = need_weight_grad ? O * Kg : 0;
   const int64_t per_thread = column_elems + dy_elems + grad_acc_elems + weight_acc_elems;
-  at::Tensor buffers = at::empty({p.threads * per_thread},
-                                 x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  at::Tensor buffers = scratch<acc_t>(x, p.threads * per_thread);
   record_column_buffer(p.threads * column_elems * int64_t(sizeof(acc_t)));
   // Only the weight-gradient accumulators (the end of each thread's slice) need zeros.
   for (int64_t thread = 0; thread < p.threads; ++thread) {
@@ -1092,7 +1085,7 @@ void conv2d_backward_kernel(const at::Tensor& dy, const at::Tensor& x, const at:
   acc_t* buffer_base = buffers.mutable_data_ptr<acc_t>();
 
   at::parallel_for(0, p.image_groups, 1, [&](int64_t begin, int64_t end) {
-    const int64_t thread = std::min<int64_t>(at::get_thread_num(), p.threads - 1);
+    const int64_t thread = thread_slot(p.threads);
     acc_t* columns_buffer = buffer_base + thread * per_thread;
     acc_t* dy_buffer = columns_buffer + column_elems;
     acc_t* grad_acc = dy_buffer + dy_elems;
