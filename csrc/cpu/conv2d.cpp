@@ -509,7 +509,6 @@ void conv2d_forward_direct(const at::Tensor& x, const at::Tensor& weight_acc,
   const int64_t plane_elems = g.in_channels * table.plane_stride;
   const int64_t per_thread = plane_elems + d.padded_l * d.padded_o;
   at::Tensor buffers = scratch<acc_t>(x, p.threads * per_thread);
-  record_column_buffer(0);  // no column matrix on this path
 
   const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
   const acc_t* bias_ptr = bias_acc.defined() ? bias_acc.const_data_ptr<acc_t>() : nullptr;
@@ -697,7 +696,6 @@ void conv2d_forward_rows(const at::Tensor& x, const at::Tensor& weight_acc,
   const std::vector<acc_t> weight_t = weight_by_tap(weight_acc.const_data_ptr<acc_t>(), O, K, channels);
   const int64_t per_thread = g.in_channels * r.phases * r.plane_elems();
   at::Tensor buffers = scratch<acc_t>(x, threads * per_thread);
-  record_column_buffer(0);  // no column matrix on this path
   const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
   const acc_t* bias_ptr = bias_acc.defined() ? bias_acc.const_data_ptr<acc_t>() : nullptr;
   scalar_t* y_ptr = output.mutable_data_ptr<scalar_t>();
@@ -730,7 +728,6 @@ void conv2d_weight_grad_rows(const at::Tensor& dy, const at::Tensor& x, const Co
   const int64_t dy_elems = channels * g.out_h * row_len;
   const int64_t per_thread = phase_elems + dy_elems + K * channels;
   at::Tensor buffers = scratch<acc_t>(x, threads * per_thread);
-  record_column_buffer(0);
   acc_t* buffer_base = buffers.mutable_data_ptr<acc_t>();
   for (int64_t thread = 0; thread < threads; ++thread) {
     acc_t* dy_rows = buffer_base + thread * per_thread + phase_elems;
