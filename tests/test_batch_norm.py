@@ -42,7 +42,11 @@ def _ours_fn(x, rm, rv, w, b, training, momentum, eps, relu):
 @pytest.mark.parametrize("relu", [True, False])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("affine", [True, False])
-@pytest.mark.parametrize("shape", [(4, 3, 5, 6), (1, 2, 3, 3), (7, 5, 1, 1), (6, 4), (3, 2, 9)])
+# The CPU kernel has two layouts: rows (C * H * W <= 4096) and planes (larger maps, here
+# (2, 3, 40, 41), whose 1640-value planes also span two summation blocks); (70, 3, 4, 5) has
+# three blocks of images and rows whose length is no multiple of the vector chunk.
+@pytest.mark.parametrize("shape", [(4, 3, 5, 6), (1, 2, 3, 3), (7, 5, 1, 1), (6, 4), (3, 2, 9),
+                                   (70, 3, 4, 5), (2, 3, 40, 41)])
 def test_batch_norm_float64_matches_torch(shape, affine, training, relu, device):
     dtype = torch.float64
     channels = shape[1]
@@ -67,11 +71,13 @@ def test_batch_norm_float64_matches_torch(shape, affine, training, relu, device)
 @pytest.mark.parametrize("relu", [True, False])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("layout", ["contiguous", "noncontiguous", "channels_last"])
-def test_batch_norm_float32_within_torch_error(layout, training, relu, device):
-    x = make_layout(torch.randn(8, 6, 7, 9, device=device) * 2 + 4, layout)
-    weight = torch.randn(6, device=device)
-    bias = torch.randn(6, device=device)
-    stats = [torch.randn(6, device=device), torch.rand(6, device=device) + 0.5]
+@pytest.mark.parametrize("shape", [(8, 6, 7, 9), (40, 5, 3, 3), (3, 4, 33, 35)])  # rows, rows, planes
+def test_batch_norm_float32_within_torch_error(shape, layout, training, relu, device):
+    channels = shape[1]
+    x = make_layout(torch.randn(shape, device=device) * 2 + 4, layout)
+    weight = torch.randn(channels, device=device)
+    bias = torch.randn(channels, device=device)
+    stats = [torch.randn(channels, device=device), torch.rand(channels, device=device) + 0.5]
     ours, our_grads, dy = _run(_ours_fn, x, weight, bias, [s.clone() for s in stats], training, 0.1, 1e-5, relu)
     theirs, their_grads, _ = _run(_reference_bn, x, weight, bias, [s.clone() for s in stats], training, 0.1, 1e-5, relu, dy)
     ref, ref_grads, _ = _run(
@@ -86,8 +92,9 @@ def test_batch_norm_float32_within_torch_error(layout, training, relu, device):
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
 @pytest.mark.parametrize("relu", [True, False])
 @pytest.mark.parametrize("training", [True, False])
-def test_batch_norm_bfloat16(training, relu, device):
-    x = torch.randn(4, 3, 6, 6, device=device).bfloat16()
+@pytest.mark.parametrize("shape", [(4, 3, 6, 6), (2, 3, 40, 41)])  # rows, planes
+def test_batch_norm_bfloat16(shape, training, relu, device):
+    x = torch.randn(shape, device=device).bfloat16()
     weight = torch.randn(3, device=device).bfloat16()
     bias = torch.randn(3, device=device).bfloat16()
     stats = [torch.randn(3, device=device).bfloat16(), (torch.rand(3, device=device) + 0.5).bfloat16()]
@@ -95,9 +102,29 @@ def test_batch_norm_bfloat16(training, relu, device):
     theirs, their_grads, _ = _run(_reference_bn, x, weight, bias, [s.clone() for s in stats], training, 0.1, 1e-5, relu, dy)
     assert ours.dtype == torch.bfloat16
     torch.testing.assert_close(ours, theirs, rtol=2e-2, atol=2e-2)
-    for g_ours, g_theirs in zip(our_grads, their_grads):
-        assert g_ours.dtype == g_theirs.dtype
-        torch.testing.assert_close(g_ours, g_theirs, rtol=5e-2, atol=5e-2)
+    # Gradients: our error against a float64 run on the same inputs at most 2x PyTorch's
+    # (whose bf16 autograd rounds in between: its weight gradient is off by up to ~3 where
+    # ours is off by ~0.1). Where the pre-activation is within bf16 rounding of 0, either side's
+    # ReLU may pass or block the gradient (both are right): the input gradient is compared
+    # elsewhere.
+    _, ref_grads, _ = _run(
+        _reference_bn, x.double(), weight.double(), bias.double(), [s.double() for s in stats],
+        training, 0.1, 1e-5, relu, dy.double(),
+    )
+    x64 = x.double()
+    if training:
+        mean = x64.mean(dim=(0, 2, 3), keepdim=True)
+        var = x64.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+    else:
+        mean, var = (s.double().view(1, -1, 1, 1) for s in stats)
+    pre = (x64 - mean) / torch.sqrt(var + 1e-5) * weight.double().view(1, -1, 1, 1) + bias.double().view(1, -1, 1, 1)
+    decided = pre.abs() > 0.05 if relu else torch.ones_like(pre, dtype=torch.bool)
+    assert decided.float().mean() > 0.9
+    for name, g_ours, g_theirs, g_ref in zip(("input", "weight", "bias"), our_grads, their_grads, ref_grads):
+        assert g_ours.dtype == g_theirs.dtype == torch.bfloat16
+        if name == "input":
+            g_ours, g_theirs, g_ref = g_ours[decided], g_theirs[decided], g_ref[decided]
+        assert_close_to_reference(g_ours, g_theirs, g_ref, factor=2.0, name=name)
 
 
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
