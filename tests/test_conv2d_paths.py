@@ -79,6 +79,26 @@ def test_conv2d_path_matches_torch(path, dtype, input_grad, monkeypatch):
         assert_close_to_reference(a, b, r, name=f"{path} {name}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_rows_path_weight_gradient_alone(dtype):
+    """The row path's backward when only the weight gradient is wanted (bias and input
+    gradients masked off: the bias gradient is otherwise summed in the same pass), through
+    the backward op directly."""
+    x = torch.randn(6, 1, 28, 28, dtype=dtype)
+    weight = torch.randn(8, 1, 5, 5, dtype=dtype)
+    dy = torch.randn(6, 8, 14, 14, dtype=dtype)
+    args = ([2, 2], [2, 2], [1, 1], 1)
+    grads = torch.ops.convkit.conv2d_backward(dy, x, weight, *args, [False, True, False])
+    assert grads[0].numel() == 0 and grads[2].numel() == 0
+    expected = torch.nn.grad.conv2d_weight(x.double(), weight.shape, dy.double(), 2, 2)
+    tolerance = 1e-10 if dtype == torch.float64 else 1e-3
+    torch.testing.assert_close(grads[1].double(), expected, rtol=tolerance, atol=tolerance)
+    both = torch.ops.convkit.conv2d_backward(dy, x, weight, *args, [False, True, True])
+    torch.testing.assert_close(both[1], grads[1], rtol=0, atol=0)
+    torch.testing.assert_close(both[2].double(), dy.double().sum(dim=(0, 2, 3)), rtol=tolerance,
+                               atol=tolerance)
+
+
 def test_column_buffer_peak_respects_budget(monkeypatch):
     """The reported column-buffer peak of a call stays within CONVKIT_COLUMN_BUDGET_MB
     (whenever one output row of one image fits it)."""

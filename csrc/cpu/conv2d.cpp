@@ -53,14 +53,26 @@
 //   1x1 without im2col: fwd+bwd 0.4-1.3x oneDNN per chapter layer, step 1.03x.
 // Version 3: path 3 (gather table) for narrow outputs, >= 384 columns per tile: the 64->10
 //   forward 2.3 -> 0.18 ms; ResNet-18 layer4 fwd+bwd 4.2x -> 1.5x oneDNN.
-// Version 4 (this file): paths 1 and 2, built for the host CPU (-march=native): chapter
-//   forwards 1.0-0.6 ms -> 0.66/0.46/0.88 ms (layers 1-3); step 0.73-0.89x torch.
+// Version 4: paths 1 and 2, built for the host CPU (-march=native): chapter forwards
+//   1.0-0.6 ms -> 0.66/0.46/0.88 ms (layers 1-3); step 0.73-0.89x torch.
+// Version 5 (this file): path 1 without bookkeeping in its inner loops: per-tap offsets
+//   built once per call (the shift's division by the stride was an idiv per tap), masked
+//   AVX-512 loads/stores for rows' partial last vectors (14 of 16 lanes in the first layer;
+//   the scalar stores were a third of the forward), phase planes zeroed once per call and
+//   de-interleaved with a compile-time stride, the bias gradient summed from the dY rows the
+//   weight gradient copies anyway. First layer at N=512, 2 threads: forward 0.72 -> 0.39 ms
+//   (oneDNN 0.52), weight+bias gradient 0.76 -> 0.63 ms (oneDNN 0.59); its kernels now run
+//   at one 16-lane FMA per cycle, the floor above with 14 of 16 lanes used.
 //   Measurements in BENCHMARKS.md.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <array>
@@ -569,69 +581,116 @@ RowLayout make_row_layout(const Conv2dGeometry& g) {
   return r;
 }
 
+// dst[j] = src[j * Stride] for j < count; Stride 1 and 2 (the chapter's first layer) are
+// compile-time constants, which lets the compiler vectorise the de-interleave.
+template <int64_t Stride, typename scalar_t, typename acc_t>
+inline void copy_strided(const scalar_t* __restrict src, int64_t stride, int64_t count,
+                         acc_t* __restrict dst) {
+  const int64_t step = Stride > 0 ? Stride : stride;
+#pragma omp simd
+  for (int64_t j = 0; j < count; ++j) dst[j] = static_cast<acc_t>(src[j * step]);
+}
+
 // phases[(c * stride_w + ph) * plane + ih * width + j] = padded input (c, ih, j * stride_w + ph)
+// for the entries that hold input values. The rest (padding, slack) is the same for every
+// image: split_phases never writes it, so a buffer zeroed once per call keeps it zero.
 template <typename scalar_t, typename acc_t>
 void split_phases(const scalar_t* image, const Conv2dGeometry& g, const RowLayout& r,
                   acc_t* phases) {
   const int64_t plane = r.plane_elems();
-  std::fill(phases, phases + g.in_channels * r.phases * plane, acc_t(0));
   for (int64_t c = 0; c < g.in_channels; ++c) {
     for (int64_t ph = 0; ph < r.phases; ++ph) {
       // Phase ph holds padded columns ph, ph + s, ...: input columns j * s + ph - pad_w.
       int64_t j_begin = 0, j_end = 0;
       conv_valid_output_range(g.in_w, r.phase_width, 0, r.phases, g.pad_w - ph, 1, &j_begin,
                               &j_end);
+      const int64_t iw0 = j_begin * r.phases + ph - g.pad_w;
       for (int64_t ih = 0; ih < g.in_h; ++ih) {
-        const scalar_t* src = image + (c * g.in_h + ih) * g.in_w;
-        acc_t* dst = phases + (c * r.phases + ph) * plane + (ih + g.pad_h) * r.phase_width;
-        const int64_t iw0 = j_begin * r.phases + ph - g.pad_w;
-        for (int64_t j = j_begin; j < j_end; ++j) {
-          dst[j] = static_cast<acc_t>(src[iw0 + (j - j_begin) * r.phases]);
+        const scalar_t* src = image + (c * g.in_h + ih) * g.in_w + iw0;
+        acc_t* dst = phases + (c * r.phases + ph) * plane + (ih + g.pad_h) * r.phase_width + j_begin;
+        switch (r.phases) {
+          case 1: copy_strided<1>(src, 1, j_end - j_begin, dst); break;
+          case 2: copy_strided<2>(src, 2, j_end - j_begin, dst); break;
+          default: copy_strided<0>(src, r.phases, j_end - j_begin, dst); break;
         }
       }
     }
   }
 }
 
-// The run of kRowLanes inputs that tap (c, kh, kw) reads for output row oh from column ow0.
-template <typename acc_t>
-inline const acc_t* tap_run(const acc_t* phases, const Conv2dGeometry& g, const RowLayout& r,
-                            int64_t c, int64_t kh, int64_t kw, int64_t oh, int64_t ow0) {
-  const int64_t shift = kw * g.dilation_w;
-  const int64_t ih = oh * g.stride_h + kh * g.dilation_h;
-  return phases + (c * r.phases + shift % r.phases) * r.plane_elems() + ih * r.phase_width +
-         ow0 + shift / r.phases;
+// Where tap k = (c, kh, kw) reads, relative to the start of output row oh's input row
+// (oh * stride_h * phase_width) plus the run's first column: built once per call, since the
+// shift's division by the stride (an idiv per tap) dominated v4's inner loops.
+std::vector<int64_t> make_tap_offsets(const Conv2dGeometry& g, const RowLayout& r) {
+  std::vector<int64_t> offsets(g.column_rows());
+  int64_t k = 0;
+  for (int64_t c = 0; c < g.in_channels; ++c) {
+    for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+      for (int64_t kw = 0; kw < g.kernel_w; ++kw, ++k) {
+        const int64_t shift = kw * g.dilation_w;
+        offsets[k] = (c * r.phases + shift % r.phases) * r.plane_elems() +
+                     kh * g.dilation_h * r.phase_width + shift / r.phases;
+      }
+    }
+  }
+  return offsets;
+}
+
+// dst[lane] = value[lane] + bias for lane < lanes (an output row's last vector is partial:
+// 14 of 16 lanes in the chapter's first layer). AVX-512 stores it with one masked store
+// where v4's scalar loop spent a third of the forward; load_lanes below is its inverse.
+template <typename scalar_t, typename acc_t>
+inline void store_lanes(scalar_t* dst, const acc_t (&value)[kRowLanes], acc_t bias, int64_t lanes) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float> && kRowLanes == 16) {
+    const __m512 sum = _mm512_add_ps(_mm512_loadu_ps(value), _mm512_set1_ps(bias));
+    _mm512_mask_storeu_ps(dst, static_cast<__mmask16>((1u << lanes) - 1u), sum);
+    return;
+  }
+#endif
+  for (int64_t lane = 0; lane < lanes; ++lane) dst[lane] = static_cast<scalar_t>(value[lane] + bias);
+}
+
+// value[lane] = src[lane] for lane < lanes and 0 beyond, reading nothing past lanes.
+template <typename scalar_t, typename acc_t>
+inline void load_lanes(acc_t (&value)[kRowLanes], const scalar_t* src, int64_t lanes) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float> && kRowLanes == 16) {
+    _mm512_storeu_ps(value, _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << lanes) - 1u), src));
+    return;
+  }
+#endif
+  for (int64_t lane = 0; lane < kRowLanes; ++lane) {
+    value[lane] = lane < lanes ? static_cast<acc_t>(src[lane]) : acc_t(0);
+  }
 }
 
 // out[o, oh, ow] = bias[o] + sum over taps of weight[o, tap] * input run, for one image.
 template <typename scalar_t, typename acc_t, int Channels>
 void row_direct_forward_image(const acc_t* __restrict phases, const Conv2dGeometry& g,
-                              const RowLayout& r, const acc_t* __restrict weight_t,
-                              const acc_t* bias, scalar_t* __restrict out) {
+                              const RowLayout& r, const int64_t* __restrict tap_offsets,
+                              const acc_t* __restrict weight_t, const acc_t* bias,
+                              scalar_t* __restrict out) {
   const int64_t O = g.out_channels;
+  const int64_t K = g.column_rows();
   const int64_t L = g.out_area();
   for (int64_t oh = 0; oh < g.out_h; ++oh) {
+    const acc_t* row = phases + oh * g.stride_h * r.phase_width;
     for (int64_t v = 0; v < r.row_vectors; ++v) {
       const int64_t ow0 = v * kRowLanes;
       acc_t acc[Channels][kRowLanes] = {};
-      int64_t k = 0;
-      for (int64_t c = 0; c < g.in_channels; ++c) {
-        for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
-          for (int64_t kw = 0; kw < g.kernel_w; ++kw, ++k) {
-            const acc_t* __restrict run = tap_run(phases, g, r, c, kh, kw, oh, ow0);
-            const acc_t* __restrict w = weight_t + k * Channels;
-            for (int o = 0; o < Channels; ++o) {
+      for (int64_t k = 0; k < K; ++k) {
+        const acc_t* __restrict run = row + tap_offsets[k] + ow0;
+        const acc_t* __restrict w = weight_t + k * Channels;
+        for (int o = 0; o < Channels; ++o) {
 #pragma omp simd
-              for (int lane = 0; lane < kRowLanes; ++lane) acc[o][lane] += w[o] * run[lane];
-            }
-          }
+          for (int lane = 0; lane < kRowLanes; ++lane) acc[o][lane] += w[o] * run[lane];
         }
       }
       const int64_t lanes = std::min<int64_t>(kRowLanes, g.out_w - ow0);
       for (int64_t o = 0; o < O; ++o) {
         const acc_t b = bias != nullptr ? bias[o] : acc_t(0);
-        scalar_t* dst = out + o * L + oh * g.out_w + ow0;
-        for (int64_t lane = 0; lane < lanes; ++lane) dst[lane] = static_cast<scalar_t>(acc[o][lane] + b);
+        store_lanes(out + o * L + oh * g.out_w + ow0, acc[o], b, lanes);
       }
     }
   }
@@ -644,30 +703,28 @@ constexpr int kRowAccumulators = 16;
 
 template <typename acc_t, int Channels>
 void row_direct_weight_grad_image(const acc_t* __restrict phases, const Conv2dGeometry& g,
-                                  const RowLayout& r, const acc_t* __restrict dy_rows,
+                                  const RowLayout& r, const int64_t* __restrict tap_offsets,
+                                  const acc_t* __restrict dy_rows,
                                   acc_t* __restrict weight_grad_t) {
   constexpr int Taps = kRowAccumulators / Channels;
   const int64_t row_len = r.row_vectors * kRowLanes;
-  const int64_t kA = g.kernel_area();
   const int64_t K = g.column_rows();
   for (int64_t k0 = 0; k0 < K; k0 += Taps) {
     const int taps = static_cast<int>(std::min<int64_t>(Taps, K - k0));
+    int64_t tap_offset[Taps];
+    // A short last block repeats its last tap (and drops the sums).
+    for (int t = 0; t < Taps; ++t) tap_offset[t] = tap_offsets[k0 + std::min(t, taps - 1)];
     acc_t acc[Taps][Channels][kRowLanes] = {};
     for (int64_t oh = 0; oh < g.out_h; ++oh) {
+      const acc_t* row = phases + oh * g.stride_h * r.phase_width;
       for (int64_t v = 0; v < r.row_vectors; ++v) {
-        const acc_t* run[Taps];
-        for (int t = 0; t < Taps; ++t) {
-          const int64_t k = k0 + std::min(t, taps - 1);  // a short last block repeats a tap
-          const int64_t c = k / kA;
-          const int64_t kh = (k % kA) / g.kernel_w;
-          const int64_t kw = k % g.kernel_w;
-          run[t] = tap_run(phases, g, r, c, kh, kw, oh, v * kRowLanes);
-        }
+        const acc_t* base = row + v * kRowLanes;
         for (int o = 0; o < Channels; ++o) {
           const acc_t* __restrict d = dy_rows + (o * g.out_h + oh) * row_len + v * kRowLanes;
           for (int t = 0; t < Taps; ++t) {
+            const acc_t* __restrict run = base + tap_offset[t];
 #pragma omp simd
-            for (int lane = 0; lane < kRowLanes; ++lane) acc[t][o][lane] += d[lane] * run[t][lane];
+            for (int lane = 0; lane < kRowLanes; ++lane) acc[t][o][lane] += d[lane] * run[lane];
           }
         }
       }
@@ -692,10 +749,12 @@ void conv2d_forward_rows(const at::Tensor& x, const at::Tensor& weight_acc,
   const int64_t L = g.out_area();
   const int64_t image_elems = g.in_channels * g.in_area();
   const RowLayout r = make_row_layout(g);
+  const std::vector<int64_t> tap_offsets = make_tap_offsets(g, r);
   const int64_t channels = O <= 8 ? 8 : kMaxRowChannels;
   const std::vector<acc_t> weight_t = weight_by_tap(weight_acc.const_data_ptr<acc_t>(), O, K, channels);
   const int64_t per_thread = g.in_channels * r.phases * r.plane_elems();
-  at::Tensor buffers = scratch<acc_t>(x, threads * per_thread);
+  // Zeroed once: split_phases leaves the padding alone (see there).
+  at::Tensor buffers = scratch<acc_t>(x, threads * per_thread).zero_();
   const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
   const acc_t* bias_ptr = bias_acc.defined() ? bias_acc.const_data_ptr<acc_t>() : nullptr;
   scalar_t* y_ptr = output.mutable_data_ptr<scalar_t>();
@@ -707,35 +766,37 @@ void conv2d_forward_rows(const at::Tensor& x, const at::Tensor& weight_acc,
       split_phases(x_ptr + b * image_elems, g, r, phases);
       with_block(channels, [&](auto block) {
         row_direct_forward_image<scalar_t, acc_t, decltype(block)::value>(
-            phases, g, r, weight_t.data(), bias_ptr, y_ptr + b * O * L);
+            phases, g, r, tap_offsets.data(), weight_t.data(), bias_ptr, y_ptr + b * O * L);
       });
     }
   });
 }
 
+// grad_bias (when given) is summed on the way: each dY plane is copied into dy_rows anyway.
 template <typename scalar_t>
 void conv2d_weight_grad_rows(const at::Tensor& dy, const at::Tensor& x, const Conv2dGeometry& g,
-                             int64_t threads, at::Tensor& grad_weight_acc) {
+                             int64_t threads, at::Tensor& grad_weight_acc, scalar_t* grad_bias) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t O = g.out_channels;
   const int64_t K = g.column_rows();
   const int64_t L = g.out_area();
   const int64_t image_elems = g.in_channels * g.in_area();
   const RowLayout r = make_row_layout(g);
+  const std::vector<int64_t> tap_offsets = make_tap_offsets(g, r);
   const int64_t channels = O <= 8 ? 8 : kMaxRowChannels;
   const int64_t row_len = r.row_vectors * kRowLanes;
   const int64_t phase_elems = g.in_channels * r.phases * r.plane_elems();
   const int64_t dy_elems = channels * g.out_h * row_len;
   const int64_t per_thread = phase_elems + dy_elems + K * channels;
-  at::Tensor buffers = scratch<acc_t>(x, threads * per_thread);
+  // Zeroed once: the phase planes' padding, dY's padded lanes and channels stay zero for the
+  // whole call, and the weight sums start at zero.
+  at::Tensor buffers = scratch<acc_t>(x, threads * per_thread).zero_();
   acc_t* buffer_base = buffers.mutable_data_ptr<acc_t>();
-  for (int64_t thread = 0; thread < threads; ++thread) {
-    acc_t* dy_rows = buffer_base + thread * per_thread + phase_elems;
-    // Padded lanes and channels stay zero for the whole call; the weight sums start at zero.
-    std::fill(dy_rows, dy_rows + dy_elems + K * channels, acc_t(0));
-  }
   const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
   const scalar_t* dy_ptr = dy.const_data_ptr<scalar_t>();
+  // Per (image, channel) sums of dY, totalled in image order below: the same bias gradient
+  // on any number of threads.
+  std::vector<double> plane_sums(g.batch * O);
   at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
     const int64_t thread = thread_slot(threads);
     acc_t* phases = buffer_base + thread * per_thread;
@@ -744,15 +805,27 @@ void conv2d_weight_grad_rows(const at::Tensor& dy, const at::Tensor& x, const Co
     for (int64_t b = begin; b < end; ++b) {
       split_phases(x_ptr + b * image_elems, g, r, phases);
       for (int64_t o = 0; o < O; ++o) {
+        acc_t* channel_rows = dy_rows + o * g.out_h * row_len;
         for (int64_t oh = 0; oh < g.out_h; ++oh) {
           const scalar_t* src = dy_ptr + (b * O + o) * L + oh * g.out_w;
-          acc_t* dst = dy_rows + (o * g.out_h + oh) * row_len;
-          for (int64_t ow = 0; ow < g.out_w; ++ow) dst[ow] = static_cast<acc_t>(src[ow]);
+          for (int64_t v = 0; v < r.row_vectors; ++v) {
+            const int64_t ow0 = v * kRowLanes;
+            acc_t value[kRowLanes];
+            load_lanes(value, src + ow0, std::min<int64_t>(kRowLanes, g.out_w - ow0));
+            std::copy(value, value + kRowLanes, channel_rows + oh * row_len + ow0);
+          }
         }
+        // The plane's sum from the padded rows just written (zeros past out_w): one
+        // contiguous reduction, where summing along the copy kept a chain through memory.
+        const acc_t* __restrict rows = channel_rows;
+        acc_t plane = acc_t(0);
+#pragma omp simd reduction(+ : plane)
+        for (int64_t e = 0; e < g.out_h * row_len; ++e) plane += rows[e];
+        plane_sums[b * O + o] = static_cast<double>(plane);
       }
       with_block(channels, [&](auto block) {
-        row_direct_weight_grad_image<acc_t, decltype(block)::value>(phases, g, r, dy_rows,
-                                                                    weight_grad_t);
+        row_direct_weight_grad_image<acc_t, decltype(block)::value>(
+            phases, g, r, tap_offsets.data(), dy_rows, weight_grad_t);
       });
     }
   });
@@ -760,6 +833,12 @@ void conv2d_weight_grad_rows(const at::Tensor& dy, const at::Tensor& x, const Co
   for (int64_t thread = 0; thread < threads; ++thread) {
     add_tap_major(buffer_base + thread * per_thread + phase_elems + dy_elems, O, K, channels,
                   total);
+  }
+  if (grad_bias == nullptr) return;
+  for (int64_t o = 0; o < O; ++o) {
+    double sum = 0.0;
+    for (int64_t b = 0; b < g.batch; ++b) sum += plane_sums[b * O + o];
+    grad_bias[o] = static_cast<scalar_t>(sum);
   }
 }
 
@@ -1031,22 +1110,26 @@ at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
   return output;
 }
 
+// Returns whether it also computed grad_bias (given when wanted): only the row path does.
 template <typename scalar_t>
-void conv2d_backward_kernel(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight_acc,
+bool conv2d_backward_kernel(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight_acc,
                             const Conv2dGeometry& g, bool need_input_grad, bool need_weight_grad,
-                            at::Tensor& grad_input, at::Tensor& grad_weight_acc) {
+                            at::Tensor& grad_input, at::Tensor& grad_weight_acc,
+                            at::Tensor* grad_bias) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool same_type = std::is_same_v<scalar_t, acc_t>;
   const TilePlan p = plan_tiles(g, sizeof(acc_t));
   if (row_direct_fits(g) && need_weight_grad && !need_input_grad) {
     // A first layer in training: only the weight gradient, along output rows.
-    conv2d_weight_grad_rows<scalar_t>(dy, x, g, p.threads, grad_weight_acc);
-    return;
+    conv2d_weight_grad_rows<scalar_t>(
+        dy, x, g, p.threads, grad_weight_acc,
+        grad_bias != nullptr ? grad_bias->mutable_data_ptr<scalar_t>() : nullptr);
+    return grad_bias != nullptr;
   }
   if (image_path_fits(g, p)) {
     conv2d_backward_images<scalar_t>(dy, x, weight_acc, g, p, need_input_grad, need_weight_grad,
                                      grad_input, grad_weight_acc);
-    return;
+    return false;
   }
   const int64_t O = g.out_channels;
   const int64_t C = g.in_channels;
@@ -1169,6 +1252,7 @@ void conv2d_backward_kernel(const at::Tensor& dy, const at::Tensor& x, const at:
       for (int64_t e = 0; e < O * Kg; ++e) total[e] += part[e];
     }
   }
+  return false;
 }
 
 // The bias gradient: each (image, channel) plane summed in acc_t, planes in double.
@@ -1212,16 +1296,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
   at::Tensor grad_bias = output_mask[2] ? at::empty({O}, x.options()) : at::empty({0}, x.options());
 
   const bool columns_pass = (output_mask[0] || output_mask[1]) && g.batch > 0 && g.out_area() > 0;
+  bool bias_done = false;
   if (columns_pass) {
     const at::Tensor weight_acc = weight.to(acc_type).contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv2d_backward", [&] {
-      conv2d_backward_kernel<scalar_t>(dy, x, weight_acc, g, output_mask[0], output_mask[1],
-                                       grad_input, grad_weight_acc);
+      bias_done = conv2d_backward_kernel<scalar_t>(dy, x, weight_acc, g, output_mask[0],
+                                                   output_mask[1], grad_input, grad_weight_acc,
+                                                   output_mask[2] ? &grad_bias : nullptr);
     });
   } else if (output_mask[0]) {
     grad_input.zero_();
   }
-  if (output_mask[2] && O > 0) {
+  if (output_mask[2] && O > 0 && !bias_done) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv2d_bias_grad", [&] {
       conv2d_bias_grad(dy.const_data_ptr<scalar_t>(), g, grad_bias.mutable_data_ptr<scalar_t>());
     });
