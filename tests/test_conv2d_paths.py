@@ -31,6 +31,10 @@ PATHS = {
     "image_path_gemm_o40": (7, 12, 6, 6, 40, 3, 2, 1, 1, 1, None),
     "image_path_one_position": (9, 24, 2, 2, 10, 3, 2, 1, 1, 1, None),
     "image_path_grouped": (4, 12, 5, 5, 12, 3, 1, 1, 1, 3, None),
+    # A weight matrix of >= 2 MiB: the image path's shared tiles (all threads on one tile),
+    # in one tile and, under a small budget, in tiles of 2 + 1 images.
+    "image_path_shared_tiles": (3, 256, 6, 6, 256, 3, 1, 1, 1, 1, None),
+    "image_path_shared_tiles_budget": (3, 256, 6, 6, 256, 3, 1, 1, 1, 1, "0.7"),
     "band_path_rows": (3, 6, 12, 14, 40, 3, 1, 1, 1, 1, "0.02"),
     "band_path_strided_grouped": (2, 8, 15, 13, 44, 3, 2, 1, 1, 2, "0.01"),
     "band_path_1x1": (3, 16, 10, 9, 36, 1, 1, 0, 1, 1, "0.01"),
@@ -63,6 +67,16 @@ def test_conv2d_path_matches_torch(path, dtype, input_grad, monkeypatch):
     budget = spec[-1]
     if budget is not None:
         monkeypatch.setenv("CONVKIT_COLUMN_BUDGET_MB", budget)
+    threads = torch.get_num_threads()
+    if "shared_tiles" in path:
+        torch.set_num_threads(max(threads, 2))  # shared tiles are for several threads
+    try:
+        _check_path(path, spec, dtype, input_grad)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_path(path, spec, dtype, input_grad):
     x, weight, bias, kwargs = _tensors(spec, dtype, input_grad)
     dy = torch.randn_like(F.conv2d(x.detach(), weight.detach(), bias.detach(), **kwargs))
     ours = _run(convkit.conv2d, x, weight, bias, kwargs, dy)

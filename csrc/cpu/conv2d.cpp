@@ -19,7 +19,9 @@
 //     channels (late layers have rows of 1-4 values, where per-row bookkeeping costs more
 //     than the copy); one BLAS GEMM per group per tile of images reads it as a transposed
 //     operand. Backward: dW += dY @ columns, dcolumns = dY^T @ W scattered back (in a fixed
-//     order, deterministic).
+//     order, deterministic). Weight matrices of >= 2 MiB (ResNet's 512-channel layers) take
+//     shared tiles instead: one tile at a time for all threads, the gather and scatter split
+//     over images, one BLAS-threaded GEMM that shares its packed weights.
 //  4. Band path (everything else: large images): a tile is a band of output rows of one
 //     image, its [K, n] columns copied row-wise (vectorised runs), one GEMM per group straight
 //     into the output (ldc = oH*oW); 1x1 stride-1 convs read the input as their columns.
@@ -62,7 +64,10 @@
 //   de-interleaved with a compile-time stride, the bias gradient summed from the dY rows the
 //   weight gradient copies anyway. First layer at N=512, 2 threads: forward 0.72 -> 0.39 ms
 //   (oneDNN 0.52), weight+bias gradient 0.76 -> 0.63 ms (oneDNN 0.59); its kernels now run
-//   at one 16-lane FMA per cycle, the floor above with 14 of 16 lanes used.
+//   at one 16-lane FMA per cycle, the floor above with 14 of 16 lanes used. Shared tiles for
+//   large weight matrices (path 3): ResNet-18 layer4 at N=32 forward 51 -> 46 ms, backward
+//   110 -> 87-96 ms (MKL's GEMM alone: ~100 GFLOP/s on one core, ~190 on both sharing one
+//   GEMM, ~145 as two independent GEMMs; oneDNN's own convolution reaches ~260).
 //   Measurements in BENCHMARKS.md.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -114,6 +119,14 @@ constexpr int64_t kTileBytes = int64_t(384) << 10;
 // enough to hide its load: layers with large weight matrices (ResNet's 256-512 channels)
 // would otherwise stream megabytes of weights for a few dozen columns.
 constexpr int64_t kMinTileColumns = 384;
+
+// A group's weight matrix at least this large (ResNet-18's 512-channel 3x3: 9.4 MB) does not
+// stay in a core's cache next to a tile, and each thread re-streamed it for its own tiles:
+// MKL ran at ~72 GFLOP/s per core that way, and at ~95-100 when both threads work on one
+// GEMM (it shares the packed weight panels). Such layers on the image path take "shared
+// tiles": one tile at a time, the gather and scatter split over images between the threads,
+// one BLAS-threaded GEMM.
+constexpr int64_t kSharedTileWeightBytes = int64_t(2) << 20;
 
 // How the output columns are cut into tiles.
 struct TilePlan {
@@ -1007,6 +1020,150 @@ void conv2d_backward_images(const at::Tensor& dy, const at::Tensor& x,
 
 // ---- The band path: one image per tile, a band of its output rows, [K, n] columns.
 
+// ---- Shared tiles (image path, large weight matrices: see kSharedTileWeightBytes).
+bool shared_tiles_fit(const Conv2dGeometry& g, int64_t acc_size) {
+  const int64_t weight_bytes =
+      g.out_channels / g.groups * (g.column_rows() / g.groups) * acc_size;
+  return at::get_num_threads() > 1 && weight_bytes >= kSharedTileWeightBytes;
+}
+
+// Whole images per tile: all threads' share of the column budget in one tile, cut so that
+// the tiles are of equal size (a short last tile is a thin GEMM).
+TilePlan plan_shared_tiles(const Conv2dGeometry& g, int64_t acc_size) {
+  TilePlan p = plan_tiles(g, acc_size);
+  const int64_t L = std::max<int64_t>(g.out_area(), 1);
+  const int64_t column_bytes = std::max<int64_t>(g.column_rows() * acc_size, 1);
+  const int64_t budget_columns = column_budget_bytes() / column_bytes;
+  const int64_t preferred = p.threads * std::max(kTileBytes / column_bytes, kMinTileColumns);
+  const int64_t target_images = std::max<int64_t>(1, std::min(preferred, budget_columns) / L);
+  const int64_t tiles = (g.batch + target_images - 1) / target_images;
+  p.images_per_tile = std::max<int64_t>(1, (g.batch + tiles - 1) / std::max<int64_t>(tiles, 1));
+  p.rows_per_tile = g.out_h;
+  p.bands = 1;
+  p.image_groups = (g.batch + p.images_per_tile - 1) / p.images_per_tile;
+  p.columns = p.images_per_tile * L;
+  return p;
+}
+
+template <typename scalar_t>
+void conv2d_forward_shared(const at::Tensor& x, const at::Tensor& weight_acc,
+                           const at::Tensor& bias_acc, const Conv2dGeometry& g,
+                           const TilePlan& p, at::Tensor& output) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t O = g.out_channels;
+  const int64_t K = g.column_rows();
+  const int64_t L = g.out_area();
+  const int64_t Og = O / g.groups;
+  const int64_t Kg = K / g.groups;
+  const int64_t image_elems = g.in_channels * g.in_area();
+  const GatherTable table = make_gather_table(g);
+  const int64_t column_elems = K * p.columns;
+  const int64_t plane_elems = g.in_channels * table.plane_stride;
+  at::Tensor buffers = scratch<acc_t>(x, column_elems + O * p.columns + p.threads * plane_elems);
+  record_column_buffer(column_elems * int64_t(sizeof(acc_t)));
+
+  const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+  const acc_t* w_ptr = weight_acc.const_data_ptr<acc_t>();
+  const acc_t* bias_ptr = bias_acc.defined() ? bias_acc.const_data_ptr<acc_t>() : nullptr;
+  scalar_t* y_ptr = output.mutable_data_ptr<scalar_t>();
+  acc_t* columns_t = buffers.mutable_data_ptr<acc_t>();
+  acc_t* out = columns_t + column_elems;
+  acc_t* planes = out + O * p.columns;
+  for (int64_t group = 0; group < p.image_groups; ++group) {
+    const int64_t first = group * p.images_per_tile;
+    const int64_t count = std::min(p.images_per_tile, g.batch - first);
+    const int64_t n = count * L;
+    at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+      acc_t* image_copy = planes + thread_slot(p.threads) * plane_elems;
+      for (int64_t i = begin; i < end; ++i) {
+        copy_planes(x_ptr + (first + i) * image_elems, g, image_copy);
+        gather_image_columns(image_copy, g, table, columns_t + i * L * K);
+      }
+    });
+    // Outside any parallel region: BLAS runs on all threads.
+    for (int64_t grp = 0; grp < g.groups; ++grp) {
+      cpu::gemm<acc_t>(false, true, Og, n, Kg, acc_t(1), w_ptr + grp * Og * Kg, Kg,
+                       columns_t + grp * Kg, K, acc_t(0), out + grp * Og * n, n);
+    }
+    at::parallel_for(0, count * O, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const int64_t i = plane / O;
+        const int64_t o = plane % O;
+        const acc_t* src = out + o * n + i * L;
+        scalar_t* dst = y_ptr + (first + i) * O * L + o * L;
+        const acc_t b = bias_ptr != nullptr ? bias_ptr[o] : acc_t(0);
+        for (int64_t l = 0; l < L; ++l) dst[l] = static_cast<scalar_t>(src[l] + b);
+      }
+    });
+  }
+}
+
+template <typename scalar_t>
+void conv2d_backward_shared(const at::Tensor& dy, const at::Tensor& x,
+                            const at::Tensor& weight_acc, const Conv2dGeometry& g,
+                            const TilePlan& p, bool need_input_grad, bool need_weight_grad,
+                            at::Tensor& grad_input, at::Tensor& grad_weight_acc) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t O = g.out_channels;
+  const int64_t K = g.column_rows();
+  const int64_t L = g.out_area();
+  const int64_t Og = O / g.groups;
+  const int64_t Kg = K / g.groups;
+  const int64_t image_elems = g.in_channels * g.in_area();
+  const GatherTable table = make_gather_table(g);
+  const int64_t column_elems = K * p.columns;
+  const int64_t plane_elems = g.in_channels * table.plane_stride;
+  at::Tensor buffers = scratch<acc_t>(x, column_elems + O * p.columns + p.threads * plane_elems);
+  record_column_buffer(column_elems * int64_t(sizeof(acc_t)));
+
+  const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+  const scalar_t* dy_ptr = dy.const_data_ptr<scalar_t>();
+  const acc_t* w_ptr = weight_acc.const_data_ptr<acc_t>();
+  scalar_t* dx_ptr = need_input_grad ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
+  // The weight gradient accumulates tile after tile in one GEMM output (zeroed by the caller).
+  acc_t* weight_grad = need_weight_grad ? grad_weight_acc.mutable_data_ptr<acc_t>() : nullptr;
+  acc_t* columns_t = buffers.mutable_data_ptr<acc_t>();
+  acc_t* dy_tile = columns_t + column_elems;
+  acc_t* planes = dy_tile + O * p.columns;
+  for (int64_t group = 0; group < p.image_groups; ++group) {
+    const int64_t first = group * p.images_per_tile;
+    const int64_t count = std::min(p.images_per_tile, g.batch - first);
+    const int64_t n = count * L;
+    at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+      acc_t* image_copy = planes + thread_slot(p.threads) * plane_elems;
+      for (int64_t i = begin; i < end; ++i) {
+        for (int64_t o = 0; o < O; ++o) {
+          const scalar_t* src = dy_ptr + ((first + i) * O + o) * L;
+          acc_t* dst = dy_tile + o * n + i * L;
+          for (int64_t l = 0; l < L; ++l) dst[l] = static_cast<acc_t>(src[l]);
+        }
+        if (need_weight_grad) {
+          copy_planes(x_ptr + (first + i) * image_elems, g, image_copy);
+          gather_image_columns(image_copy, g, table, columns_t + i * L * K);
+        }
+      }
+    });
+    if (need_weight_grad) {
+      for (int64_t grp = 0; grp < g.groups; ++grp) {
+        cpu::gemm<acc_t>(false, false, Og, Kg, n, acc_t(1), dy_tile + grp * Og * n, n,
+                         columns_t + grp * Kg, K, acc_t(1), weight_grad + grp * Og * Kg, Kg);
+      }
+    }
+    if (!need_input_grad) continue;
+    for (int64_t grp = 0; grp < g.groups; ++grp) {
+      cpu::gemm<acc_t>(true, false, n, Kg, Og, acc_t(1), dy_tile + grp * Og * n, n,
+                       w_ptr + grp * Og * Kg, Kg, acc_t(0), columns_t + grp * Kg, K);
+    }
+    at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+      acc_t* image_buffer = planes + thread_slot(p.threads) * plane_elems;
+      for (int64_t i = begin; i < end; ++i) {
+        scatter_image_columns(columns_t + i * L * K, g, table, image_buffer,
+                              dx_ptr + (first + i) * image_elems);
+      }
+    });
+  }
+}
+
 template <typename scalar_t>
 void conv2d_forward_kernel(const at::Tensor& x, const at::Tensor& weight_acc,
                            const at::Tensor& bias_acc, const Conv2dGeometry& g,
@@ -1020,6 +1177,9 @@ void conv2d_forward_kernel(const at::Tensor& x, const at::Tensor& weight_acc,
   if (image_path_fits(g, p)) {
     if (direct_path_fits(g)) {
       conv2d_forward_direct<scalar_t>(x, weight_acc, bias_acc, g, p, output);
+    } else if (shared_tiles_fit(g, sizeof(acc_t))) {
+      conv2d_forward_shared<scalar_t>(x, weight_acc, bias_acc, g, plan_shared_tiles(g, sizeof(acc_t)),
+                                      output);
     } else {
       conv2d_forward_images<scalar_t>(x, weight_acc, bias_acc, g, p, output);
     }
@@ -1127,8 +1287,14 @@ bool conv2d_backward_kernel(const at::Tensor& dy, const at::Tensor& x, const at:
     return grad_bias != nullptr;
   }
   if (image_path_fits(g, p)) {
-    conv2d_backward_images<scalar_t>(dy, x, weight_acc, g, p, need_input_grad, need_weight_grad,
-                                     grad_input, grad_weight_acc);
+    if (!direct_path_fits(g) && shared_tiles_fit(g, sizeof(acc_t))) {
+      conv2d_backward_shared<scalar_t>(dy, x, weight_acc, g, plan_shared_tiles(g, sizeof(acc_t)),
+                                       need_input_grad, need_weight_grad, grad_input,
+                                       grad_weight_acc);
+    } else {
+      conv2d_backward_images<scalar_t>(dy, x, weight_acc, g, p, need_input_grad,
+                                       need_weight_grad, grad_input, grad_weight_acc);
+    }
     return false;
   }
   const int64_t O = g.out_channels;
