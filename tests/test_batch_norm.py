@@ -219,3 +219,21 @@ def test_batch_norm_gradcheck(affine, training, relu, device):
 def test_batch_norm_relu_output_is_nonnegative():
     out = convkit.batch_norm_relu(torch.randn(8, 4, 5, 5), None, None, training=True)
     assert (out >= 0).all() and (out > 0).any()
+
+
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_large_output_cpu(training, relu):
+    """Outputs of >= 16 MiB are written with non-temporal stores on the CPU: planes of an odd
+    length (513 * 515), so most start off a 64-byte boundary and end in a partial vector."""
+    shape = (2, 8, 513, 515)
+    x = torch.randn(shape) * 2 + 1
+    weight, bias = torch.randn(8), torch.randn(8)
+    stats = [torch.randn(8), torch.rand(8) + 0.5]
+    with torch.no_grad():
+        ours = _ours(relu)(x, *[s.clone() for s in stats], weight, bias, training)
+        theirs = _reference_bn(x, *[s.clone() for s in stats], weight, bias, training, 0.1, 1e-5, relu)
+        ref = _reference_bn(x.double(), *[s.double() for s in stats], weight.double(),
+                            bias.double(), training, 0.1, 1e-5, relu)
+    assert ours.nbytes >= 16 << 20
+    assert_close_to_reference(ours, theirs, ref, name="output")

@@ -38,13 +38,23 @@
 //    vectorised loops: [64,8,14,14] forward op 29 -> 25 us, backward 46 -> 28 us (2
 //    threads; 1 thread 38 -> 29 and 67 -> 36). About 10 us of each call is the op's fixed
 //    cost (an empty [2,8,2,2] call from Python: 9.7 us forward, 6.0 us backward).
+//  * outputs of >= 16 MiB are written with non-temporal stores (float, AVX-512): a plain
+//    store reads each line before writing it. Eval [32,64,56,56] 1.77 -> 1.0 ms (51 GB/s
+//    counting 2 passes), training forward ~1.9 -> ~1.45 ms.
+//  * small tensors stay on one thread (< 32K values per thread) and per-channel tensors
+//    already in the accumulation type skip the dispatcher: a call's fixed cost 7.6 -> 6.6 us.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
+#include <cstdint>
 #include <array>
 #include <cmath>
 #include <tuple>
@@ -93,6 +103,52 @@ std::pair<acc_t, acc_t> masked_gradient_sums(const scalar_t* __restrict x,
     sum_dy_xmu += g * (static_cast<acc_t>(x[s]) - mean);
   }
   return {sum_dy, sum_dy_xmu};
+}
+
+// Outputs at least this large are written with non-temporal stores (float, AVX-512): they
+// do not fit the caches next to the input anyway, and a plain store first reads each line
+// it writes, a third pass over memory.
+constexpr int64_t kStreamingBytes = int64_t(16) << 20;
+
+// y = x * scale + shift (clamped at 0 when kRelu) over one plane.
+template <bool kRelu, typename scalar_t, typename acc_t>
+void normalize_plane(const scalar_t* __restrict x, int64_t len, acc_t scale, acc_t shift,
+                     scalar_t* __restrict y, bool stream) {
+  int64_t s = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    if (stream) {
+      // Plain stores up to the first 64-byte boundary, then whole aligned vectors.
+      for (; s < len && (reinterpret_cast<uintptr_t>(y + s) & 63) != 0; ++s) {
+        y[s] = batch_norm_output(x[s], scale, shift, kRelu);
+      }
+      const __m512 a = _mm512_set1_ps(scale);
+      const __m512 b = _mm512_set1_ps(shift);
+      for (; s + 16 <= len; s += 16) {
+        __m512 v = _mm512_fmadd_ps(_mm512_loadu_ps(x + s), a, b);
+        // max(v, 0) gives 0 for NaN and -0, as batch_norm_output's !(y > 0) does.
+        if (kRelu) v = _mm512_max_ps(v, _mm512_setzero_ps());
+        _mm512_stream_ps(y + s, v);
+      }
+    }
+  }
+#endif
+  #pragma omp simd
+  for (int64_t i = s; i < len; ++i) y[i] = batch_norm_output(x[i], scale, shift, kRelu);
+}
+
+// The input gradient over one plane (see batch_norm_grad_input).
+template <bool kRelu, typename scalar_t, typename acc_t>
+void grad_input_plane(const scalar_t* __restrict x, const scalar_t* __restrict dy, int64_t len,
+                      acc_t scale, acc_t shift, acc_t mean, acc_t mean_dy, acc_t proj,
+                      scalar_t* __restrict dx) {
+  #pragma omp simd
+  for (int64_t s = 0; s < len; ++s) {
+    const acc_t dy_value = static_cast<acc_t>(dy[s]);
+    const acc_t g = !kRelu || batch_norm_relu_passes(x[s], scale, shift) ? dy_value : acc_t(0);
+    const acc_t xmu = static_cast<acc_t>(x[s]) - mean;
+    dx[s] = static_cast<scalar_t>(batch_norm_grad_input(g, xmu, mean_dy, proj, scale));
+  }
 }
 
 // ---- The row path, for small images: C*S <= kMaxRowLength.
@@ -388,7 +444,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
       return;
     }
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(count, 1));
+    const bool stream = output.nbytes() >= kStreamingBytes;
     at::parallel_for(0, C, grain, [&](int64_t begin, int64_t end) {
+#if defined(__AVX512F__)
+      // The non-temporal stores are visible to other threads once this thread's task ends.
+      struct StoreFence {
+        ~StoreFence() { _mm_sfence(); }
+      } fence;
+#endif
       for (int64_t c = begin; c < end; ++c) {
         if (training) {
           if (count == 0) {
@@ -428,8 +491,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
         for (int64_t n = 0; n < N; ++n) {
           const scalar_t* src = x_ptr + (n * C + c) * S;
           scalar_t* dst = y_ptr + (n * C + c) * S;
-          _Pragma("omp simd")
-          for (int64_t s = 0; s < S; ++s) dst[s] = batch_norm_output(src[s], scale, shift, relu);
+          if (relu) {
+            normalize_plane<true>(src, S, scale, shift, dst, stream);
+          } else {
+            normalize_plane<false>(src, S, scale, shift, dst, stream);
+          }
         }
       }
     });
@@ -527,12 +593,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
           const scalar_t* xs = x_ptr + (n * C + c) * S;
           const scalar_t* dys = dy_ptr + (n * C + c) * S;
           scalar_t* dxs = dx_ptr + (n * C + c) * S;
-          _Pragma("omp simd")
-          for (int64_t s = 0; s < S; ++s) {
-            acc_t g = static_cast<acc_t>(dys[s]);
-            if (relu && !batch_norm_relu_passes(xs[s], scale, shift)) g = acc_t(0);
-            const acc_t xmu = static_cast<acc_t>(xs[s]) - mu;
-            dxs[s] = static_cast<scalar_t>(batch_norm_grad_input(g, xmu, mean_dy, proj, scale));
+          if (relu) {
+            grad_input_plane<true>(xs, dys, S, scale, shift, mu, mean_dy, proj, dxs);
+          } else {
+            grad_input_plane<false>(xs, dys, S, scale, shift, mu, mean_dy, proj, dxs);
           }
         }
       }
