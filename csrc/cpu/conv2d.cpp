@@ -855,6 +855,28 @@ void conv2d_weight_grad_rows(const at::Tensor& dy, const at::Tensor& x, const Co
   }
 }
 
+// A tile of whole images keeps its output and dY as [O, n] (n = images * L, image i at
+// column i * L). Output plane (image first + i, channel o) from the tile, bias added:
+template <typename scalar_t, typename acc_t>
+inline void store_output_plane(const acc_t* tile, int64_t n, int64_t first, int64_t i, int64_t o,
+                               const Conv2dGeometry& g, const acc_t* bias, scalar_t* y) {
+  const int64_t L = g.out_area();
+  const acc_t* src = tile + o * n + i * L;
+  scalar_t* dst = y + ((first + i) * g.out_channels + o) * L;
+  const acc_t b = bias != nullptr ? bias[o] : acc_t(0);
+  for (int64_t l = 0; l < L; ++l) dst[l] = static_cast<scalar_t>(src[l] + b);
+}
+
+// ... and dY plane (image first + i, channel o) into the tile.
+template <typename scalar_t, typename acc_t>
+inline void load_dy_plane(const scalar_t* dy, int64_t first, int64_t i, int64_t o,
+                          const Conv2dGeometry& g, int64_t n, acc_t* tile) {
+  const int64_t L = g.out_area();
+  const scalar_t* src = dy + ((first + i) * g.out_channels + o) * L;
+  acc_t* dst = tile + o * n + i * L;
+  for (int64_t l = 0; l < L; ++l) dst[l] = static_cast<acc_t>(src[l]);
+}
+
 template <typename scalar_t>
 void conv2d_forward_images(const at::Tensor& x, const at::Tensor& weight_acc,
                            const at::Tensor& bias_acc, const Conv2dGeometry& g,
@@ -896,12 +918,7 @@ void conv2d_forward_images(const at::Tensor& x, const at::Tensor& weight_acc,
                          columns_t + grp * Kg, K, acc_t(0), out + grp * Og * n, n);
       }
       for (int64_t i = 0; i < count; ++i) {
-        for (int64_t o = 0; o < O; ++o) {
-          const acc_t* src = out + o * n + i * L;
-          scalar_t* dst = y_ptr + ((first + i) * O + o) * L;
-          const acc_t b = bias_ptr != nullptr ? bias_ptr[o] : acc_t(0);
-          for (int64_t l = 0; l < L; ++l) dst[l] = static_cast<scalar_t>(src[l] + b);
-        }
+        for (int64_t o = 0; o < O; ++o) store_output_plane(out, n, first, i, o, g, bias_ptr, y_ptr);
       }
     }
   });
@@ -961,11 +978,7 @@ void conv2d_backward_images(const at::Tensor& dy, const at::Tensor& x,
       const int64_t n = count * L;
       if (dy_elems > 0) {
         for (int64_t o = 0; o < O; ++o) {
-          for (int64_t i = 0; i < count; ++i) {
-            const scalar_t* src = dy_ptr + ((first + i) * O + o) * L;
-            acc_t* dst = dy_tile + o * n + i * L;
-            for (int64_t l = 0; l < L; ++l) dst[l] = static_cast<acc_t>(src[l]);
-          }
+          for (int64_t i = 0; i < count; ++i) load_dy_plane(dy_ptr, first, i, o, g, n, dy_tile);
         }
       }
       if (need_weight_grad && direct) {
@@ -1087,12 +1100,7 @@ void conv2d_forward_shared(const at::Tensor& x, const at::Tensor& weight_acc,
     }
     at::parallel_for(0, count * O, 1, [&](int64_t begin, int64_t end) {
       for (int64_t plane = begin; plane < end; ++plane) {
-        const int64_t i = plane / O;
-        const int64_t o = plane % O;
-        const acc_t* src = out + o * n + i * L;
-        scalar_t* dst = y_ptr + (first + i) * O * L + o * L;
-        const acc_t b = bias_ptr != nullptr ? bias_ptr[o] : acc_t(0);
-        for (int64_t l = 0; l < L; ++l) dst[l] = static_cast<scalar_t>(src[l] + b);
+        store_output_plane(out, n, first, plane / O, plane % O, g, bias_ptr, y_ptr);
       }
     });
   }
@@ -1132,11 +1140,7 @@ void conv2d_backward_shared(const at::Tensor& dy, const at::Tensor& x,
     at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
       acc_t* image_copy = planes + thread_slot(p.threads) * plane_elems;
       for (int64_t i = begin; i < end; ++i) {
-        for (int64_t o = 0; o < O; ++o) {
-          const scalar_t* src = dy_ptr + ((first + i) * O + o) * L;
-          acc_t* dst = dy_tile + o * n + i * L;
-          for (int64_t l = 0; l < L; ++l) dst[l] = static_cast<acc_t>(src[l]);
-        }
+        for (int64_t o = 0; o < O; ++o) load_dy_plane(dy_ptr, first, i, o, g, n, dy_tile);
         if (need_weight_grad) {
           copy_planes(x_ptr + (first + i) * image_elems, g, image_copy);
           gather_image_columns(image_copy, g, table, columns_t + i * L * K);
