@@ -15,7 +15,7 @@ whose autograd formula is the same Function's.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -226,6 +226,26 @@ def _functorch() -> bool:
     return torch._C._are_functorch_transforms_active()
 
 
+def _forward_with_autograd(
+    op: Callable[..., Any],
+    function: type[torch.autograd.Function],
+    eager_function: type[torch.autograd.Function],
+    differentiable: Sequence[Optional[torch.Tensor]],
+    args: tuple,
+) -> Any:
+    """op(*args) with autograd, the cheapest way the context allows: the registered op under
+    torch.compile, ``function`` under torch.func transforms, ``eager_function`` when a graph
+    is recorded (some of ``differentiable`` requires grad), else the op below autograd."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    if _functorch():
+        return function.apply(*args)
+    if _records_graph(*differentiable):
+        return eager_function.apply(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
 def conv2d(
     input: torch.Tensor,
     weight: torch.Tensor,
@@ -236,14 +256,10 @@ def conv2d(
     groups: int,
 ) -> torch.Tensor:
     """``convkit::conv2d_forward`` with autograd: [N, C, H, W] -> [N, O, oH, oW]."""
-    if torch.compiler.is_compiling():
-        return ops.conv2d_forward(input, weight, bias, stride, padding, dilation, groups)
-    if _functorch():
-        return Conv2dFunction.apply(input, weight, bias, stride, padding, dilation, groups)
-    if _records_graph(input, weight, bias):
-        return _Conv2dEager.apply(input, weight, bias, stride, padding, dilation, groups)
-    with torch._C._AutoDispatchBelowAutograd():
-        return ops.conv2d_forward(input, weight, bias, stride, padding, dilation, groups)
+    return _forward_with_autograd(
+        ops.conv2d_forward, Conv2dFunction, _Conv2dEager, (input, weight, bias),
+        (input, weight, bias, stride, padding, dilation, groups),
+    )
 
 
 def batch_norm(
@@ -257,15 +273,7 @@ def batch_norm(
     relu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``convkit::batch_norm_forward`` with autograd: (output, save_mean, save_var)."""
-    if torch.compiler.is_compiling():
-        return ops.batch_norm_forward(input, weight, bias, running_mean, running_var, training,
-                                      eps, relu)
-    if _functorch():
-        return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, training,
-                                       eps, relu)
-    if _records_graph(input, weight, bias):
-        return _BatchNormEager.apply(input, weight, bias, running_mean, running_var, training,
-                                       eps, relu)
-    with torch._C._AutoDispatchBelowAutograd():
-        return ops.batch_norm_forward(input, weight, bias, running_mean, running_var, training,
-                                      eps, relu)
+    return _forward_with_autograd(
+        ops.batch_norm_forward, BatchNormFunction, _BatchNormEager, (input, weight, bias),
+        (input, weight, bias, running_mean, running_var, training, eps, relu),
+    )
