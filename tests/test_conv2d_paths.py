@@ -42,6 +42,19 @@ PATHS = {
 }
 
 
+# Shapes for the CPU GEMM's edges: rows not a multiple of its 12-row panels, columns not a
+# multiple of its 32-column panels, a depth over its 256-deep blocks (K = 40 * 9 = 360), and
+# every operand transposed or not (forward, weight and input gradients of both GEMM paths).
+GEMM_PATHS = {
+    "image_path_gemm_o40": PATHS["image_path_gemm_o40"],
+    "image_path_shared_tiles": PATHS["image_path_shared_tiles"],
+    "band_path_rows": PATHS["band_path_rows"],
+    "band_path_1x1_grouped": PATHS["band_path_1x1_grouped"],
+    "band_path_deep_o30": (2, 40, 9, 11, 30, 3, 1, 1, 1, 1, "0.05"),
+    "image_path_deep_o13": (5, 40, 5, 5, 13, 3, 2, 1, 1, 1, None),
+}
+
+
 def _tensors(spec, dtype, input_grad):
     n, c, h, w, o, k, stride, padding, dilation, groups, _ = spec
     x = torch.randn(n, c, h, w, dtype=dtype).requires_grad_(input_grad)
@@ -74,6 +87,32 @@ def test_conv2d_path_matches_torch(path, dtype, input_grad, monkeypatch):
         _check_path(path, spec, dtype, input_grad)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("gemm", ["own", "blas"])
+@pytest.mark.parametrize("path", list(GEMM_PATHS))
+def test_conv2d_cpu_gemm_choice_matches_torch(path, gemm, monkeypatch):
+    """CONVKIT_CPU_GEMM=own (our packed GEMM where the build has AVX-512) and =blas both
+    give float32 results within twice PyTorch's error of a float64 reference."""
+    spec = GEMM_PATHS[path]
+    monkeypatch.setenv("CONVKIT_CPU_GEMM", gemm)
+    if spec[-1] is not None:
+        monkeypatch.setenv("CONVKIT_COLUMN_BUDGET_MB", spec[-1])
+    threads = torch.get_num_threads()
+    if "shared_tiles" in path:
+        torch.set_num_threads(max(threads, 2))
+    try:
+        _check_path(path, spec, torch.float32, True)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_conv2d_cpu_gemm_choice_rejects_unknown(monkeypatch):
+    monkeypatch.setenv("CONVKIT_CPU_GEMM", "mkl")
+    x = torch.randn(2, 40, 5, 5)
+    weight = torch.randn(13, 40, 3, 3)
+    with pytest.raises(RuntimeError, match='CONVKIT_CPU_GEMM must be "own" or "blas", got "mkl"'):
+        convkit.conv2d(x, weight, stride=2, padding=1)  # the image path: a GEMM
 
 
 def _check_path(path, spec, dtype, input_grad):

@@ -30,7 +30,8 @@
 // Tiles hold ~384 KiB of columns (L2) but at least 384 columns, so that large weight
 // matrices (ResNet's 256-512 channels) are reused enough per load; CONVKIT_COLUMN_BUDGET_MB
 // bounds all threads' tiles together (down to one output row). Each thread owns whole tiles
-// and calls a single-threaded BLAS (MKL's sgemm_/dgemm_ on raw pointers, csrc/cpu/gemm.h);
+// and calls a single-threaded GEMM on raw pointers (csrc/cpu/gemm.h: our packed GEMM for
+// float on AVX-512 hosts, csrc/cpu/packed_gemm.h; MKL's sgemm_/dgemm_ otherwise);
 // weight-gradient partial sums are per thread, added in thread order (deterministic for a
 // given thread count). float16/bfloat16 are widened to float as tiles are written: every
 // product accumulates in float and each result is rounded once.

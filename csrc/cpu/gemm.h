@@ -8,6 +8,10 @@
 // on the calling thread (OpenMP does not nest by default), which is what the tiling wants:
 // one thread per tile. The symbols are weak: a torch built without a Fortran BLAS gets the
 // same product through at::mm on views of the same memory.
+//
+// float on AVX-512 hosts goes to our own packed GEMM instead (csrc/cpu/packed_gemm.h: MKL
+// runs its AVX2 kernels on AMD CPUs at ~80% of what the FMA units give);
+// CONVKIT_CPU_GEMM=blas sends it to the BLAS as well (for comparisons).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -15,8 +19,16 @@
 #include <ATen/ops/mm.h>
 #include <c10/util/Exception.h>
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
+#include <type_traits>
+
+#include "packed_gemm.h"
 
 extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
@@ -53,6 +65,56 @@ struct BlasGemm<double> {
   }
 };
 
+// CONVKIT_CPU_GEMM: "own" (the default: the packed GEMM on AVX-512 hosts, the BLAS elsewhere)
+// or "blas"; anything else is an error, on every host.
+inline bool use_packed_gemm() {
+  const char* env = std::getenv("CONVKIT_CPU_GEMM");
+  const bool own = env == nullptr || *env == '\0' || std::strcmp(env, "own") == 0;
+  TORCH_CHECK(own || std::strcmp(env, "blas") == 0,
+              "CONVKIT_CPU_GEMM must be \"own\" or \"blas\", got \"", env, "\"");
+#if defined(__AVX512F__)
+  return own;
+#else
+  return false;
+#endif
+}
+
+#if defined(__AVX512F__)
+// Products below this many FLOPs stay on one thread: a fork/join costs ~10 us.
+constexpr int64_t kPackedGemmParallelFlops = int64_t(1) << 24;
+
+// The packed GEMM on the calling thread inside a parallel region (the conv tiles), over all
+// threads outside one, each taking a contiguous range of C's column panels.
+inline void packed_sgemm(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k,
+                         float alpha, const float* a, int64_t lda, const float* b, int64_t ldb,
+                         float beta, float* c, int64_t ldc) {
+  if (k == 0) {
+    // BLAS semantics: C = beta * C, and beta == 0 writes zeros without reading C.
+    for (int64_t i = 0; i < m; ++i) {
+      float* row = c + i * ldc;
+      for (int64_t j = 0; j < n; ++j) row[j] = beta == 0.0f ? 0.0f : beta * row[j];
+    }
+    return;
+  }
+  const packed_gemm::Operand a_operand{a, lda, transpose_a};
+  const packed_gemm::Operand b_operand{b, ldb, transpose_b};
+  const int64_t panels = (n + packed_gemm::kPanelColumns - 1) / packed_gemm::kPanelColumns;
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const double flops = 2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
+  if (threads <= 1 || panels < 2 || flops < static_cast<double>(kPackedGemmParallelFlops)) {
+    packed_gemm::multiply_columns(m, 0, n, k, alpha, a_operand, b_operand, beta, c, ldc);
+    return;
+  }
+  const int64_t panels_per_thread = (panels + threads - 1) / threads;
+  at::parallel_for(0, panels, panels_per_thread, [&](int64_t begin, int64_t end) {
+    const int64_t col_begin = begin * packed_gemm::kPanelColumns;
+    const int64_t col_end = std::min(n, end * packed_gemm::kPanelColumns);
+    packed_gemm::multiply_columns(m, col_begin, col_end, k, alpha, a_operand, b_operand, beta,
+                                  c, ldc);
+  });
+}
+#endif
+
 // A row-major [rows, cols] matrix with leading dimension ld, viewed as a tensor (no copy).
 template <typename T>
 at::Tensor matrix_tensor(const T* data, int64_t rows, int64_t cols, int64_t ld, bool transpose) {
@@ -67,6 +129,15 @@ template <typename T>
 void gemm(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, T alpha,
           const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
+  if constexpr (std::is_same_v<T, float>) {
+    // Read on every host, so that a wrong CONVKIT_CPU_GEMM is an error everywhere.
+    if (use_packed_gemm()) {
+#if defined(__AVX512F__)
+      packed_sgemm(transpose_a, transpose_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+      return;
+#endif
+    }
+  }
   constexpr int64_t int_max = std::numeric_limits<int>::max();
   const bool fits_int = m <= int_max && n <= int_max && k <= int_max && lda <= int_max &&
                         ldb <= int_max && ldc <= int_max;

@@ -1,0 +1,268 @@
+// Single-precision GEMM of our own for AVX-512 hosts: C = alpha * op(A) @ op(B) + beta * C,
+// every matrix row-major with a leading dimension, op() an optional transpose.
+//
+// Why: the conv paths that go through a GEMM (image and band paths, every input gradient)
+// spent most of their time in MKL's sgemm, which on this Zen 4 runs its AVX2 kernels at
+// ~91 GFLOP/s on one core (measured on ResNet-18 layer4's forward product, [512, 4608] @
+// [4608, 1568]); oneDNN's own convolution reaches ~133 on the same core, so ~70% of the
+// FMA peak was all MKL gave us.
+//
+// Algorithm (the Goto/BLIS layering): the depth k is cut into blocks of kDepthBlock; for each
+// block, a block of op(B) (kDepthBlock x up to kColumnBlock) is packed into panels of
+// kPanelColumns columns, [depth][32] each, and a block of op(A) (up to kRowBlock x
+// kDepthBlock) into panels of kPanelRows rows, [depth][12]. A micro-kernel multiplies one
+// A panel by one B panel into a 12 x 32 tile of C held in 24 zmm accumulators: per depth
+// step two 16-lane loads of B, twelve broadcasts of A, 24 FMAs (one FMA a cycle on Zen 4,
+// loads to spare). The B panel (32 KiB at full depth) stays in L1 while the A panels stream
+// from L2 (the A block is <= 384 KiB); the B block (<= 1.5 MiB) is reused by every A block
+// from L2/L3. Packing pads with zeros, so the micro-kernel never branches; partial tiles are
+// written with masked stores. Packing a transposed operand goes through 16 x 16 in-register
+// transposes, so no operand layout is a slow one.
+//
+// Threads: called inside a parallel region (the conv tiles: one thread per tile) it runs on
+// the calling thread; called outside one with more than one thread (the shared tiles of
+// large weight matrices) it splits C's columns into one contiguous range per thread, each
+// thread packing its own B range and (again) A. The packing buffers are per thread and kept
+// between calls (<= 1.9 MiB per thread), so no call allocates.
+//
+// Results are deterministic: each C element is a fixed-order sum (depth blocks in order,
+// depth steps in order within a block), whatever the thread count.
+//
+// Version 1 (this file): ResNet-18 layer4 forward product on one core 79 -> 65 ms with this
+//   micro-kernel alone (116 GFLOP/s); measurements in BENCHMARKS.md.
+#pragma once
+
+#if defined(__AVX512F__)
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <memory>
+#include <new>
+
+namespace convkit {
+namespace cpu {
+namespace packed_gemm {
+
+constexpr int64_t kPanelRows = 12;
+constexpr int64_t kPanelColumns = 32;
+constexpr int64_t kDepthBlock = 256;
+constexpr int64_t kRowBlock = 384;      // a multiple of kPanelRows: 384 KiB of packed A
+constexpr int64_t kColumnBlock = 1536;  // a multiple of kPanelColumns: 1.5 MiB of packed B
+
+// op(X)[i, j]: X is stored [rows, cols] with leading dimension ld, or, when transposed, it is
+// stored [cols, rows] and read across.
+struct Operand {
+  const float* data;
+  int64_t ld;
+  bool transposed;
+};
+
+inline __mmask16 lane_mask(int64_t lanes) {
+  return lanes >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << lanes) - 1u);
+}
+
+// rows[j] <- column j of the 16 x 16 block held in rows[0..15] (rows[i] = row i).
+inline void transpose_16x16(__m512 rows[16]) {
+  __m512 pairs[16];
+  for (int i = 0; i < 16; i += 2) {
+    pairs[i] = _mm512_unpacklo_ps(rows[i], rows[i + 1]);
+    pairs[i + 1] = _mm512_unpackhi_ps(rows[i], rows[i + 1]);
+  }
+  // quads[4g + c], 128-bit lane l: rows 4g..4g+3 of column 4l + c.
+  __m512 quads[16];
+  for (int g = 0; g < 4; ++g) {
+    const __m512* p = pairs + 4 * g;
+    quads[4 * g + 0] = _mm512_shuffle_ps(p[0], p[2], _MM_SHUFFLE(1, 0, 1, 0));
+    quads[4 * g + 1] = _mm512_shuffle_ps(p[0], p[2], _MM_SHUFFLE(3, 2, 3, 2));
+    quads[4 * g + 2] = _mm512_shuffle_ps(p[1], p[3], _MM_SHUFFLE(1, 0, 1, 0));
+    quads[4 * g + 3] = _mm512_shuffle_ps(p[1], p[3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512 even_low = _mm512_shuffle_f32x4(quads[c], quads[4 + c], _MM_SHUFFLE(2, 0, 2, 0));
+    const __m512 odd_low = _mm512_shuffle_f32x4(quads[c], quads[4 + c], _MM_SHUFFLE(3, 1, 3, 1));
+    const __m512 even_high =
+        _mm512_shuffle_f32x4(quads[8 + c], quads[12 + c], _MM_SHUFFLE(2, 0, 2, 0));
+    const __m512 odd_high =
+        _mm512_shuffle_f32x4(quads[8 + c], quads[12 + c], _MM_SHUFFLE(3, 1, 3, 1));
+    rows[c] = _mm512_shuffle_f32x4(even_low, even_high, _MM_SHUFFLE(2, 0, 2, 0));
+    rows[8 + c] = _mm512_shuffle_f32x4(even_low, even_high, _MM_SHUFFLE(3, 1, 3, 1));
+    rows[4 + c] = _mm512_shuffle_f32x4(odd_low, odd_high, _MM_SHUFFLE(2, 0, 2, 0));
+    rows[12 + c] = _mm512_shuffle_f32x4(odd_low, odd_high, _MM_SHUFFLE(3, 1, 3, 1));
+  }
+}
+
+// Writes `width` (<= 16) consecutive values of a line of a stored matrix into `lanes` lanes
+// of the panel, one panel row per depth step: the stored matrix runs along the panel's
+// lanes (op(A) transposed, op(B) not), so every depth step is one masked copy.
+inline void pack_lanes_direct(const float* src, int64_t ld, int64_t depth, int64_t width,
+                              int64_t panel_width, float* dst) {
+  const __mmask16 mask = lane_mask(width);
+  for (int64_t p = 0; p < depth; ++p) {
+    _mm512_mask_storeu_ps(dst + p * panel_width, lane_mask(std::min<int64_t>(16, panel_width)),
+                          _mm512_maskz_loadu_ps(mask, src + p * ld));
+  }
+}
+
+// The stored matrix runs along the depth: 16 of its lines (`width` of them real, the rest
+// zero) are transposed 16 depth steps at a time into `panel_lanes` (<= 16) lanes.
+inline void pack_lanes_transposed(const float* src, int64_t ld, int64_t depth, int64_t width,
+                                  int64_t panel_width, int64_t panel_lanes, float* dst) {
+  const __mmask16 store_mask = lane_mask(panel_lanes);
+  __m512 block[16];
+  for (int64_t p0 = 0; p0 < depth; p0 += 16) {
+    const int64_t steps = std::min<int64_t>(16, depth - p0);
+    const __mmask16 load_mask = lane_mask(steps);
+    for (int64_t line = 0; line < 16; ++line) {
+      block[line] = line < width ? _mm512_maskz_loadu_ps(load_mask, src + line * ld + p0)
+                                 : _mm512_setzero_ps();
+    }
+    transpose_16x16(block);
+    for (int64_t q = 0; q < steps; ++q) {
+      _mm512_mask_storeu_ps(dst + (p0 + q) * panel_width, store_mask, block[q]);
+    }
+  }
+}
+
+// op(A)[row0 : row0 + rows, depth0 : depth0 + depth] -> panels of kPanelRows rows, each
+// [depth][kPanelRows], zero-padded past `rows`.
+inline void pack_a(const Operand& a, int64_t row0, int64_t rows, int64_t depth0, int64_t depth,
+                   float* dst) {
+  for (int64_t r = 0; r < rows; r += kPanelRows) {
+    const int64_t width = std::min<int64_t>(kPanelRows, rows - r);
+    if (a.transposed) {
+      pack_lanes_direct(a.data + depth0 * a.ld + row0 + r, a.ld, depth, width, kPanelRows, dst);
+    } else {
+      pack_lanes_transposed(a.data + (row0 + r) * a.ld + depth0, a.ld, depth, width, kPanelRows,
+                            kPanelRows, dst);
+    }
+    dst += depth * kPanelRows;
+  }
+}
+
+// op(B)[depth0 : depth0 + depth, col0 : col0 + cols] -> panels of kPanelColumns columns, each
+// [depth][kPanelColumns], zero-padded past `cols`.
+inline void pack_b(const Operand& b, int64_t depth0, int64_t depth, int64_t col0, int64_t cols,
+                   float* dst) {
+  for (int64_t c = 0; c < cols; c += kPanelColumns) {
+    for (int64_t half = 0; half < kPanelColumns; half += 16) {
+      const int64_t width = std::max<int64_t>(0, std::min<int64_t>(16, cols - c - half));
+      float* half_dst = dst + half;
+      if (b.transposed) {
+        pack_lanes_transposed(b.data + (col0 + c + half) * b.ld + depth0, b.ld, depth, width,
+                              kPanelColumns, 16, half_dst);
+      } else {
+        pack_lanes_direct(b.data + depth0 * b.ld + col0 + c + half, b.ld, depth, width,
+                          kPanelColumns, half_dst);
+      }
+    }
+    dst += depth * kPanelColumns;
+  }
+}
+
+// C tile (kRows x columns, columns <= 32) = alpha * A panel @ B panel + (first ? beta * C : C),
+// the A panel holding kPanelRows rows of which the first kRows are used (a partial last panel
+// computes only its real rows). beta == 0 on the first block does not read C (BLAS
+// semantics: NaNs there do not leak).
+template <int kRows>
+void micro_kernel(int64_t depth, const float* __restrict a_panel, const float* __restrict b_panel,
+                  float* c, int64_t ldc, int64_t columns, float alpha, float beta, bool first) {
+  __m512 low[kRows], high[kRows];
+  for (int i = 0; i < kRows; ++i) {
+    low[i] = _mm512_setzero_ps();
+    high[i] = _mm512_setzero_ps();
+  }
+  for (int64_t p = 0; p < depth; ++p) {
+    const __m512 b_low = _mm512_load_ps(b_panel);
+    const __m512 b_high = _mm512_load_ps(b_panel + 16);
+    for (int i = 0; i < kRows; ++i) {
+      const __m512 a_value = _mm512_set1_ps(a_panel[i]);
+      low[i] = _mm512_fmadd_ps(a_value, b_low, low[i]);
+      high[i] = _mm512_fmadd_ps(a_value, b_high, high[i]);
+    }
+    a_panel += kPanelRows;
+    b_panel += kPanelColumns;
+  }
+  const __mmask16 mask_low = lane_mask(columns);
+  const __mmask16 mask_high = lane_mask(std::max<int64_t>(0, columns - 16));
+  const __m512 alpha_v = _mm512_set1_ps(alpha);
+  const __m512 beta_v = _mm512_set1_ps(first ? beta : 1.0f);
+  const bool read_c = !first || beta != 0.0f;
+  for (int i = 0; i < kRows; ++i) {
+    float* c_row = c + i * ldc;
+    __m512 out_low = _mm512_mul_ps(alpha_v, low[i]);
+    __m512 out_high = _mm512_mul_ps(alpha_v, high[i]);
+    if (read_c) {
+      out_low = _mm512_fmadd_ps(beta_v, _mm512_maskz_loadu_ps(mask_low, c_row), out_low);
+      out_high = _mm512_fmadd_ps(beta_v, _mm512_maskz_loadu_ps(mask_high, c_row + 16), out_high);
+    }
+    _mm512_mask_storeu_ps(c_row, mask_low, out_low);
+    _mm512_mask_storeu_ps(c_row + 16, mask_high, out_high);
+  }
+}
+
+using MicroKernel = void (*)(int64_t, const float*, const float*, float*, int64_t, int64_t, float,
+                             float, bool);
+
+// micro_kernel<rows>, for rows in 1..kPanelRows.
+inline MicroKernel micro_kernel_for(int64_t rows) {
+  static constexpr MicroKernel kernels[kPanelRows] = {
+      micro_kernel<1>, micro_kernel<2>, micro_kernel<3>,  micro_kernel<4>,
+      micro_kernel<5>, micro_kernel<6>, micro_kernel<7>,  micro_kernel<8>,
+      micro_kernel<9>, micro_kernel<10>, micro_kernel<11>, micro_kernel<12>};
+  return kernels[rows - 1];
+}
+
+struct AlignedFree {
+  void operator()(float* p) const { std::free(p); }
+};
+
+// This thread's packing buffers, allocated once (64-byte aligned for the panel loads).
+inline float* thread_buffer(int which, int64_t floats) {
+  thread_local std::unique_ptr<float, AlignedFree> buffers[2];
+  if (!buffers[which]) {
+    void* p = std::aligned_alloc(64, static_cast<size_t>(floats) * sizeof(float));
+    if (p == nullptr) throw std::bad_alloc();
+    buffers[which].reset(static_cast<float*>(p));
+  }
+  return buffers[which].get();
+}
+
+// C[:, col_begin : col_end] on the calling thread. C[m, n] = alpha op(A)[m, k] op(B)[k, n]
+// + beta C; k > 0.
+inline void multiply_columns(int64_t m, int64_t col_begin, int64_t col_end, int64_t k,
+                             float alpha, const Operand& a, const Operand& b, float beta,
+                             float* c, int64_t ldc) {
+  float* a_packed = thread_buffer(0, kRowBlock * kDepthBlock);
+  float* b_packed = thread_buffer(1, kDepthBlock * kColumnBlock);
+  for (int64_t col0 = col_begin; col0 < col_end; col0 += kColumnBlock) {
+    const int64_t cols = std::min<int64_t>(kColumnBlock, col_end - col0);
+    for (int64_t depth0 = 0; depth0 < k; depth0 += kDepthBlock) {
+      const int64_t depth = std::min<int64_t>(kDepthBlock, k - depth0);
+      const bool first = depth0 == 0;
+      pack_b(b, depth0, depth, col0, cols, b_packed);
+      for (int64_t row0 = 0; row0 < m; row0 += kRowBlock) {
+        const int64_t rows = std::min<int64_t>(kRowBlock, m - row0);
+        pack_a(a, row0, rows, depth0, depth, a_packed);
+        for (int64_t col = 0; col < cols; col += kPanelColumns) {
+          const float* b_panel = b_packed + (col / kPanelColumns) * depth * kPanelColumns;
+          const int64_t tile_columns = std::min<int64_t>(kPanelColumns, cols - col);
+          for (int64_t r = 0; r < rows; r += kPanelRows) {
+            const float* a_panel = a_packed + (r / kPanelRows) * depth * kPanelRows;
+            float* c_tile = c + (row0 + r) * ldc + col0 + col;
+            micro_kernel_for(std::min<int64_t>(kPanelRows, rows - r))(
+                depth, a_panel, b_panel, c_tile, ldc, tile_columns, alpha, beta, first);
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace packed_gemm
+}  // namespace cpu
+}  // namespace convkit
+
+#endif  // __AVX512F__
