@@ -3,7 +3,8 @@
 csrc/cpu/conv2d.cpp picks one of five paths per call from the layer's shape and the column
 budget: direct convolution along output rows (first layers: few input channels, <= 16
 outputs, rows >= 8 wide; the weight gradient alone when no input gradient is wanted), the
-implicit GEMM (8-32 output channels, >= 16 positions), the image path (gather table + BLAS
+implicit GEMM (8-32 output channels, >= 16 positions; 33-64 on outputs narrower than 8
+with >= 4 positions), the image path (gather table + BLAS
 on tiles of whole images), the band path (bands of output rows, [K, n] columns), and within
 it the 1x1 stride-1 case that reads the input as its columns. These
 tests pick shapes (and CONVKIT_COLUMN_BUDGET_MB) that land on each, in float64 (against
@@ -28,7 +29,10 @@ PATHS = {
     "implicit_gemm_o8": (4, 8, 9, 9, 8, 3, 1, 1, 1, 1, None),
     "implicit_gemm_o32": (6, 16, 7, 7, 32, 3, 2, 1, 1, 1, None),
     "implicit_gemm_o20_dilated": (3, 5, 13, 11, 20, 3, 1, 2, 2, 1, None),
-    "image_path_gemm_o40": (7, 12, 6, 6, 40, 3, 2, 1, 1, 1, None),
+    # 33-64 output channels on narrow outputs: blocks of 64 channels, 4 positions a step.
+    "implicit_gemm_o40_narrow": (7, 12, 6, 6, 40, 3, 2, 1, 1, 1, None),
+    "implicit_gemm_o64_2x2": (6, 32, 4, 4, 64, 3, 2, 1, 1, 1, None),
+    "image_path_gemm_o70": (7, 12, 6, 6, 70, 3, 2, 1, 1, 1, None),
     "image_path_one_position": (9, 24, 2, 2, 10, 3, 2, 1, 1, 1, None),
     "image_path_grouped": (4, 12, 5, 5, 12, 3, 1, 1, 1, 3, None),
     # A weight matrix of >= 2 MiB: the image path's shared tiles (all threads on one tile),
@@ -46,7 +50,7 @@ PATHS = {
 # multiple of its 32-column panels, a depth over its 256-deep blocks (K = 40 * 9 = 360), and
 # every operand transposed or not (forward, weight and input gradients of both GEMM paths).
 GEMM_PATHS = {
-    "image_path_gemm_o40": PATHS["image_path_gemm_o40"],
+    "image_path_gemm_o70": PATHS["image_path_gemm_o70"],
     "image_path_shared_tiles": PATHS["image_path_shared_tiles"],
     "band_path_rows": PATHS["band_path_rows"],
     "band_path_1x1_grouped": PATHS["band_path_1x1_grouped"],

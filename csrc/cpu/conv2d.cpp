@@ -10,10 +10,11 @@
 //     so each tap's inputs for a run of positions are contiguous: one load feeds O FMAs.
 //     Forward and, when no input gradient is wanted (a network's first layer), the weight
 //     gradient (per tap, dot products of input runs with dY's rows).
-//  2. Implicit GEMM (O <= 32, >= 16 positions per image, groups 1): output channels in the
-//     lanes; every output position's K inputs are read from the image's plane copy through
-//     an offset table (no column matrix). Forward and weight gradient; the input gradient
-//     goes through path 3's GEMM and scatter.
+//  2. Implicit GEMM (groups 1; O <= 32 with >= 16 positions per image, or O <= 64 on outputs
+//     narrower than 8 with >= 4 positions): output channels in the lanes; every output
+//     position's K inputs are read from the image's plane copy through an offset table (no
+//     column matrix). Forward and weight gradient; the input gradient goes through path 3's
+//     GEMM and scatter.
 //  3. Image path (whole images per tile, output rows < 8 wide): each image's column matrix
 //     written transposed, [L, K], by a branch-free gather through a table shared by all
 //     channels (late layers have rows of 1-4 values, where per-row bookkeeping costs more
@@ -42,7 +43,7 @@
 //   1->8, 5x5 s2      0.040       4.8       10.0 MB                     1 (rows)
 //   8->16, 3x3 s2     0.058       4.8        7.2 MB                     2 (implicit GEMM)
 //   16->32, 3x3 s2    0.075       2.6        4.7 MB                     2
-//   32->64, 3x3 s2    0.075       1.3        2.4 MB                     3 (image)
+//   32->64, 3x3 s2    0.075       1.3        2.4 MB                     2 (blocks of 64)
 //   64->10, 3x3 s2    0.006       0.6        1.2 MB                     3
 // Two Zen 4 cores at ~2.6 GHz do one 16-lane fp32 FMA per cycle each: 166 GFLOP/s, so the
 // forward floors are 0.24-0.45 ms per layer (0.04 ms for the last), memory ~0.1 ms at the
@@ -58,7 +59,7 @@
 //   forward 2.3 -> 0.18 ms; ResNet-18 layer4 fwd+bwd 4.2x -> 1.5x oneDNN.
 // Version 4: paths 1 and 2, built for the host CPU (-march=native): chapter forwards
 //   1.0-0.6 ms -> 0.66/0.46/0.88 ms (layers 1-3); step 0.73-0.89x torch.
-// Version 5 (this file): path 1 without bookkeeping in its inner loops: per-tap offsets
+// Version 5: path 1 without bookkeeping in its inner loops: per-tap offsets
 //   built once per call (the shift's division by the stride was an idiv per tap), masked
 //   AVX-512 loads/stores for rows' partial last vectors (14 of 16 lanes in the first layer;
 //   the scalar stores were a third of the forward), phase planes zeroed once per call and
@@ -69,7 +70,13 @@
 //   large weight matrices (path 3): ResNet-18 layer4 at N=32 forward 51 -> 46 ms, backward
 //   110 -> 87-96 ms (MKL's GEMM alone: ~100 GFLOP/s on one core, ~190 on both sharing one
 //   GEMM, ~145 as two independent GEMMs; oneDNN's own convolution reaches ~260).
-//   Measurements in BENCHMARKS.md.
+// Version 6 (this file): path 2's float kernels in AVX-512 intrinsics with their weight (or
+//   dY) vectors held in registers: GCC had folded those loads into every FMA, one zmm load
+//   per FMA where Zen 4 loads one zmm a cycle. 8 positions per step for 16-32 channels, and
+//   blocks of 64 channels (4 positions a step) that bring the chapter's 32->64 layer (2x2
+//   outputs) onto path 2. Chapter N=512, 2 threads: forward of 16->32 0.82 -> 0.45-0.50 ms,
+//   32->64 0.71-0.77 -> 0.48 ms (oneDNN 0.37-0.45 and 0.46-0.54). The GEMMs of paths 3-4 go
+//   to our own packed GEMM (csrc/cpu/packed_gemm.h). Measurements in BENCHMARKS.md.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -419,13 +426,29 @@ void add_tap_major(const acc_t* part, int64_t O, int64_t K, int64_t channels, ac
 constexpr int64_t kMaxDirectChannels = 32;
 constexpr int kDirectAccumulators = 128;  // sums kept in registers per step (8 zmm of float)
 
+// Positions (forward) or taps (weight gradient) per step of the AVX-512 float kernels: 8 for
+// blocks of 16-32 channels, 4 for 64. The padded sizes are multiples of this and of the
+// generic kernels' kDirectAccumulators / block.
+constexpr int64_t direct_step(int64_t block) {
+  return block == 64 ? 4 : std::max<int64_t>(kDirectAccumulators / block, 8);
+}
+
 // Positions are processed kDirectAccumulators / block at a time (4-16): fewer per image
 // would mostly compute padding (the chapter's last layer has one position per image).
 constexpr int64_t kMinDirectPositions = 16;
 
+// 33-64 output channels take blocks of 64 (four zmm of float), where 4 positions per step
+// already give 16 independent sums: narrow late layers with >= 4 positions qualify (the
+// chapter's 32->64 layer, 2x2 outputs: its forward 0.71 -> 0.4 ms at N=512). Larger
+// images stay on the GEMM paths.
+constexpr int64_t kMaxDirectChannelsNarrow = 64;
+constexpr int64_t kMinDirectPositionsNarrow = 4;
+
 bool direct_path_fits(const Conv2dGeometry& g) {
-  return g.groups == 1 && g.out_channels <= kMaxDirectChannels &&
-         g.out_area() >= kMinDirectPositions;
+  if (g.groups != 1) return false;
+  if (g.out_channels <= kMaxDirectChannels) return g.out_area() >= kMinDirectPositions;
+  return g.out_channels <= kMaxDirectChannelsNarrow && g.out_w < kMinRunWidth &&
+         g.out_area() >= kMinDirectPositionsNarrow;
 }
 
 struct DirectLayout {
@@ -439,9 +462,9 @@ struct DirectLayout {
 DirectLayout make_direct_layout(const Conv2dGeometry& g, const GatherTable& table) {
   DirectLayout d;
   const int64_t O = g.out_channels;
-  d.block = O <= 8 ? 8 : (O <= 16 ? 16 : 32);
+  d.block = O <= 8 ? 8 : (O <= 16 ? 16 : (O <= 32 ? 32 : 64));
   d.padded_o = (O + d.block - 1) / d.block * d.block;
-  const int64_t step = kDirectAccumulators / d.block;
+  const int64_t step = direct_step(d.block);
   const int64_t L = g.out_area();
   const int64_t K = g.column_rows();
   const int64_t kA = g.kernel_area();
@@ -460,9 +483,91 @@ DirectLayout make_direct_layout(const Conv2dGeometry& g, const GatherTable& tabl
 }
 
 // out_t[l, o] = sum_k planes[offsets[l, k]] * weight_t[k, o] for the padded [L, O] tile.
+#if defined(__AVX512F__)
+// The float kernels for blocks of 16, 32 and 64 channels (1, 2 or 4 zmm) with 8, 8 or 4
+// positions per step (8-16 accumulators). Written with intrinsics because GCC folded the weight loads of the
+// generic loop into every FMA: with 4 positions of 32 channels that was 8 zmm loads for 8
+// FMAs, and Zen 4 loads one zmm per cycle, so the 16->32 layer ran at 38% of the FMA rate.
+// Here a step loads its weights once, into registers.
+//
+// An empty asm that "changes" the value: GCC then cannot fold its load into each FMA that
+// uses it (it still did with plain intrinsics), so it is loaded once per step.
+inline void keep_in_register(__m512& value) { asm("" : "+v"(value)); }
+template <int Vectors>
+void direct_forward_image_avx512(const float* __restrict planes, const DirectLayout& d,
+                                 int64_t K, const float* __restrict weight_t,
+                                 float* __restrict out_t) {
+  constexpr int Positions = direct_step(16 * Vectors);
+  for (int64_t o0 = 0; o0 < d.padded_o; o0 += 16 * Vectors) {
+    for (int64_t l0 = 0; l0 < d.padded_l; l0 += Positions) {
+      __m512 acc[Positions][Vectors];
+      for (int p = 0; p < Positions; ++p) {
+        for (int v = 0; v < Vectors; ++v) acc[p][v] = _mm512_setzero_ps();
+      }
+      const int32_t* __restrict offsets = d.offsets.data() + l0 * d.padded_k;
+      for (int64_t k = 0; k < K; ++k) {
+        __m512 w[Vectors];
+        for (int v = 0; v < Vectors; ++v) {
+          w[v] = _mm512_loadu_ps(weight_t + k * d.padded_o + o0 + 16 * v);
+          keep_in_register(w[v]);
+        }
+        for (int p = 0; p < Positions; ++p) {
+          const __m512 x = _mm512_set1_ps(planes[offsets[p * d.padded_k + k]]);
+          for (int v = 0; v < Vectors; ++v) acc[p][v] = _mm512_fmadd_ps(x, w[v], acc[p][v]);
+        }
+      }
+      for (int p = 0; p < Positions; ++p) {
+        for (int v = 0; v < Vectors; ++v) {
+          _mm512_storeu_ps(out_t + (l0 + p) * d.padded_o + o0 + 16 * v, acc[p][v]);
+        }
+      }
+    }
+  }
+}
+
+template <int Vectors>
+void direct_weight_grad_image_avx512(const float* __restrict planes, const DirectLayout& d,
+                                     int64_t L, const float* __restrict dy_t,
+                                     float* __restrict weight_grad_t) {
+  constexpr int Taps = direct_step(16 * Vectors);
+  for (int64_t o0 = 0; o0 < d.padded_o; o0 += 16 * Vectors) {
+    for (int64_t k0 = 0; k0 < d.padded_k; k0 += Taps) {
+      __m512 acc[Taps][Vectors];
+      for (int t = 0; t < Taps; ++t) {
+        for (int v = 0; v < Vectors; ++v) acc[t][v] = _mm512_setzero_ps();
+      }
+      for (int64_t l = 0; l < L; ++l) {
+        __m512 dy[Vectors];
+        for (int v = 0; v < Vectors; ++v) {
+          dy[v] = _mm512_loadu_ps(dy_t + l * d.padded_o + o0 + 16 * v);
+          keep_in_register(dy[v]);
+        }
+        const int32_t* __restrict offsets = d.offsets.data() + l * d.padded_k + k0;
+        for (int t = 0; t < Taps; ++t) {
+          const __m512 x = _mm512_set1_ps(planes[offsets[t]]);
+          for (int v = 0; v < Vectors; ++v) acc[t][v] = _mm512_fmadd_ps(x, dy[v], acc[t][v]);
+        }
+      }
+      for (int t = 0; t < Taps; ++t) {
+        for (int v = 0; v < Vectors; ++v) {
+          float* total = weight_grad_t + (k0 + t) * d.padded_o + o0 + 16 * v;
+          _mm512_storeu_ps(total, _mm512_add_ps(_mm512_loadu_ps(total), acc[t][v]));
+        }
+      }
+    }
+  }
+}
+#endif
+
 template <typename acc_t, int Block>
 void direct_forward_image(const acc_t* __restrict planes, const DirectLayout& d, int64_t K,
                           const acc_t* __restrict weight_t, acc_t* __restrict out_t) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<acc_t, float> && Block >= 16) {
+    direct_forward_image_avx512<Block / 16>(planes, d, K, weight_t, out_t);
+    return;
+  }
+#endif
   constexpr int Positions = kDirectAccumulators / Block;
   for (int64_t o0 = 0; o0 < d.padded_o; o0 += Block) {
     for (int64_t l0 = 0; l0 < d.padded_l; l0 += Positions) {
@@ -488,6 +593,12 @@ template <typename acc_t, int Block>
 void direct_weight_grad_image(const acc_t* __restrict planes, const DirectLayout& d,
                               int64_t L, const acc_t* __restrict dy_t,
                               acc_t* __restrict weight_grad_t) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<acc_t, float> && Block >= 16) {
+    direct_weight_grad_image_avx512<Block / 16>(planes, d, L, dy_t, weight_grad_t);
+    return;
+  }
+#endif
   constexpr int Taps = kDirectAccumulators / Block;
   for (int64_t o0 = 0; o0 < d.padded_o; o0 += Block) {
     for (int64_t k0 = 0; k0 < d.padded_k; k0 += Taps) {
@@ -519,6 +630,16 @@ void with_block(int64_t block, Fn&& fn) {
   }
 }
 
+// with_block for the implicit GEMM, whose blocks also come in 64.
+template <typename Fn>
+void with_direct_block(int64_t block, Fn&& fn) {
+  if (block == 64) {
+    fn(std::integral_constant<int, 64>{});
+  } else {
+    with_block(block, fn);
+  }
+}
+
 template <typename scalar_t>
 void conv2d_forward_direct(const at::Tensor& x, const at::Tensor& weight_acc,
                            const at::Tensor& bias_acc, const Conv2dGeometry& g,
@@ -546,7 +667,7 @@ void conv2d_forward_direct(const at::Tensor& x, const at::Tensor& weight_acc,
     acc_t* out_t = planes + plane_elems;
     for (int64_t b = begin; b < end; ++b) {
       copy_planes(x_ptr + b * image_elems, g, planes);
-      with_block(d.block, [&](auto block) {
+      with_direct_block(d.block, [&](auto block) {
         direct_forward_image<acc_t, decltype(block)::value>(planes, d, K, weight_t.data(), out_t);
       });
       for (int64_t o = 0; o < O; ++o) {
@@ -991,7 +1112,7 @@ void conv2d_backward_images(const at::Tensor& dy, const at::Tensor& x,
             const scalar_t* src = dy_ptr + ((first + i) * O + o) * L;
             for (int64_t l = 0; l < L; ++l) dy_t[l * d.padded_o + o] = static_cast<acc_t>(src[l]);
           }
-          with_block(d.block, [&](auto block) {
+          with_direct_block(d.block, [&](auto block) {
             direct_weight_grad_image<acc_t, decltype(block)::value>(image_buffer, d, L, dy_t,
                                                                       weight_grad);
           });
