@@ -364,31 +364,130 @@ void gather_image_columns(const acc_t* __restrict planes, const Conv2dGeometry& 
   }
 }
 
-// The transpose of gather_image_columns: every column-gradient entry added to the input
-// element it was copied from, in a fixed order (deterministic), padding into the zeros;
-// then the planes are written to grad_image.
-template <typename scalar_t, typename acc_t>
-void scatter_image_columns(const acc_t* __restrict columns_t, const Conv2dGeometry& g,
-                           const GatherTable& table, acc_t* __restrict planes,
-                           scalar_t* __restrict grad_image) {
+// The transpose of gather_image_columns, in gather form: each input element sums the
+// column-gradient entries that were copied from it. The input-gradient GEMM multiplies by
+// the weight with each row reordered tap-major (weight_rows_tap_major: entry r * Cg + c), so
+// the column gradient holds a tap's Cg channels contiguously: every term is a run of Cg
+// values, summed as vectors. For every element of a plane the table lists the start of its
+// terms' runs in an image's [L, K] columns (l * K + r * Cg, group 0), in (l, r) order;
+// padding entries are in no list. The sums go to a [area, Cg] buffer, then transposed into
+// the planes. It replaces a scatter with a scalar read-modify-write per column entry (chains
+// through the store buffer where taps overlap), a zeroed plane buffer and a copy-out:
+// [512, 8, 14, 14] input gradient's col2im 0.5 -> ~0.1 ms. Each element adds its terms in
+// the order the scatter did, from zero: the same float results.
+struct ColumnSources {
+  std::vector<int64_t> starts;   // [area + 1]: element e's terms are [starts[e], starts[e + 1])
+  std::vector<int64_t> entries;  // run starts in an image's columns (group 0)
+};
+
+ColumnSources make_column_sources(const Conv2dGeometry& g, const GatherTable& table) {
   const int64_t L = g.out_area();
   const int64_t kA = g.kernel_area();
-  const int64_t C = g.in_channels;
+  const int64_t K = g.column_rows();
+  const int64_t channels_per_group = g.in_channels / g.groups;
   const int64_t area = g.in_area();
-  const int32_t* __restrict offsets = table.offsets.data();
-  std::fill(planes, planes + C * table.plane_stride, acc_t(0));
+  ColumnSources sources{std::vector<int64_t>(area + 1, 0), {}};
+  for (int64_t i = 0; i < L * kA; ++i) {
+    const int64_t offset = table.offsets[i];
+    if (offset < area) ++sources.starts[offset + 1];
+  }
+  for (int64_t e = 0; e < area; ++e) sources.starts[e + 1] += sources.starts[e];
+  sources.entries.resize(sources.starts[area]);
+  std::vector<int64_t> next(sources.starts.begin(), sources.starts.end() - 1);
   for (int64_t l = 0; l < L; ++l) {
-    const int32_t* __restrict row = offsets + l * kA;
-    const acc_t* __restrict src = columns_t + l * C * kA;
-    for (int64_t c = 0; c < C; ++c) {
-      acc_t* __restrict plane = planes + c * table.plane_stride;
-      for (int64_t r = 0; r < kA; ++r) plane[row[r]] += src[c * kA + r];
+    for (int64_t r = 0; r < kA; ++r) {
+      const int64_t offset = table.offsets[l * kA + r];
+      if (offset < area) sources.entries[next[offset]++] = l * K + r * channels_per_group;
     }
   }
-  for (int64_t c = 0; c < C; ++c) {
-    const acc_t* src = planes + c * table.plane_stride;
-    scalar_t* dst = grad_image + c * area;
-    for (int64_t e = 0; e < area; ++e) dst[e] = static_cast<scalar_t>(src[e]);
+  return sources;
+}
+
+// weight [O, Kg] (row entry c * kA + r) -> the same rows tap-major (entry r * Cg + c).
+template <typename acc_t>
+std::vector<acc_t> weight_rows_tap_major(const acc_t* weight, const Conv2dGeometry& g) {
+  const int64_t kA = g.kernel_area();
+  const int64_t channels_per_group = g.in_channels / g.groups;
+  const int64_t Kg = channels_per_group * kA;
+  std::vector<acc_t> rows(g.out_channels * Kg);
+  for (int64_t o = 0; o < g.out_channels; ++o) {
+    for (int64_t c = 0; c < channels_per_group; ++c) {
+      for (int64_t r = 0; r < kA; ++r) {
+        rows[o * Kg + r * channels_per_group + c] = weight[o * Kg + c * kA + r];
+      }
+    }
+  }
+  return rows;
+}
+
+// One image's input gradient from its [L, K] column gradient (tap-major within each group);
+// `buffer` holds area * Cg values (used by the generic version).
+template <typename scalar_t, typename acc_t>
+void sum_image_columns(const acc_t* __restrict columns_t, const Conv2dGeometry& g,
+                       const ColumnSources& sources, acc_t* __restrict buffer,
+                       scalar_t* __restrict grad_image) {
+  const int64_t area = g.in_area();
+  const int64_t channels_per_group = g.in_channels / g.groups;
+  const int64_t Kg = g.column_rows() / g.groups;
+  const int64_t* __restrict starts = sources.starts.data();
+  const int64_t* __restrict entries = sources.entries.data();
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    // 16 elements x up to 16 channels of sums at a time, transposed in registers, so both
+    // the runs (channels) and the planes (elements) are read and written as vectors.
+    using cpu::packed_gemm::lane_mask;
+    for (int64_t grp = 0; grp < g.groups; ++grp) {
+      const float* __restrict group_columns = columns_t + grp * Kg;
+      for (int64_t c0 = 0; c0 < channels_per_group; c0 += 16) {
+        const int64_t channels = std::min<int64_t>(16, channels_per_group - c0);
+        const __mmask16 channel_mask = lane_mask(channels);
+        for (int64_t e0 = 0; e0 < area; e0 += 16) {
+          const int64_t elements = std::min<int64_t>(16, area - e0);
+          __m512 block[16];
+          for (int64_t i = 0; i < 16; ++i) {
+            __m512 sum = _mm512_setzero_ps();
+            if (i < elements) {
+              for (int64_t j = starts[e0 + i]; j < starts[e0 + i + 1]; ++j) {
+                const float* run = group_columns + entries[j] + c0;
+                sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(channel_mask, run));
+              }
+            }
+            block[i] = sum;
+          }
+          cpu::packed_gemm::transpose_16x16(block);
+          const __mmask16 element_mask = lane_mask(elements);
+          for (int64_t c = 0; c < channels; ++c) {
+            scalar_t* dst = grad_image + (grp * channels_per_group + c0 + c) * area + e0;
+            if constexpr (std::is_same_v<scalar_t, float>) {
+              _mm512_mask_storeu_ps(dst, element_mask, block[c]);
+            } else {
+              alignas(64) float values[16];
+              _mm512_store_ps(values, block[c]);
+              for (int64_t i = 0; i < elements; ++i) dst[i] = static_cast<scalar_t>(values[i]);
+            }
+          }
+        }
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t grp = 0; grp < g.groups; ++grp) {
+    const acc_t* __restrict group_columns = columns_t + grp * Kg;
+    for (int64_t e = 0; e < area; ++e) {
+      acc_t* __restrict sums = buffer + e * channels_per_group;
+      std::fill(sums, sums + channels_per_group, acc_t(0));
+      for (int64_t j = starts[e]; j < starts[e + 1]; ++j) {
+        const acc_t* __restrict run = group_columns + entries[j];
+        for (int64_t c = 0; c < channels_per_group; ++c) sums[c] += run[c];
+      }
+    }
+    for (int64_t c = 0; c < channels_per_group; ++c) {
+      scalar_t* __restrict dst = grad_image + (grp * channels_per_group + c) * area;
+      for (int64_t e = 0; e < area; ++e) {
+        dst[e] = static_cast<scalar_t>(buffer[e * channels_per_group + c]);
+      }
+    }
   }
 }
 
@@ -1059,6 +1158,11 @@ void conv2d_backward_images(const at::Tensor& dy, const at::Tensor& x,
   const int64_t Kg = K / g.groups;
   const int64_t image_elems = g.in_channels * g.in_area();
   const GatherTable table = make_gather_table(g);
+  const ColumnSources sources =
+      need_input_grad ? make_column_sources(g, table) : ColumnSources{};
+  const std::vector<acc_t> w_tap_major =
+      need_input_grad ? weight_rows_tap_major(weight_acc.const_data_ptr<acc_t>(), g)
+                      : std::vector<acc_t>{};
   // Few output channels: the weight gradient by the implicit GEMM (no columns), in the
   // transposed [padded_k, padded_o] layout; the input gradient as below.
   const bool direct = direct_path_fits(g);
@@ -1130,11 +1234,12 @@ void conv2d_backward_images(const at::Tensor& dy, const at::Tensor& x,
       if (need_input_grad) {
         for (int64_t grp = 0; grp < g.groups; ++grp) {
           cpu::gemm<acc_t>(true, false, n, Kg, Og, acc_t(1), dy_tile + grp * Og * n, n,
-                           w_ptr + grp * Og * Kg, Kg, acc_t(0), columns_t + grp * Kg, K);
+                           w_tap_major.data() + grp * Og * Kg, Kg, acc_t(0),
+                           columns_t + grp * Kg, K);
         }
         for (int64_t i = 0; i < count; ++i) {
-          scatter_image_columns(columns_t + i * L * K, g, table, image_buffer,
-                                dx_ptr + (first + i) * image_elems);
+          sum_image_columns(columns_t + i * L * K, g, sources, image_buffer,
+                            dx_ptr + (first + i) * image_elems);
         }
       }
     }
@@ -1241,6 +1346,11 @@ void conv2d_backward_shared(const at::Tensor& dy, const at::Tensor& x,
   const int64_t Kg = K / g.groups;
   const int64_t image_elems = g.in_channels * g.in_area();
   const GatherTable table = make_gather_table(g);
+  const ColumnSources sources =
+      need_input_grad ? make_column_sources(g, table) : ColumnSources{};
+  const std::vector<acc_t> w_tap_major =
+      need_input_grad ? weight_rows_tap_major(weight_acc.const_data_ptr<acc_t>(), g)
+                      : std::vector<acc_t>{};
   const int64_t column_elems = K * p.columns;
   const int64_t plane_elems = g.in_channels * table.plane_stride;
   at::Tensor buffers = scratch<acc_t>(x, column_elems + O * p.columns + p.threads * plane_elems);
@@ -1278,13 +1388,13 @@ void conv2d_backward_shared(const at::Tensor& dy, const at::Tensor& x,
     if (!need_input_grad) continue;
     for (int64_t grp = 0; grp < g.groups; ++grp) {
       cpu::gemm<acc_t>(true, false, n, Kg, Og, acc_t(1), dy_tile + grp * Og * n, n,
-                       w_ptr + grp * Og * Kg, Kg, acc_t(0), columns_t + grp * Kg, K);
+                       w_tap_major.data() + grp * Og * Kg, Kg, acc_t(0), columns_t + grp * Kg, K);
     }
     at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
       acc_t* image_buffer = planes + thread_slot(p.threads) * plane_elems;
       for (int64_t i = begin; i < end; ++i) {
-        scatter_image_columns(columns_t + i * L * K, g, table, image_buffer,
-                              dx_ptr + (first + i) * image_elems);
+        sum_image_columns(columns_t + i * L * K, g, sources, image_buffer,
+                          dx_ptr + (first + i) * image_elems);
       }
     });
   }

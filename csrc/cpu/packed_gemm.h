@@ -51,6 +51,8 @@ constexpr int64_t kPanelColumns = 32;
 constexpr int64_t kDepthBlock = 256;
 constexpr int64_t kRowBlock = 384;      // a multiple of kPanelRows: 384 KiB of packed A
 constexpr int64_t kColumnBlock = 1536;  // a multiple of kPanelColumns: 1.5 MiB of packed B
+static_assert(kRowBlock % kPanelRows == 0, "row blocks hold whole panels");
+static_assert(kColumnBlock % kPanelColumns == 0, "column blocks hold whole panels");
 
 // op(X)[i, j]: X is stored [rows, cols] with leading dimension ld, or, when transposed, it is
 // stored [cols, rows] and read across.
