@@ -21,6 +21,15 @@ except ImportError as error:  # pragma: no cover - only without a build
     ) from error
 
 _ops = torch.ops.convkit
+# Each op has one overload; calling it directly skips the packet's overload resolution
+# (~0.7 us a call, a tenth of a small batch-norm call).
+_conv2d_forward = _ops.conv2d_forward.default
+_conv2d_backward = _ops.conv2d_backward.default
+_im2col = _ops.im2col.default
+_col2im = _ops.col2im.default
+_batch_norm_forward = _ops.batch_norm_forward.default
+_batch_norm_backward = _ops.batch_norm_backward.default
+_batch_norm_update_stats = _ops.batch_norm_update_stats.default
 
 
 def conv2d_forward(
@@ -33,7 +42,7 @@ def conv2d_forward(
     groups: int,
 ) -> torch.Tensor:
     """[N, C, H, W] x [O, C/groups, kH, kW] (+ [O]) -> [N, O, oH, oW]."""
-    return _ops.conv2d_forward(input, weight, bias, stride, padding, dilation, groups)
+    return _conv2d_forward(input, weight, bias, stride, padding, dilation, groups)
 
 
 def conv2d_backward(
@@ -47,7 +56,7 @@ def conv2d_backward(
     output_mask: Sequence[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (input, weight, bias); a masked-off gradient comes back as an empty tensor."""
-    return _ops.conv2d_backward(
+    return _conv2d_backward(
         grad_output, input, weight, stride, padding, dilation, groups, output_mask
     )
 
@@ -60,7 +69,7 @@ def im2col(
     stride: Sequence[int],
 ) -> torch.Tensor:
     """[N, C, H, W] -> [N, C * kH * kW, oH * oW], as F.unfold."""
-    return _ops.im2col(input, kernel_size, dilation, padding, stride)
+    return _im2col(input, kernel_size, dilation, padding, stride)
 
 
 def col2im(
@@ -72,7 +81,7 @@ def col2im(
     stride: Sequence[int],
 ) -> torch.Tensor:
     """[N, C * kH * kW, L] -> [N, C, H, W] (overlaps summed), as F.fold."""
-    return _ops.col2im(columns, output_size, kernel_size, dilation, padding, stride)
+    return _col2im(columns, output_size, kernel_size, dilation, padding, stride)
 
 
 def batch_norm_forward(
@@ -86,7 +95,7 @@ def batch_norm_forward(
     relu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """[N, C, *] -> (output [N, C, *], save_mean [C], save_var [C])."""
-    return _ops.batch_norm_forward(
+    return _batch_norm_forward(
         input, weight, bias, running_mean, running_var, training, eps, relu
     )
 
@@ -104,7 +113,7 @@ def batch_norm_backward(
     output_mask: Sequence[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (input, weight, bias); a masked-off gradient comes back as an empty tensor."""
-    return _ops.batch_norm_backward(
+    return _batch_norm_backward(
         grad_output, input, weight, bias, save_mean, save_var, training, eps, relu, output_mask
     )
 
@@ -118,7 +127,7 @@ def batch_norm_update_stats(
     count: int,
 ) -> None:
     """In place: running = (1 - momentum) * running + momentum * batch (variance unbiased)."""
-    _ops.batch_norm_update_stats(running_mean, running_var, batch_mean, batch_var, momentum, count)
+    _batch_norm_update_stats(running_mean, running_var, batch_mean, batch_var, momentum, count)
 
 
 def _stats_dtype(input: torch.Tensor) -> torch.dtype:
