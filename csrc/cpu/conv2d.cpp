@@ -535,6 +535,8 @@ constexpr int64_t direct_step(int64_t block) {
 // Positions are processed kDirectAccumulators / block at a time (4-16): fewer per image
 // would mostly compute padding (the chapter's last layer has one position per image).
 constexpr int64_t kMinDirectPositions = 16;
+// Positions per call of the weight-gradient kernel (a chunk of whole images).
+constexpr int64_t kDirectChunkPositions = 64;
 
 // 33-64 output channels take blocks of 64 (four zmm of float), where 4 positions per step
 // already give 16 independent sums: narrow late layers with >= 4 positions qualify (the
@@ -625,8 +627,9 @@ void direct_forward_image_avx512(const float* __restrict planes, const DirectLay
 }
 
 template <int Vectors>
-void direct_weight_grad_image_avx512(const float* __restrict planes, const DirectLayout& d,
-                                     int64_t L, const float* __restrict dy_t,
+void direct_weight_grad_image_avx512(const float* __restrict planes, int64_t plane_stride,
+                                     int64_t images, const DirectLayout& d, int64_t L,
+                                     const float* __restrict dy_t,
                                      float* __restrict weight_grad_t) {
   constexpr int Taps = direct_step(16 * Vectors);
   for (int64_t o0 = 0; o0 < d.padded_o; o0 += 16 * Vectors) {
@@ -635,16 +638,20 @@ void direct_weight_grad_image_avx512(const float* __restrict planes, const Direc
       for (int t = 0; t < Taps; ++t) {
         for (int v = 0; v < Vectors; ++v) acc[t][v] = _mm512_setzero_ps();
       }
-      for (int64_t l = 0; l < L; ++l) {
-        __m512 dy[Vectors];
-        for (int v = 0; v < Vectors; ++v) {
-          dy[v] = _mm512_loadu_ps(dy_t + l * d.padded_o + o0 + 16 * v);
-          keep_in_register(dy[v]);
-        }
-        const int32_t* __restrict offsets = d.offsets.data() + l * d.padded_k + k0;
-        for (int t = 0; t < Taps; ++t) {
-          const __m512 x = _mm512_set1_ps(planes[offsets[t]]);
-          for (int v = 0; v < Vectors; ++v) acc[t][v] = _mm512_fmadd_ps(x, dy[v], acc[t][v]);
+      for (int64_t image = 0; image < images; ++image) {
+        const float* __restrict image_planes = planes + image * plane_stride;
+        const float* __restrict image_dy = dy_t + image * L * d.padded_o;
+        for (int64_t l = 0; l < L; ++l) {
+          __m512 dy[Vectors];
+          for (int v = 0; v < Vectors; ++v) {
+            dy[v] = _mm512_loadu_ps(image_dy + l * d.padded_o + o0 + 16 * v);
+            keep_in_register(dy[v]);
+          }
+          const int32_t* __restrict offsets = d.offsets.data() + l * d.padded_k + k0;
+          for (int t = 0; t < Taps; ++t) {
+            const __m512 x = _mm512_set1_ps(image_planes[offsets[t]]);
+            for (int v = 0; v < Vectors; ++v) acc[t][v] = _mm512_fmadd_ps(x, dy[v], acc[t][v]);
+          }
         }
       }
       for (int t = 0; t < Taps; ++t) {
@@ -687,14 +694,18 @@ void direct_forward_image(const acc_t* __restrict planes, const DirectLayout& d,
   }
 }
 
-// weight_grad_t[k, o] += sum_l planes[offsets[l, k]] * dy_t[l, o] over the real positions.
+// weight_grad_t[k, o] += sum over `images` images (plane copies plane_stride apart, dY rows
+// L * padded_o apart) and their real positions l of planes[offsets[l, k]] * dy_t[l, o]. Several
+// images per call keep the sums in registers across them: a late layer has 4-16 positions per
+// image, and storing the sums after each image cost as much as computing them.
 template <typename acc_t, int Block>
-void direct_weight_grad_image(const acc_t* __restrict planes, const DirectLayout& d,
-                              int64_t L, const acc_t* __restrict dy_t,
-                              acc_t* __restrict weight_grad_t) {
+void direct_weight_grad_image(const acc_t* __restrict planes, int64_t plane_stride,
+                              int64_t images, const DirectLayout& d, int64_t L,
+                              const acc_t* __restrict dy_t, acc_t* __restrict weight_grad_t) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<acc_t, float> && Block >= 16) {
-    direct_weight_grad_image_avx512<Block / 16>(planes, d, L, dy_t, weight_grad_t);
+    direct_weight_grad_image_avx512<Block / 16>(planes, plane_stride, images, d, L, dy_t,
+                                                weight_grad_t);
     return;
   }
 #endif
@@ -702,13 +713,16 @@ void direct_weight_grad_image(const acc_t* __restrict planes, const DirectLayout
   for (int64_t o0 = 0; o0 < d.padded_o; o0 += Block) {
     for (int64_t k0 = 0; k0 < d.padded_k; k0 += Taps) {
       acc_t acc[Taps][Block] = {};
-      for (int64_t l = 0; l < L; ++l) {
-        const acc_t* __restrict dy_row = dy_t + l * d.padded_o + o0;
-        const int32_t* __restrict offsets = d.offsets.data() + l * d.padded_k + k0;
-        for (int t = 0; t < Taps; ++t) {
-          const acc_t v = planes[offsets[t]];
+      for (int64_t image = 0; image < images; ++image) {
+        const acc_t* __restrict image_planes = planes + image * plane_stride;
+        for (int64_t l = 0; l < L; ++l) {
+          const acc_t* __restrict dy_row = dy_t + (image * L + l) * d.padded_o + o0;
+          const int32_t* __restrict offsets = d.offsets.data() + l * d.padded_k + k0;
+          for (int t = 0; t < Taps; ++t) {
+            const acc_t v = image_planes[offsets[t]];
 #pragma omp simd
-          for (int o = 0; o < Block; ++o) acc[t][o] += v * dy_row[o];
+            for (int o = 0; o < Block; ++o) acc[t][o] += v * dy_row[o];
+          }
         }
       }
       for (int t = 0; t < Taps; ++t) {
@@ -1169,12 +1183,16 @@ void conv2d_backward_images(const at::Tensor& dy, const at::Tensor& x,
   const DirectLayout d = direct ? make_direct_layout(g, table) : DirectLayout{};
   const int64_t column_elems = direct && !need_input_grad ? 0 : K * p.columns;
   const int64_t dy_elems = direct && !need_input_grad ? 0 : O * p.columns;
-  const int64_t dy_t_elems = direct ? d.padded_l * d.padded_o : 0;
+  // The direct weight gradient takes images in chunks of about kDirectChunkPositions positions.
+  const int64_t chunk =
+      direct ? std::clamp<int64_t>(kDirectChunkPositions / L, 1, p.images_per_tile) : 1;
+  const int64_t dy_t_elems = direct ? chunk * d.padded_l * d.padded_o : 0;
   const int64_t plane_elems = g.in_channels * table.plane_stride;
+  const int64_t image_buffer_elems = chunk * plane_elems;
   const int64_t weight_grad_elems =
       need_weight_grad ? (direct ? d.padded_k * d.padded_o : O * Kg) : 0;
   const int64_t per_thread =
-      column_elems + dy_elems + dy_t_elems + plane_elems + weight_grad_elems;
+      column_elems + dy_elems + dy_t_elems + image_buffer_elems + weight_grad_elems;
   at::Tensor buffers = scratch<acc_t>(x, p.threads * per_thread);
   record_column_buffer(p.threads * column_elems * int64_t(sizeof(acc_t)));
 
@@ -1184,7 +1202,8 @@ void conv2d_backward_images(const at::Tensor& dy, const at::Tensor& x,
   scalar_t* dx_ptr = need_input_grad ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
   acc_t* buffer_base = buffers.mutable_data_ptr<acc_t>();
   auto weight_grad_of = [&](int64_t thread) {
-    return buffer_base + thread * per_thread + column_elems + dy_elems + dy_t_elems + plane_elems;
+    return buffer_base + thread * per_thread + column_elems + dy_elems + dy_t_elems +
+           image_buffer_elems;
   };
   // Only the weight-gradient accumulators need zeros; the rest is written before it is read.
   for (int64_t thread = 0; thread < p.threads; ++thread) {
@@ -1208,17 +1227,24 @@ void conv2d_backward_images(const at::Tensor& dy, const at::Tensor& x,
         }
       }
       if (need_weight_grad && direct) {
-        for (int64_t i = 0; i < count; ++i) {
-          copy_planes(x_ptr + (first + i) * image_elems, g, image_buffer);
-          // dY of the image as [L, padded_o], zeros in the padded channels.
-          std::fill(dy_t, dy_t + L * d.padded_o, acc_t(0));
-          for (int64_t o = 0; o < O; ++o) {
-            const scalar_t* src = dy_ptr + ((first + i) * O + o) * L;
-            for (int64_t l = 0; l < L; ++l) dy_t[l * d.padded_o + o] = static_cast<acc_t>(src[l]);
+        for (int64_t i0 = 0; i0 < count; i0 += chunk) {
+          const int64_t images = std::min(chunk, count - i0);
+          for (int64_t j = 0; j < images; ++j) {
+            const int64_t image = first + i0 + j;
+            copy_planes(x_ptr + image * image_elems, g, image_buffer + j * plane_elems);
+            // dY of the image as [L, padded_o], zeros in the padded channels.
+            acc_t* image_dy_t = dy_t + j * L * d.padded_o;
+            std::fill(image_dy_t, image_dy_t + L * d.padded_o, acc_t(0));
+            for (int64_t o = 0; o < O; ++o) {
+              const scalar_t* src = dy_ptr + (image * O + o) * L;
+              for (int64_t l = 0; l < L; ++l) {
+                image_dy_t[l * d.padded_o + o] = static_cast<acc_t>(src[l]);
+              }
+            }
           }
           with_direct_block(d.block, [&](auto block) {
-            direct_weight_grad_image<acc_t, decltype(block)::value>(image_buffer, d, L, dy_t,
-                                                                      weight_grad);
+            direct_weight_grad_image<acc_t, decltype(block)::value>(
+                image_buffer, plane_elems, images, d, L, dy_t, weight_grad);
           });
         }
       } else if (need_weight_grad) {
