@@ -19,8 +19,9 @@
 //     written transposed, [L, K], by a branch-free gather through a table shared by all
 //     channels (late layers have rows of 1-4 values, where per-row bookkeeping costs more
 //     than the copy); one BLAS GEMM per group per tile of images reads it as a transposed
-//     operand. Backward: dW += dY @ columns, dcolumns = dY^T @ W scattered back (in a fixed
-//     order, deterministic). Weight matrices of >= 2 MiB (ResNet's 512-channel layers) take
+//     operand. Backward: dW += dY @ columns, dcolumns = dY^T @ W (W's rows tap-major) summed
+//     back in gather form: each input element adds its <= 4 runs of channels as vectors (in a
+//     fixed order, deterministic). Weight matrices of >= 2 MiB (ResNet's 512-channel layers) take
 //     shared tiles instead: one tile at a time for all threads, the gather and scatter split
 //     over images, one BLAS-threaded GEMM that shares its packed weights.
 //  4. Band path (everything else: large images): a tile is a band of output rows of one
@@ -76,7 +77,11 @@
 //   blocks of 64 channels (4 positions a step) that bring the chapter's 32->64 layer (2x2
 //   outputs) onto path 2. Chapter N=512, 2 threads: forward of 16->32 0.82 -> 0.45-0.50 ms,
 //   32->64 0.71-0.77 -> 0.48 ms (oneDNN 0.37-0.45 and 0.46-0.54). The GEMMs of paths 3-4 go
-//   to our own packed GEMM (csrc/cpu/packed_gemm.h). Measurements in BENCHMARKS.md.
+//   to our own packed GEMM (csrc/cpu/packed_gemm.h). The input gradient's col2im of paths 2-3
+//   in gather form (it was a scalar read-modify-write scatter): 8->16 and 16->32 fwd+bwd at
+//   N=512 2.2-2.4 -> 1.8 ms. Path 2's weight gradient over chunks of ~64 positions of whole
+//   images with its sums in registers (32->64 at N=512: 0.67 -> 0.57 ms). Measurements in
+//   BENCHMARKS.md.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

@@ -2,10 +2,11 @@
 // every matrix row-major with a leading dimension, op() an optional transpose.
 //
 // Why: the conv paths that go through a GEMM (image and band paths, every input gradient)
-// spent most of their time in MKL's sgemm, which on this Zen 4 runs its AVX2 kernels at
-// ~91 GFLOP/s on one core (measured on ResNet-18 layer4's forward product, [512, 4608] @
-// [4608, 1568]); oneDNN's own convolution reaches ~133 on the same core, so ~70% of the
-// FMA peak was all MKL gave us.
+// spend most of their time in it, and MKL's sgemm runs on this Zen 4 at ~91 GFLOP/s on one
+// core (ResNet-18 layer4's forward product, [512, 4608] @ [4608, 1568], torch.mm on one
+// thread), where a register-tile loop like the one below reaches ~113 in L1 (the core's FMA
+// rate: one 16-lane FMA a cycle) and oneDNN's convolution ~133 counted in nominal FLOPs
+// (it skips the products with padding zeros that im2col makes; ~110 in real ones).
 //
 // Algorithm (the Goto/BLIS layering): the depth k is cut into blocks of kDepthBlock; for each
 // block, a block of op(B) (kDepthBlock x up to kColumnBlock) is packed into panels of
@@ -28,8 +29,11 @@
 // Results are deterministic: each C element is a fixed-order sum (depth blocks in order,
 // depth steps in order within a block), whatever the thread count.
 //
-// Version 1 (this file): ResNet-18 layer4 forward product on one core 79 -> 65 ms with this
-//   micro-kernel alone (116 GFLOP/s); measurements in BENCHMARKS.md.
+// Version 1 (this file): that product on one core 72-73 ms (101-103 GFLOP/s; MKL 81 ms).
+//   In the convolutions (2 threads, fwd+bwd, own vs MKL in the same run): ResNet-18 layer4
+//   125-137 vs 128-156 ms and layer4.down 62-68 vs 64-79 (the shared tiles: one GEMM over
+//   both threads), layer3 132-142 vs 125-137 (tiles per thread: ~5% behind MKL), the chapter
+//   layers within +-5%. Measurements in BENCHMARKS.md.
 #pragma once
 
 #if defined(__AVX512F__)
