@@ -9,9 +9,9 @@
 // one thread per tile. The symbols are weak: a torch built without a Fortran BLAS gets the
 // same product through at::mm on views of the same memory.
 //
-// float on AVX-512 hosts goes to our own packed GEMM instead (csrc/cpu/packed_gemm.h: MKL
-// runs its AVX2 kernels on AMD CPUs at ~80% of what the FMA units give);
-// CONVKIT_CPU_GEMM=blas sends it to the BLAS as well (for comparisons).
+// float on AVX-512 hosts goes to our own packed GEMM instead (csrc/cpu/packed_gemm.h: MKL's
+// sgemm reached ~80% of the FMA rate on this project's Zen 4); CONVKIT_CPU_GEMM=blas sends it
+// to the BLAS as well (for comparisons).
 #pragma once
 
 #include <ATen/core/Tensor.h>
