@@ -496,6 +496,25 @@ void sum_image_columns(const acc_t* __restrict columns_t, const Conv2dGeometry& 
   }
 }
 
+// What the image path's input gradient needs beside the gather table: each input element's
+// column sources and the weight with its rows tap-major (both empty without an input
+// gradient).
+template <typename acc_t>
+struct InputGradientPlan {
+  ColumnSources sources;
+  std::vector<acc_t> weight_tap_major;
+};
+
+template <typename acc_t>
+InputGradientPlan<acc_t> make_input_gradient_plan(const Conv2dGeometry& g,
+                                                  const GatherTable& table,
+                                                  const at::Tensor& weight_acc,
+                                                  bool need_input_grad) {
+  if (!need_input_grad) return {};
+  return {make_column_sources(g, table),
+          weight_rows_tap_major(weight_acc.const_data_ptr<acc_t>(), g)};
+}
+
 // weight [O, K] -> [K, channels] (tap-major, as paths 1 and 2 read it), zeros in the padded
 // channels.
 template <typename acc_t>
@@ -1177,11 +1196,8 @@ void conv2d_backward_images(const at::Tensor& dy, const at::Tensor& x,
   const int64_t Kg = K / g.groups;
   const int64_t image_elems = g.in_channels * g.in_area();
   const GatherTable table = make_gather_table(g);
-  const ColumnSources sources =
-      need_input_grad ? make_column_sources(g, table) : ColumnSources{};
-  const std::vector<acc_t> w_tap_major =
-      need_input_grad ? weight_rows_tap_major(weight_acc.const_data_ptr<acc_t>(), g)
-                      : std::vector<acc_t>{};
+  const InputGradientPlan<acc_t> dx_plan =
+      make_input_gradient_plan<acc_t>(g, table, weight_acc, need_input_grad);
   // Few output channels: the weight gradient by the implicit GEMM (no columns), in the
   // transposed [padded_k, padded_o] layout; the input gradient as below.
   const bool direct = direct_path_fits(g);
@@ -1268,11 +1284,11 @@ void conv2d_backward_images(const at::Tensor& dy, const at::Tensor& x,
       if (need_input_grad) {
         for (int64_t grp = 0; grp < g.groups; ++grp) {
           cpu::gemm<acc_t>(true, false, n, Kg, Og, acc_t(1), dy_tile + grp * Og * n, n,
-                           w_tap_major.data() + grp * Og * Kg, Kg, acc_t(0),
+                           dx_plan.weight_tap_major.data() + grp * Og * Kg, Kg, acc_t(0),
                            columns_t + grp * Kg, K);
         }
         for (int64_t i = 0; i < count; ++i) {
-          sum_image_columns(columns_t + i * L * K, g, sources, image_buffer,
+          sum_image_columns(columns_t + i * L * K, g, dx_plan.sources, image_buffer,
                             dx_ptr + (first + i) * image_elems);
         }
       }
@@ -1380,11 +1396,8 @@ void conv2d_backward_shared(const at::Tensor& dy, const at::Tensor& x,
   const int64_t Kg = K / g.groups;
   const int64_t image_elems = g.in_channels * g.in_area();
   const GatherTable table = make_gather_table(g);
-  const ColumnSources sources =
-      need_input_grad ? make_column_sources(g, table) : ColumnSources{};
-  const std::vector<acc_t> w_tap_major =
-      need_input_grad ? weight_rows_tap_major(weight_acc.const_data_ptr<acc_t>(), g)
-                      : std::vector<acc_t>{};
+  const InputGradientPlan<acc_t> dx_plan =
+      make_input_gradient_plan<acc_t>(g, table, weight_acc, need_input_grad);
   const int64_t column_elems = K * p.columns;
   const int64_t plane_elems = g.in_channels * table.plane_stride;
   at::Tensor buffers = scratch<acc_t>(x, column_elems + O * p.columns + p.threads * plane_elems);
@@ -1422,12 +1435,12 @@ void conv2d_backward_shared(const at::Tensor& dy, const at::Tensor& x,
     if (!need_input_grad) continue;
     for (int64_t grp = 0; grp < g.groups; ++grp) {
       cpu::gemm<acc_t>(true, false, n, Kg, Og, acc_t(1), dy_tile + grp * Og * n, n,
-                       w_tap_major.data() + grp * Og * Kg, Kg, acc_t(0), columns_t + grp * Kg, K);
+                       dx_plan.weight_tap_major.data() + grp * Og * Kg, Kg, acc_t(0), columns_t + grp * Kg, K);
     }
     at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
       acc_t* image_buffer = planes + thread_slot(p.threads) * plane_elems;
       for (int64_t i = begin; i < end; ++i) {
-        sum_image_columns(columns_t + i * L * K, g, sources, image_buffer,
+        sum_image_columns(columns_t + i * L * K, g, dx_plan.sources, image_buffer,
                           dx_ptr + (first + i) * image_elems);
       }
     });
