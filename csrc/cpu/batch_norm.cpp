@@ -87,6 +87,16 @@ at::Tensor per_channel_or(const c10::optional<at::Tensor>& t, int64_t channels,
   return at::full({channels}, fill, options.dtype(acc_type));
 }
 
+// dy' for one element: dy, zeroed where the fused ReLU did not pass the output (when kRelu).
+// Forced inline: as a plain inline function GCC called it from the row path's loops and left
+// them scalar (backward [64,8,14,14] 0.028 -> 0.049 ms).
+template <bool kRelu, typename scalar_t, typename acc_t>
+__attribute__((always_inline)) inline acc_t relu_masked_gradient(scalar_t x, scalar_t dy, acc_t scale,
+                                                             acc_t shift) {
+  const acc_t dy_value = static_cast<acc_t>(dy);
+  return !kRelu || batch_norm_relu_passes(x, scale, shift) ? dy_value : acc_t(0);
+}
+
 // sum(dy') and sum(dy' * (x - mean)) over one block of a plane, dy' = dy masked by the ReLU
 // (when kRelu). The mask is a compile-time choice and the loop a plain reduction: with the
 // relu flag tested inside, GCC left this loop scalar (v3's plane backward ran at 16 GB/s).
@@ -97,8 +107,7 @@ std::pair<acc_t, acc_t> masked_gradient_sums(const scalar_t* __restrict x,
   acc_t sum_dy = acc_t(0), sum_dy_xmu = acc_t(0);
   #pragma omp simd reduction(+ : sum_dy, sum_dy_xmu)
   for (int64_t s = 0; s < len; ++s) {
-    const acc_t dy_value = static_cast<acc_t>(dy[s]);
-    const acc_t g = !kRelu || batch_norm_relu_passes(x[s], scale, shift) ? dy_value : acc_t(0);
+    const acc_t g = relu_masked_gradient<kRelu>(x[s], dy[s], scale, shift);
     sum_dy += g;
     sum_dy_xmu += g * (static_cast<acc_t>(x[s]) - mean);
   }
@@ -144,8 +153,7 @@ void grad_input_plane(const scalar_t* __restrict x, const scalar_t* __restrict d
                       scalar_t* __restrict dx) {
   #pragma omp simd
   for (int64_t s = 0; s < len; ++s) {
-    const acc_t dy_value = static_cast<acc_t>(dy[s]);
-    const acc_t g = !kRelu || batch_norm_relu_passes(x[s], scale, shift) ? dy_value : acc_t(0);
+    const acc_t g = relu_masked_gradient<kRelu>(x[s], dy[s], scale, shift);
     const acc_t xmu = static_cast<acc_t>(x[s]) - mean;
     dx[s] = static_cast<scalar_t>(batch_norm_grad_input(g, xmu, mean_dy, proj, scale));
   }
@@ -339,8 +347,7 @@ void row_backward(const scalar_t* x, const scalar_t* dy, int64_t N, int64_t C, i
         const scalar_t* __restrict dys = dy + n * R + j0;
         #pragma omp simd
         for (int64_t j = 0; j < width; ++j) {
-          const acc_t dy_value = static_cast<acc_t>(dys[j]);
-          const acc_t g = !kRelu || batch_norm_relu_passes(xs[j], a[j], b[j]) ? dy_value : acc_t(0);
+          const acc_t g = relu_masked_gradient<kRelu>(xs[j], dys[j], a[j], b[j]);
           sums[j] += g;
           products[j] += g * (static_cast<acc_t>(xs[j]) - mu[j]);
         }
@@ -375,8 +382,7 @@ void row_backward(const scalar_t* x, const scalar_t* dy, int64_t N, int64_t C, i
         scalar_t* __restrict dxs = dx + n * R + j0;
         #pragma omp simd
         for (int64_t j = 0; j < width; ++j) {
-          const acc_t dy_value = static_cast<acc_t>(dys[j]);
-          const acc_t g = !kRelu || batch_norm_relu_passes(xs[j], a[j], b[j]) ? dy_value : acc_t(0);
+          const acc_t g = relu_masked_gradient<kRelu>(xs[j], dys[j], a[j], b[j]);
           const acc_t xmu = static_cast<acc_t>(xs[j]) - mu[j];
           dxs[j] = static_cast<scalar_t>(batch_norm_grad_input(g, xmu, mdy[j], pr[j], a[j]));
         }
