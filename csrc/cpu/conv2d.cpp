@@ -515,6 +515,33 @@ InputGradientPlan<acc_t> make_input_gradient_plan(const Conv2dGeometry& g,
           weight_rows_tap_major(weight_acc.const_data_ptr<acc_t>(), g)};
 }
 
+// The image path's GEMMs on one tile of n columns ([n, K] columns, dY as [O, n]), per group:
+// the weight gradient, weight_grad [O, Kg] += dY @ columns ...
+template <typename acc_t>
+void add_tile_weight_gradient(const Conv2dGeometry& g, int64_t n, const acc_t* dy_tile,
+                              const acc_t* columns_t, acc_t* weight_grad) {
+  const int64_t K = g.column_rows();
+  const int64_t Og = g.out_channels / g.groups;
+  const int64_t Kg = K / g.groups;
+  for (int64_t grp = 0; grp < g.groups; ++grp) {
+    cpu::gemm<acc_t>(false, false, Og, Kg, n, acc_t(1), dy_tile + grp * Og * n, n,
+                     columns_t + grp * Kg, K, acc_t(1), weight_grad + grp * Og * Kg, Kg);
+  }
+}
+
+// ... and the column gradient, columns = dY^T @ W (W's rows tap-major, for sum_image_columns).
+template <typename acc_t>
+void tile_column_gradient(const Conv2dGeometry& g, int64_t n, const acc_t* dy_tile,
+                          const acc_t* weight_tap_major, acc_t* columns_t) {
+  const int64_t K = g.column_rows();
+  const int64_t Og = g.out_channels / g.groups;
+  const int64_t Kg = K / g.groups;
+  for (int64_t grp = 0; grp < g.groups; ++grp) {
+    cpu::gemm<acc_t>(true, false, n, Kg, Og, acc_t(1), dy_tile + grp * Og * n, n,
+                     weight_tap_major + grp * Og * Kg, Kg, acc_t(0), columns_t + grp * Kg, K);
+  }
+}
+
 // weight [O, K] -> [K, channels] (tap-major, as paths 1 and 2 read it), zeros in the padded
 // channels.
 template <typename acc_t>
@@ -1192,7 +1219,6 @@ void conv2d_backward_images(const at::Tensor& dy, const at::Tensor& x,
   const int64_t O = g.out_channels;
   const int64_t K = g.column_rows();
   const int64_t L = g.out_area();
-  const int64_t Og = O / g.groups;
   const int64_t Kg = K / g.groups;
   const int64_t image_elems = g.in_channels * g.in_area();
   const GatherTable table = make_gather_table(g);
@@ -1222,7 +1248,6 @@ void conv2d_backward_images(const at::Tensor& dy, const at::Tensor& x,
 
   const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
   const scalar_t* dy_ptr = dy.const_data_ptr<scalar_t>();
-  const acc_t* w_ptr = weight_acc.const_data_ptr<acc_t>();
   scalar_t* dx_ptr = need_input_grad ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
   acc_t* buffer_base = buffers.mutable_data_ptr<acc_t>();
   auto weight_grad_of = [&](int64_t thread) {
@@ -1276,17 +1301,10 @@ void conv2d_backward_images(const at::Tensor& dy, const at::Tensor& x,
           copy_planes(x_ptr + (first + i) * image_elems, g, image_buffer);
           gather_image_columns(image_buffer, g, table, columns_t + i * L * K);
         }
-        for (int64_t grp = 0; grp < g.groups; ++grp) {
-          cpu::gemm<acc_t>(false, false, Og, Kg, n, acc_t(1), dy_tile + grp * Og * n, n,
-                           columns_t + grp * Kg, K, acc_t(1), weight_grad + grp * Og * Kg, Kg);
-        }
+        add_tile_weight_gradient(g, n, dy_tile, columns_t, weight_grad);
       }
       if (need_input_grad) {
-        for (int64_t grp = 0; grp < g.groups; ++grp) {
-          cpu::gemm<acc_t>(true, false, n, Kg, Og, acc_t(1), dy_tile + grp * Og * n, n,
-                           dx_plan.weight_tap_major.data() + grp * Og * Kg, Kg, acc_t(0),
-                           columns_t + grp * Kg, K);
-        }
+        tile_column_gradient(g, n, dy_tile, dx_plan.weight_tap_major.data(), columns_t);
         for (int64_t i = 0; i < count; ++i) {
           sum_image_columns(columns_t + i * L * K, g, dx_plan.sources, image_buffer,
                             dx_ptr + (first + i) * image_elems);
@@ -1392,8 +1410,6 @@ void conv2d_backward_shared(const at::Tensor& dy, const at::Tensor& x,
   const int64_t O = g.out_channels;
   const int64_t K = g.column_rows();
   const int64_t L = g.out_area();
-  const int64_t Og = O / g.groups;
-  const int64_t Kg = K / g.groups;
   const int64_t image_elems = g.in_channels * g.in_area();
   const GatherTable table = make_gather_table(g);
   const InputGradientPlan<acc_t> dx_plan =
@@ -1405,7 +1421,6 @@ void conv2d_backward_shared(const at::Tensor& dy, const at::Tensor& x,
 
   const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
   const scalar_t* dy_ptr = dy.const_data_ptr<scalar_t>();
-  const acc_t* w_ptr = weight_acc.const_data_ptr<acc_t>();
   scalar_t* dx_ptr = need_input_grad ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
   // The weight gradient accumulates tile after tile in one GEMM output (zeroed by the caller).
   acc_t* weight_grad = need_weight_grad ? grad_weight_acc.mutable_data_ptr<acc_t>() : nullptr;
@@ -1426,17 +1441,9 @@ void conv2d_backward_shared(const at::Tensor& dy, const at::Tensor& x,
         }
       }
     });
-    if (need_weight_grad) {
-      for (int64_t grp = 0; grp < g.groups; ++grp) {
-        cpu::gemm<acc_t>(false, false, Og, Kg, n, acc_t(1), dy_tile + grp * Og * n, n,
-                         columns_t + grp * Kg, K, acc_t(1), weight_grad + grp * Og * Kg, Kg);
-      }
-    }
+    if (need_weight_grad) add_tile_weight_gradient(g, n, dy_tile, columns_t, weight_grad);
     if (!need_input_grad) continue;
-    for (int64_t grp = 0; grp < g.groups; ++grp) {
-      cpu::gemm<acc_t>(true, false, n, Kg, Og, acc_t(1), dy_tile + grp * Og * n, n,
-                       dx_plan.weight_tap_major.data() + grp * Og * Kg, Kg, acc_t(0), columns_t + grp * Kg, K);
-    }
+    tile_column_gradient(g, n, dy_tile, dx_plan.weight_tap_major.data(), columns_t);
     at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
       acc_t* image_buffer = planes + thread_slot(p.threads) * plane_elems;
       for (int64_t i = begin; i < end; ++i) {
