@@ -74,6 +74,17 @@ CONVKIT_HOST_DEVICE inline void conv_valid_output_range(int64_t in, int64_t out,
   *end = last_excl;
 }
 
+// The kernel offset whose tap reads input coordinate `in` for output coordinate 0, or -1 when
+// no tap does (the window skips it, or it lies beyond the kernel). A conv with a single output
+// position is a product with each image's values in this order (the CPU "window" path).
+CONVKIT_HOST_DEVICE inline int64_t conv_window_offset(int64_t in, int64_t kernel, int64_t pad,
+                                                      int64_t dilation) {
+  const int64_t shifted = in + pad;  // = k * dilation for the tap that reads `in`
+  if (shifted < 0 || shifted % dilation != 0) return -1;
+  const int64_t k = shifted / dilation;
+  return k < kernel ? k : -1;
+}
+
 // Where column-matrix entry (row, pos) of one image comes from: its offset in the image's
 // [in_channels, in_h, in_w] data, or -1 when the window reads the zero padding. Row r =
 // (c * kernel_h + kh) * kernel_w + kw, position pos = oh * out_w + ow.

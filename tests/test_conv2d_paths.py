@@ -1,7 +1,8 @@
 """The CPU conv kernel's code paths, each forced and checked against F.conv2d.
 
-csrc/cpu/conv2d.cpp picks one of five paths per call from the layer's shape and the column
-budget: direct convolution along output rows (first layers: few input channels, <= 16
+csrc/cpu/conv2d.cpp picks one of six paths per call from the layer's shape and the column
+budget: the window path (one output position per image, from an image no larger than the
+kernel: a product with the images read in place), direct convolution along output rows (first layers: few input channels, <= 16
 outputs, rows >= 8 wide; the weight gradient alone when no input gradient is wanted), the
 implicit GEMM (8-32 output channels, >= 16 positions; 33-64 on outputs narrower than 8
 with >= 4 positions), the image path (gather table + BLAS
@@ -33,12 +34,22 @@ PATHS = {
     "implicit_gemm_o40_narrow": (7, 12, 6, 6, 40, 3, 2, 1, 1, 1, None),
     "implicit_gemm_o64_2x2": (6, 32, 4, 4, 64, 3, 2, 1, 1, 1, None),
     "image_path_gemm_o70": (7, 12, 6, 6, 70, 3, 2, 1, 1, 1, None),
-    "image_path_one_position": (9, 24, 2, 2, 10, 3, 2, 1, 1, 1, None),
+    # One output position, from an image larger than the kernel (the column is the smaller
+    # matrix): still the image path.
+    "image_path_one_position": (9, 24, 4, 4, 10, 3, 2, 0, 1, 1, None),
     "image_path_grouped": (4, 12, 5, 5, 12, 3, 1, 1, 1, 3, None),
     # A weight matrix of >= 2 MiB: the image path's shared tiles (all threads on one tile),
     # in one tile and, under a small budget, in tiles of 2 + 1 images.
     "image_path_shared_tiles": (3, 256, 6, 6, 256, 3, 1, 1, 1, 1, None),
     "image_path_shared_tiles_budget": (3, 256, 6, 6, 256, 3, 1, 1, 1, 1, "0.7"),
+    # One output position from an image no larger than the kernel: the window path (images
+    # read in place against a re-laid weight). The chapter's last layer (2x2 -> 1x1, 5 of 9
+    # taps on padding), a grouped one, a dilated one whose window skips input rows and
+    # columns (their gradient is 0), and a 1x1 kernel on a 1x1 image.
+    "window_path_last_layer": (9, 24, 2, 2, 10, 3, 2, 1, 1, 1, None),
+    "window_path_grouped": (5, 12, 3, 3, 21, 3, 1, 0, 1, 3, None),
+    "window_path_dilated_skips": (4, 6, 3, 3, 7, 3, 1, 1, 2, 1, None),
+    "window_path_1x1": (6, 40, 1, 1, 33, 1, 1, 0, 1, 1, None),
     "band_path_rows": (3, 6, 12, 14, 40, 3, 1, 1, 1, 1, "0.02"),
     "band_path_strided_grouped": (2, 8, 15, 13, 44, 3, 2, 1, 1, 2, "0.01"),
     "band_path_1x1": (3, 16, 10, 9, 36, 1, 1, 0, 1, 1, "0.01"),
@@ -56,6 +67,9 @@ GEMM_PATHS = {
     "band_path_1x1_grouped": PATHS["band_path_1x1_grouped"],
     "band_path_deep_o30": (2, 40, 9, 11, 30, 3, 1, 1, 1, 1, "0.05"),
     "image_path_deep_o13": (5, 40, 5, 5, 13, 3, 2, 1, 1, 1, None),
+    # 300 images: two forward GEMMs of up to 256 images; 40 channels of 3x3: 360 columns.
+    "window_path_batch_300": (300, 40, 3, 3, 13, 3, 1, 0, 1, 1, None),
+    "window_path_grouped": PATHS["window_path_grouped"],
 }
 
 
@@ -169,3 +183,42 @@ def test_column_buffer_peak_respects_budget(monkeypatch):
     # reset=True returns the peak and starts over
     assert torch.ops.convkit.column_buffer_peak_bytes(True) == peak
     assert torch.ops.convkit.column_buffer_peak_bytes(False) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_window_path_builds_no_columns(dtype):
+    """The window path reads the images in place: no column buffer, unlike the image path
+    that half precision takes on the same shape. On one thread and on several (the forward
+    and input gradient split the images, the weight gradient its columns) it matches a
+    float64 reference, and repeated calls give the same bits."""
+    x = torch.randn(300, 40, 3, 3, dtype=dtype)
+    weight = torch.randn(13, 40, 3, 3, dtype=dtype)
+    bias = torch.randn(13, dtype=dtype)
+    dy = torch.randn(300, 13, 1, 1, dtype=dtype)
+    args = ([1, 1], [0, 0], [1, 1], 1)
+
+    def run():
+        torch.ops.convkit.column_buffer_peak_bytes(True)
+        out = torch.ops.convkit.conv2d_forward(x, weight, bias, *args)
+        grads = torch.ops.convkit.conv2d_backward(dy, x, weight, *args, [True, True, True])
+        assert torch.ops.convkit.column_buffer_peak_bytes(False) == 0
+        return (out,) + tuple(grads)
+
+    x64, w64, b64 = (t.double().requires_grad_() for t in (x, weight, bias))
+    out64 = F.conv2d(x64, w64, b64)
+    expected = (out64,) + torch.autograd.grad(out64, (x64, w64, b64), dy.double())
+    tolerance = 1e-10 if dtype == torch.float64 else 2e-4
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, max(threads, 2)):
+            torch.set_num_threads(count)
+            results = run()
+            for a, b in zip(results, run()):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+            for a, b in zip(results, expected):
+                torch.testing.assert_close(a.double(), b.detach(), rtol=tolerance, atol=tolerance)
+    finally:
+        torch.set_num_threads(threads)
+    torch.ops.convkit.column_buffer_peak_bytes(True)
+    torch.ops.convkit.conv2d_forward(x.bfloat16(), weight.bfloat16(), bias.bfloat16(), *args)
+    assert torch.ops.convkit.column_buffer_peak_bytes(False) > 0

@@ -4,6 +4,10 @@
 //
 // Paths, chosen per call from the shape (each is forced and checked by
 // tests/test_conv2d_paths.py):
+//  0. Window (one output position per image, from an image no larger than the kernel: the
+//     chapter's last layer, 2x2 -> 1x1): the image's values are its column, in another order,
+//     so the weight is re-laid once per call to match them and forward, input gradient and
+//     weight gradient are each one GEMM over the images read in place (float and double).
 //  1. Rows (first layers: C*kH*kW <= 64, O <= 16, output rows >= 8 wide, groups 1): direct
 //     convolution with 16 consecutive output positions of a row in the vector lanes. The
 //     image is copied once, zero-padded and split by the column stride into phase planes,
@@ -45,7 +49,8 @@
 //   8->16, 3x3 s2     0.058       4.8        7.2 MB                     2 (implicit GEMM)
 //   16->32, 3x3 s2    0.075       2.6        4.7 MB                     2
 //   32->64, 3x3 s2    0.075       1.3        2.4 MB                     2 (blocks of 64)
-//   64->10, 3x3 s2    0.006       0.6        1.2 MB                     3
+//   64->10, 3x3 s2    0.006       0.6        1.2 MB                     0 (window: 0.003
+//                                                                       GFLOP, no columns)
 // Two Zen 4 cores at ~2.6 GHz do one 16-lane fp32 FMA per cycle each: 166 GFLOP/s, so the
 // forward floors are 0.24-0.45 ms per layer (0.04 ms for the last), memory ~0.1 ms at the
 // measured 40 GB/s copy bandwidth. BLAS reaches 45-95 GFLOP/s per core on paths 3-4's
@@ -71,7 +76,7 @@
 //   large weight matrices (path 3): ResNet-18 layer4 at N=32 forward 51 -> 46 ms, backward
 //   110 -> 87-96 ms (MKL's GEMM alone: ~100 GFLOP/s on one core, ~190 on both sharing one
 //   GEMM, ~145 as two independent GEMMs; oneDNN's own convolution reaches ~260).
-// Version 6 (this file): path 2's float kernels in AVX-512 intrinsics with their weight (or
+// Version 6: path 2's float kernels in AVX-512 intrinsics with their weight (or
 //   dY) vectors held in registers: GCC had folded those loads into every FMA, one zmm load
 //   per FMA where Zen 4 loads one zmm a cycle. 8 positions per step for 16-32 channels, and
 //   blocks of 64 channels (4 positions a step) that bring the chapter's 32->64 layer (2x2
@@ -82,6 +87,11 @@
 //   N=512 2.2-2.4 -> 1.8 ms. Path 2's weight gradient over chunks of ~64 positions of whole
 //   images with its sums in registers (32->64 at N=512: 0.67 -> 0.57 ms). Measurements in
 //   BENCHMARKS.md.
+// Version 7 (this file): path 0. The 64->10 layer on path 3 spent 62% of its forward in the
+//   gather (576-value columns, 5 of 9 taps reading padding) and ran its GEMMs on 10 output
+//   channels; as one GEMM per call over the images in place, at N=512 (2 threads) its forward
+//   takes 0.205 -> 0.035 ms, its backward op 0.40 -> 0.09 ms, fwd+bwd 0.74 -> 0.20 ms
+//   (slow_conv2d 3.6 ms, oneDNN 0.75).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -1326,6 +1336,146 @@ void conv2d_backward_images(const at::Tensor& dy, const at::Tensor& x,
   }
 }
 
+// ---- The window path: one output position per image (the chapter's last layer, 2x2 -> 1x1).
+//
+// With a single window, an image's column holds the image's own values (and the padding's
+// zeros): every input element is read by at most one tap (conv_window_offset). So the weight
+// is laid out once per call as the "window weight" Ww [O, C/groups * H * W], whose entry
+// (o, c, ih, iw) is the weight of the tap that reads (ih, iw) (0 when none does), and per group
+//   forward        Y[N, O]     = X[N, C*H*W] @ Ww^T   (computed as Y^T = Ww @ X^T)
+//   input grad     dX[N, C*H*W] = dY[N, O] @ Ww
+//   weight grad    dWw[O, C*H*W] = dY^T @ X, each entry then put back at its tap
+// with the images' rows read in place: no column matrix, no gather, no col2im, and the taps
+// that read padding (5 of 9 in the chapter's layer) cost nothing. Taken when an image has no
+// more values than the kernel has taps (else the column is the smaller matrix) and only for
+// the compute types (float, double): half and bfloat16 keep the image path, which widens them
+// as it gathers.
+bool window_path_fits(const Conv2dGeometry& g) {
+  return g.out_h == 1 && g.out_w == 1 && g.in_area() <= g.kernel_area();
+}
+
+// (offset in a channel plane, tap kh * kW + kw) for every input element some tap reads.
+std::vector<std::pair<int64_t, int64_t>> window_taps(const Conv2dGeometry& g) {
+  std::vector<std::pair<int64_t, int64_t>> taps;
+  for (int64_t ih = 0; ih < g.in_h; ++ih) {
+    const int64_t kh = conv_window_offset(ih, g.kernel_h, g.pad_h, g.dilation_h);
+    if (kh < 0) continue;
+    for (int64_t iw = 0; iw < g.in_w; ++iw) {
+      const int64_t kw = conv_window_offset(iw, g.kernel_w, g.pad_w, g.dilation_w);
+      if (kw >= 0) taps.emplace_back(ih * g.in_w + iw, kh * g.kernel_w + kw);
+    }
+  }
+  return taps;
+}
+
+// Ww [O, Cg * H * W] from the weight [O, Cg * kH * kW] (both row-major).
+template <typename acc_t>
+std::vector<acc_t> window_weight(const acc_t* weight, const Conv2dGeometry& g,
+                                 const std::vector<std::pair<int64_t, int64_t>>& taps) {
+  const int64_t Cg = g.in_channels / g.groups;
+  const int64_t K = Cg * g.kernel_area();
+  const int64_t D = Cg * g.in_area();
+  std::vector<acc_t> window(g.out_channels * D, acc_t(0));
+  for (int64_t o = 0; o < g.out_channels; ++o) {
+    for (int64_t c = 0; c < Cg; ++c) {
+      const acc_t* src = weight + o * K + c * g.kernel_area();
+      acc_t* dst = window.data() + o * D + c * g.in_area();
+      for (const auto& [offset, tap] : taps) dst[offset] = src[tap];
+    }
+  }
+  return window;
+}
+
+// Images per forward GEMM: bounds a thread's Y^T buffer. (Parallel tasks read at least
+// kParallelGrainElements values of X each, so small batches stay on one thread.)
+constexpr int64_t kWindowImagesPerGemm = 256;
+
+template <typename acc_t>
+void conv2d_forward_window(const at::Tensor& x, const at::Tensor& weight_acc,
+                           const at::Tensor& bias_acc, const Conv2dGeometry& g,
+                           at::Tensor& output) {
+  const int64_t O = g.out_channels;
+  const int64_t Og = O / g.groups;
+  const int64_t D = g.in_channels / g.groups * g.in_area();
+  const int64_t image_elems = g.in_channels * g.in_area();
+  const std::vector<acc_t> window =
+      window_weight(weight_acc.const_data_ptr<acc_t>(), g, window_taps(g));
+  const acc_t* x_ptr = x.const_data_ptr<acc_t>();
+  const acc_t* bias_ptr = bias_acc.defined() ? bias_acc.const_data_ptr<acc_t>() : nullptr;
+  acc_t* y_ptr = output.mutable_data_ptr<acc_t>();
+  at::parallel_for(0, g.batch, grain_for(image_elems), [&](int64_t begin, int64_t end) {
+    // Y^T: the output channels are the GEMM's rows (its 12-row panels fit the few channels of
+    // a last layer better than its 32-column panels would).
+    std::vector<acc_t> transposed(Og * std::min(kWindowImagesPerGemm, end - begin));
+    for (int64_t first = begin; first < end; first += kWindowImagesPerGemm) {
+      const int64_t count = std::min(kWindowImagesPerGemm, end - first);
+      for (int64_t grp = 0; grp < g.groups; ++grp) {
+        cpu::gemm<acc_t>(false, true, Og, count, D, acc_t(1), window.data() + grp * Og * D, D,
+                         x_ptr + first * image_elems + grp * D, image_elems, acc_t(0),
+                         transposed.data(), count);
+        for (int64_t i = 0; i < count; ++i) {
+          acc_t* dst = y_ptr + (first + i) * O + grp * Og;
+          for (int64_t o = 0; o < Og; ++o) {
+            const acc_t b = bias_ptr != nullptr ? bias_ptr[grp * Og + o] : acc_t(0);
+            dst[o] = transposed[o * count + i] + b;
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename acc_t>
+void conv2d_backward_window(const at::Tensor& dy, const at::Tensor& x,
+                            const at::Tensor& weight_acc, const Conv2dGeometry& g,
+                            bool need_input_grad, bool need_weight_grad, at::Tensor& grad_input,
+                            at::Tensor& grad_weight_acc) {
+  const int64_t O = g.out_channels;
+  const int64_t Og = O / g.groups;
+  const int64_t Cg = g.in_channels / g.groups;
+  const int64_t D = Cg * g.in_area();
+  const int64_t image_elems = g.in_channels * g.in_area();
+  const auto taps = window_taps(g);
+  const acc_t* x_ptr = x.const_data_ptr<acc_t>();
+  const acc_t* dy_ptr = dy.const_data_ptr<acc_t>();
+  if (need_input_grad) {
+    const std::vector<acc_t> window = window_weight(weight_acc.const_data_ptr<acc_t>(), g, taps);
+    acc_t* dx_ptr = grad_input.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, g.batch, grain_for(image_elems), [&](int64_t begin, int64_t end) {
+      for (int64_t grp = 0; grp < g.groups; ++grp) {
+        cpu::gemm<acc_t>(false, false, end - begin, D, Og, acc_t(1), dy_ptr + begin * O + grp * Og,
+                         O, window.data() + grp * Og * D, D, acc_t(0),
+                         dx_ptr + begin * image_elems + grp * D, image_elems);
+      }
+    });
+  }
+  if (!need_weight_grad) return;
+  // dWw in column ranges of whole 32-column panels per task, each over the whole batch: every
+  // entry is one GEMM's sum, whatever the thread count.
+  std::vector<acc_t> window_grad(O * D);
+  constexpr int64_t kPanel = 32;
+  const int64_t panels = (D + kPanel - 1) / kPanel;
+  at::parallel_for(0, panels, grain_for(kPanel * g.batch), [&](int64_t begin, int64_t end) {
+    const int64_t col_begin = begin * kPanel;
+    const int64_t col_end = std::min(D, end * kPanel);
+    for (int64_t grp = 0; grp < g.groups; ++grp) {
+      cpu::gemm<acc_t>(true, false, Og, col_end - col_begin, g.batch, acc_t(1), dy_ptr + grp * Og,
+                       O, x_ptr + grp * D + col_begin, image_elems, acc_t(0),
+                       window_grad.data() + grp * Og * D + col_begin, D);
+    }
+  });
+  // Back to the taps; taps that read only padding keep grad_weight_acc's zeros.
+  acc_t* gw = grad_weight_acc.mutable_data_ptr<acc_t>();
+  const int64_t K = Cg * g.kernel_area();
+  for (int64_t o = 0; o < O; ++o) {
+    for (int64_t c = 0; c < Cg; ++c) {
+      const acc_t* src = window_grad.data() + o * D + c * g.in_area();
+      acc_t* dst = gw + o * K + c * g.kernel_area();
+      for (const auto& [offset, tap] : taps) dst[tap] = src[offset];
+    }
+  }
+}
+
 // ---- The band path: one image per tile, a band of its output rows, [K, n] columns.
 
 // ---- Shared tiles (image path, large weight matrices: see kSharedTileWeightBytes).
@@ -1459,6 +1609,12 @@ void conv2d_forward_kernel(const at::Tensor& x, const at::Tensor& weight_acc,
                            const at::Tensor& bias_acc, const Conv2dGeometry& g,
                            at::Tensor& output) {
   using acc_t = at::opmath_type<scalar_t>;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (window_path_fits(g)) {
+      conv2d_forward_window<acc_t>(x, weight_acc, bias_acc, g, output);
+      return;
+    }
+  }
   const TilePlan p = plan_tiles(g, sizeof(acc_t));
   if (row_direct_fits(g)) {
     conv2d_forward_rows<scalar_t>(x, weight_acc, bias_acc, g, p.threads, output);
@@ -1568,6 +1724,13 @@ bool conv2d_backward_kernel(const at::Tensor& dy, const at::Tensor& x, const at:
                             at::Tensor* grad_bias) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool same_type = std::is_same_v<scalar_t, acc_t>;
+  if constexpr (same_type) {
+    if (window_path_fits(g)) {
+      conv2d_backward_window<acc_t>(dy, x, weight_acc, g, need_input_grad, need_weight_grad,
+                                    grad_input, grad_weight_acc);
+      return false;
+    }
+  }
   const TilePlan p = plan_tiles(g, sizeof(acc_t));
   if (row_direct_fits(g) && need_weight_grad && !need_input_grad) {
     // A first layer in training: only the weight gradient, along output rows.
