@@ -1550,10 +1550,14 @@ void conv2d_backward_window(const at::Tensor& dy, const at::Tensor& x,
     });
   }
   if (!need_weight_grad) return;
-  // dWw in column ranges of whole 32-column panels per task, each over the whole batch: every
-  // entry is one GEMM's sum, whatever the thread count.
+  // dWw in column ranges of whole panels of our GEMM per task, each over the whole batch:
+  // every entry is one GEMM's sum, whatever the thread count.
   std::vector<acc_t> window_grad(O * D);
-  constexpr int64_t kPanel = 32;
+#if defined(__AVX512F__)
+  constexpr int64_t kPanel = cpu::packed_gemm::kPanelColumns;
+#else
+  constexpr int64_t kPanel = 32;  // the BLAS has no panels of ours to keep whole
+#endif
   const int64_t panels = (D + kPanel - 1) / kPanel;
   at::parallel_for(0, panels, grain_for(kPanel * g.batch), [&](int64_t begin, int64_t end) {
     const int64_t col_begin = begin * kPanel;
