@@ -5,7 +5,7 @@ Data flows one way: ``convkit.nn`` -> ``convkit.functional`` -> ``convkit.ops`` 
 ``torch.ops.convkit`` -> C++/CUDA kernels.
 """
 from convkit import ops  # noqa: F401  (loads the extension, registers fake kernels)
-from convkit import autograd  # noqa: F401  (registers autograd on the forward ops)
+from convkit import autograd  # noqa: F401  (registers autograd on im2col and col2im)
 from convkit import functional, nn  # noqa: F401
 from convkit.functional import batch_norm, batch_norm_relu, conv2d  # noqa: F401
 

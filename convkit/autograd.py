@@ -1,21 +1,19 @@
-"""Autograd for convkit's forward ops, defined once.
+"""Autograd for convkit's ops that Python registers.
 
-Each ``torch.autograd.Function`` below is usable directly (``Conv2dFunction.apply(...)``),
-and its ``setup_context``/``backward`` are also registered on the forward op with
-``torch.library.register_autograd``, which makes ``torch.ops.convkit.conv2d_forward`` and
-``batch_norm_forward`` differentiable themselves (and traceable by ``torch.compile``).
-Both paths call the same backward op.
+The forward ops that training calls on every layer, ``conv2d_forward`` and
+``batch_norm_forward``, get their gradients from C++ autograd nodes registered on the
+Autograd key (``csrc/autograd.cpp``), which eager mode and ``torch.compile`` use: a Python
+Function around them cost ~80 us per batch-norm training step at the chapter's batch 64,
+more than the two kernels. torch.func transforms (grad, vjp, ...) refuse C++ autograd nodes,
+so under a transform ``convkit.functional`` applies the Python Functions below instead; they
+call the same backward ops.
 
-``conv2d`` and ``batch_norm`` at the end are the eager entry points that
-``convkit.functional`` uses: in eager mode they call the Functions directly and run the
-forward op below the autograd dispatch key, which skips the per-call Python work of the
-op-level registration (about 25 us per forward and 40 us per backward, measured: a third
-of a chapter-sized layer at batch 64). Under ``torch.compile`` they call the registered op,
-whose autograd formula is the same Function's.
+im2col and col2im are building blocks no training step calls, so their autograd is
+registered here with ``torch.library.register_autograd``.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -27,7 +25,8 @@ def _grad_or_none(grad: torch.Tensor, wanted: bool) -> Optional[torch.Tensor]:
 
 
 class Conv2dFunction(torch.autograd.Function):
-    """conv2d with gradients from ``convkit::conv2d_backward``.
+    """conv2d with gradients from ``convkit::conv2d_backward``, for torch.func transforms:
+    the Python twin of ``Conv2dFunction`` in csrc/autograd.cpp (same saved tensors and mask).
 
     apply(input [N, C, H, W], weight [O, C/groups, kH, kW], bias [O] or None,
           stride (2,), padding (2,), dilation (2,), groups) -> [N, O, oH, oW]
@@ -79,7 +78,8 @@ class Conv2dFunction(torch.autograd.Function):
 
 class BatchNormFunction(torch.autograd.Function):
     """Batch norm (+ fused ReLU when ``relu``) with gradients from
-    ``convkit::batch_norm_backward``.
+    ``convkit::batch_norm_backward``, for torch.func transforms: the Python twin of
+    ``BatchNormFunction`` in csrc/autograd.cpp.
 
     apply(input [N, C, *], weight [C] or None, bias [C] or None, running_mean [C] or None,
           running_var [C] or None, training, eps, relu)
@@ -178,102 +178,9 @@ torch.library.register_autograd(
 torch.library.register_autograd(
     "convkit::col2im", _col2im_backward, setup_context=_col2im_setup_context
 )
-torch.library.register_autograd(
-    "convkit::conv2d_forward", Conv2dFunction.backward, setup_context=Conv2dFunction.setup_context
-)
-torch.library.register_autograd(
-    "convkit::batch_norm_forward",
-    BatchNormFunction.backward,
-    setup_context=BatchNormFunction.setup_context,
-)
 
 
-class _Conv2dEager(torch.autograd.Function):
-    """Conv2dFunction in the old style (forward takes ctx): ``apply`` then goes straight to
-    C++, where a Function with ``setup_context`` binds default arguments in Python first."""
-
-    @staticmethod
-    def forward(ctx: Any, input, weight, bias, stride, padding, dilation, groups):
-        output = Conv2dFunction.forward(input, weight, bias, stride, padding, dilation, groups)
-        Conv2dFunction.setup_context(
-            ctx, (input, weight, bias, stride, padding, dilation, groups), output
-        )
-        return output
-
-    backward = Conv2dFunction.backward
-
-
-class _BatchNormEager(torch.autograd.Function):
-    """BatchNormFunction in the old style, for the same reason as _Conv2dEager."""
-
-    @staticmethod
-    def forward(ctx: Any, input, weight, bias, running_mean, running_var, training, eps, relu):
-        inputs = (input, weight, bias, running_mean, running_var, training, eps, relu)
-        output = BatchNormFunction.forward(*inputs)
-        BatchNormFunction.setup_context(ctx, inputs, output)
-        return output
-
-    backward = BatchNormFunction.backward
-
-
-def _records_graph(*tensors: Optional[torch.Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def _functorch() -> bool:
-    """Inside a torch.func transform (grad, jacrev, ...): those need a Function with
-    setup_context, which Conv2dFunction/BatchNormFunction are and the eager ones are not."""
+def functorch_transform_active() -> bool:
+    """Inside a torch.func transform (grad, jacrev, ...), where only the Python Functions
+    above give gradients."""
     return torch._C._are_functorch_transforms_active()
-
-
-def _forward_with_autograd(
-    op: Callable[..., Any],
-    function: type[torch.autograd.Function],
-    eager_function: type[torch.autograd.Function],
-    differentiable: Sequence[Optional[torch.Tensor]],
-    args: tuple,
-) -> Any:
-    """op(*args) with autograd, the cheapest way the context allows: the registered op under
-    torch.compile, ``function`` under torch.func transforms, ``eager_function`` when a graph
-    is recorded (some of ``differentiable`` requires grad), else the op below autograd."""
-    if torch.compiler.is_compiling():
-        return op(*args)
-    if _functorch():
-        return function.apply(*args)
-    if _records_graph(*differentiable):
-        return eager_function.apply(*args)
-    with torch._C._AutoDispatchBelowAutograd():
-        return op(*args)
-
-
-def conv2d(
-    input: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    groups: int,
-) -> torch.Tensor:
-    """``convkit::conv2d_forward`` with autograd: [N, C, H, W] -> [N, O, oH, oW]."""
-    return _forward_with_autograd(
-        ops.conv2d_forward, Conv2dFunction, _Conv2dEager, (input, weight, bias),
-        (input, weight, bias, stride, padding, dilation, groups),
-    )
-
-
-def batch_norm(
-    input: torch.Tensor,
-    weight: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-    running_mean: Optional[torch.Tensor],
-    running_var: Optional[torch.Tensor],
-    training: bool,
-    eps: float,
-    relu: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``convkit::batch_norm_forward`` with autograd: (output, save_mean, save_var)."""
-    return _forward_with_autograd(
-        ops.batch_norm_forward, BatchNormFunction, _BatchNormEager, (input, weight, bias),
-        (input, weight, bias, running_mean, running_var, training, eps, relu),
-    )

@@ -89,7 +89,10 @@ def conv2d(
             )
     else:
         padding = _pair(padding, "padding")
-    output = autograd.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    if autograd.functorch_transform_active():
+        output = autograd.Conv2dFunction.apply(input, weight, bias, stride, padding, dilation, groups)
+    else:
+        output = ops.conv2d_forward(input, weight, bias, stride, padding, dilation, groups)
     return output.squeeze(0) if unbatched else output
 
 
@@ -171,9 +174,11 @@ def _batch_norm(
             "batch_norm: momentum=None (cumulative average) needs the number of batches seen; "
             "use convkit.nn.BatchNorm2d, or pass momentum=1/num_batches_tracked"
         )
-    output, save_mean, save_var = autograd.batch_norm(
-        input, weight, bias, running_mean, running_var, training, eps, relu
-    )
+    args = (input, weight, bias, running_mean, running_var, training, eps, relu)
+    if autograd.functorch_transform_active():
+        output, save_mean, save_var = autograd.BatchNormFunction.apply(*args)
+    else:
+        output, save_mean, save_var = ops.batch_norm_forward(*args)
     if update_running:
         with torch.no_grad():
             ops.batch_norm_update_stats(

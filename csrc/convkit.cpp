@@ -1,11 +1,10 @@
 // Every convkit operator schema, in one place. Kernels are registered per device in
-// csrc/cpu/*.cpp (and csrc/cuda/*.cu); autograd and fake kernels are registered from
-// Python (convkit/ops.py, convkit/autograd.py).
+// csrc/cpu/*.cpp (and csrc/cuda/*.cu); the autograd of the conv and batch-norm ops in
+// csrc/autograd.cpp, that of im2col/col2im and every fake kernel from Python
+// (convkit/autograd.py, convkit/ops.py).
 //
-// The forward ops are functional (they mutate nothing) because torch.library's
-// register_autograd only accepts functional schemas; the in-place running-statistics update
-// of batch norm is therefore an op of its own, batch_norm_update_stats, which needs no
-// gradient.
+// The forward ops are functional (they mutate nothing); the in-place running-statistics
+// update of batch norm is an op of its own, batch_norm_update_stats, which needs no gradient.
 #include <torch/library.h>
 
 #include "column_buffer.h"

@@ -200,9 +200,16 @@ def test_conv2d_gradcheck(config, device):
     x, weight, b, kwargs = _make(config, torch.float64, device, bias=True)
     inputs = tuple(t.requires_grad_() for t in (x, weight, b))
     assert torch.autograd.gradcheck(lambda *a: convkit.conv2d(*a, **kwargs), inputs)
-    # The autograd.Function path: same definition, used through apply().
+    # The op itself, whose autograd node (csrc/autograd.cpp) is what convkit.conv2d uses.
     stride, padding, dilation = (kwargs[k] for k in ("stride", "padding", "dilation"))
     pair = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
+    assert torch.autograd.gradcheck(
+        lambda *a: torch.ops.convkit.conv2d_forward(
+            *a, pair(stride), pair(padding), pair(dilation), kwargs["groups"]
+        ),
+        inputs,
+    )
+    # The Python twin used under torch.func transforms.
     assert torch.autograd.gradcheck(
         lambda *a: Conv2dFunction.apply(
             *a, pair(stride), pair(padding), pair(dilation), kwargs["groups"]
