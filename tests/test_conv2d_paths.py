@@ -170,6 +170,39 @@ def test_rows_path_weight_gradient_alone(dtype):
                                atol=tolerance)
 
 
+@pytest.mark.parametrize("mask", [[True, True, True], [False, True, True], [True, False, True]],
+                         ids=["all", "weight_bias", "input_bias"])
+@pytest.mark.parametrize("path", ["implicit_gemm_o20_dilated", "implicit_gemm_o40_narrow"])
+def test_implicit_gemm_bias_gradient(path, mask):
+    """The implicit GEMM sums the bias gradient while it transposes dY for the weight gradient
+    (without a weight gradient it is a separate reduction): right under every mask, and the
+    same bits on 1 and 2 threads."""
+    n, c, h, w, o, k, stride, padding, dilation, groups, _ = PATHS[path]
+    x = torch.randn(n, c, h, w)
+    weight = torch.randn(o, c, k, k)
+    out = F.conv2d(x, weight, None, stride, padding, dilation)
+    dy = torch.randn_like(out)
+    args = ([stride] * 2, [padding] * 2, [dilation] * 2, groups)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.convkit.conv2d_backward(dy, x, weight, *args, mask)
+        torch.set_num_threads(2)
+        two = torch.ops.convkit.conv2d_backward(dy, x, weight, *args, mask)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(one[2], two[2], rtol=0, atol=0)
+    torch.testing.assert_close(two[2].double(), dy.double().sum(dim=(0, 2, 3)), rtol=1e-5, atol=1e-5)
+    if mask[1]:
+        expected = torch.nn.grad.conv2d_weight(x.double(), weight.shape, dy.double(), stride,
+                                               padding, dilation)
+        torch.testing.assert_close(two[1].double(), expected, rtol=1e-4, atol=1e-4)
+    if mask[0]:
+        expected = torch.nn.grad.conv2d_input(x.shape, weight.double(), dy.double(), stride,
+                                              padding, dilation)
+        torch.testing.assert_close(two[0].double(), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_column_buffer_peak_respects_budget(monkeypatch):
     """The reported column-buffer peak of a call stays within CONVKIT_COLUMN_BUDGET_MB
     (whenever one output row of one image fits it)."""
