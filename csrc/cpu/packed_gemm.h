@@ -29,11 +29,15 @@
 // Results are deterministic: each C element is a fixed-order sum (depth blocks in order,
 // depth steps in order within a block), whatever the thread count.
 //
-// Version 1 (this file): that product on one core 72-73 ms (101-103 GFLOP/s; MKL 81 ms).
+// Version 1: that product on one core 72-73 ms (101-103 GFLOP/s; MKL 81 ms).
 //   In the convolutions (2 threads, fwd+bwd, own vs MKL in the same run): ResNet-18 layer4
 //   125-137 vs 128-156 ms and layer4.down 62-68 vs 64-79 (the shared tiles: one GEMM over
 //   both threads), layer3 132-142 vs 125-137 (tiles per thread: ~5% behind MKL), the chapter
 //   layers within +-5%. Measurements in BENCHMARKS.md.
+// Version 2 (this file): a last column panel of <= 16 columns runs a one-vector micro-kernel
+//   (it computed the whole 32-column panel): the chapter's 8->16 input gradient (72 columns:
+//   32 + 32 + 8) at N=512 0.70-0.72 -> 0.62-0.63 ms, 16->32 (144 = 4 * 32 + 16) 0.59 ->
+//   0.54 ms; shapes with whole panels unchanged.
 #pragma once
 
 #if defined(__AVX512F__)
@@ -168,57 +172,61 @@ inline void pack_b(const Operand& b, int64_t depth0, int64_t depth, int64_t col0
   }
 }
 
-// C tile (kRows x columns, columns <= 32) = alpha * A panel @ B panel + (first ? beta * C : C),
-// the A panel holding kPanelRows rows of which the first kRows are used (a partial last panel
-// computes only its real rows). beta == 0 on the first block does not read C (BLAS
+// C tile (kRows x columns, columns <= 16 * kVectors) = alpha * A panel @ B panel + (first ?
+// beta * C : C), the A panel holding kPanelRows rows of which the first kRows are used (a
+// partial last panel computes only its real rows). kVectors = 1 for a last column panel of
+// <= 16 columns, which then computes only its real half (the 8->16 layer's input-gradient
+// GEMM has 72 columns: 32 + 32 + 8). beta == 0 on the first block does not read C (BLAS
 // semantics: NaNs there do not leak).
-template <int kRows>
+template <int kRows, int kVectors>
 void micro_kernel(int64_t depth, const float* __restrict a_panel, const float* __restrict b_panel,
                   float* c, int64_t ldc, int64_t columns, float alpha, float beta, bool first) {
-  __m512 low[kRows], high[kRows];
+  static_assert(kVectors == 1 || kVectors == 2, "a panel is two vectors wide");
+  __m512 acc[kRows][kVectors];
   for (int i = 0; i < kRows; ++i) {
-    low[i] = _mm512_setzero_ps();
-    high[i] = _mm512_setzero_ps();
+    for (int v = 0; v < kVectors; ++v) acc[i][v] = _mm512_setzero_ps();
   }
   for (int64_t p = 0; p < depth; ++p) {
-    const __m512 b_low = _mm512_load_ps(b_panel);
-    const __m512 b_high = _mm512_load_ps(b_panel + 16);
+    __m512 b_vectors[kVectors];
+    for (int v = 0; v < kVectors; ++v) b_vectors[v] = _mm512_load_ps(b_panel + 16 * v);
     for (int i = 0; i < kRows; ++i) {
       const __m512 a_value = _mm512_set1_ps(a_panel[i]);
-      low[i] = _mm512_fmadd_ps(a_value, b_low, low[i]);
-      high[i] = _mm512_fmadd_ps(a_value, b_high, high[i]);
+      for (int v = 0; v < kVectors; ++v) acc[i][v] = _mm512_fmadd_ps(a_value, b_vectors[v], acc[i][v]);
     }
     a_panel += kPanelRows;
     b_panel += kPanelColumns;
   }
-  const __mmask16 mask_low = lane_mask(columns);
-  const __mmask16 mask_high = lane_mask(std::max<int64_t>(0, columns - 16));
+  __mmask16 masks[kVectors];
+  for (int v = 0; v < kVectors; ++v) masks[v] = lane_mask(std::max<int64_t>(0, columns - 16 * v));
   const __m512 alpha_v = _mm512_set1_ps(alpha);
   const __m512 beta_v = _mm512_set1_ps(first ? beta : 1.0f);
   const bool read_c = !first || beta != 0.0f;
   for (int i = 0; i < kRows; ++i) {
-    float* c_row = c + i * ldc;
-    __m512 out_low = _mm512_mul_ps(alpha_v, low[i]);
-    __m512 out_high = _mm512_mul_ps(alpha_v, high[i]);
-    if (read_c) {
-      out_low = _mm512_fmadd_ps(beta_v, _mm512_maskz_loadu_ps(mask_low, c_row), out_low);
-      out_high = _mm512_fmadd_ps(beta_v, _mm512_maskz_loadu_ps(mask_high, c_row + 16), out_high);
+    for (int v = 0; v < kVectors; ++v) {
+      float* c_part = c + i * ldc + 16 * v;
+      __m512 out = _mm512_mul_ps(alpha_v, acc[i][v]);
+      if (read_c) out = _mm512_fmadd_ps(beta_v, _mm512_maskz_loadu_ps(masks[v], c_part), out);
+      _mm512_mask_storeu_ps(c_part, masks[v], out);
     }
-    _mm512_mask_storeu_ps(c_row, mask_low, out_low);
-    _mm512_mask_storeu_ps(c_row + 16, mask_high, out_high);
   }
 }
 
 using MicroKernel = void (*)(int64_t, const float*, const float*, float*, int64_t, int64_t, float,
                              float, bool);
 
-// micro_kernel<rows>, for rows in 1..kPanelRows.
-inline MicroKernel micro_kernel_for(int64_t rows) {
+template <int kVectors>
+inline MicroKernel micro_kernel_with(int64_t rows) {
   static constexpr MicroKernel kernels[kPanelRows] = {
-      micro_kernel<1>, micro_kernel<2>, micro_kernel<3>,  micro_kernel<4>,
-      micro_kernel<5>, micro_kernel<6>, micro_kernel<7>,  micro_kernel<8>,
-      micro_kernel<9>, micro_kernel<10>, micro_kernel<11>, micro_kernel<12>};
+      micro_kernel<1, kVectors>, micro_kernel<2, kVectors>,  micro_kernel<3, kVectors>,
+      micro_kernel<4, kVectors>, micro_kernel<5, kVectors>,  micro_kernel<6, kVectors>,
+      micro_kernel<7, kVectors>, micro_kernel<8, kVectors>,  micro_kernel<9, kVectors>,
+      micro_kernel<10, kVectors>, micro_kernel<11, kVectors>, micro_kernel<12, kVectors>};
   return kernels[rows - 1];
+}
+
+// The micro-kernel for a tile of rows in 1..kPanelRows and columns in 1..kPanelColumns.
+inline MicroKernel micro_kernel_for(int64_t rows, int64_t columns) {
+  return columns <= 16 ? micro_kernel_with<1>(rows) : micro_kernel_with<2>(rows);
 }
 
 struct AlignedFree {
@@ -258,7 +266,7 @@ inline void multiply_columns(int64_t m, int64_t col_begin, int64_t col_end, int6
           for (int64_t r = 0; r < rows; r += kPanelRows) {
             const float* a_panel = a_packed + (r / kPanelRows) * depth * kPanelRows;
             float* c_tile = c + (row0 + r) * ldc + col0 + col;
-            micro_kernel_for(std::min<int64_t>(kPanelRows, rows - r))(
+            micro_kernel_for(std::min<int64_t>(kPanelRows, rows - r), tile_columns)(
                 depth, a_panel, b_panel, c_tile, ldc, tile_columns, alpha, beta, first);
           }
         }
