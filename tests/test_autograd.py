@@ -27,6 +27,18 @@ def _grads(output: torch.Tensor, tensors: list, grad_output: torch.Tensor) -> li
     return [next(found) if t is not None and t.requires_grad else None for t in tensors]
 
 
+def _assert_same_gradients(ours: torch.Tensor, theirs: torch.Tensor, tensors: list,
+                           tolerance: float) -> None:
+    """Both outputs' gradients for the same output gradient: present for the same tensors,
+    and equal."""
+    dy = torch.randn_like(theirs)
+    for mine, ref in zip(_grads(ours, tensors, dy), _grads(theirs, tensors, dy)):
+        if ref is None:
+            assert mine is None
+        else:
+            torch.testing.assert_close(mine, ref, rtol=tolerance, atol=tolerance)
+
+
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
 @pytest.mark.parametrize("has_bias", [True, False])
 @pytest.mark.parametrize("requires_grad", REQUIRES_GRAD, ids=str)
@@ -39,14 +51,8 @@ def test_conv2d_gradients_for_each_subset(requires_grad, has_bias, device):
         if t is not None:
             t.requires_grad_(wanted)
     kwargs = dict(stride=(2, 1), padding=1, dilation=(1, 2), groups=2)
-    ours = convkit.conv2d(x, w, b, **kwargs)
-    theirs = F.conv2d(x, w, b, **kwargs)
-    dy = torch.randn_like(theirs)
-    for mine, ref in zip(_grads(ours, tensors, dy), _grads(theirs, tensors, dy)):
-        if ref is None:
-            assert mine is None
-        else:
-            torch.testing.assert_close(mine, ref, rtol=1e-10, atol=1e-10)
+    _assert_same_gradients(convkit.conv2d(x, w, b, **kwargs), F.conv2d(x, w, b, **kwargs),
+                           tensors, 1e-10)
 
 
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
@@ -69,12 +75,7 @@ def test_batch_norm_gradients_for_each_subset(requires_grad, affine, training, r
     theirs = F.batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5)
     if relu:
         theirs = F.relu(theirs)
-    dy = torch.randn_like(theirs)
-    for mine, ref in zip(_grads(ours, tensors, dy), _grads(theirs, tensors, dy)):
-        if ref is None:
-            assert mine is None
-        else:
-            torch.testing.assert_close(mine, ref, rtol=1e-9, atol=1e-9)
+    _assert_same_gradients(ours, theirs, tensors, 1e-9)
 
 
 def test_eager_training_records_cpp_nodes():
