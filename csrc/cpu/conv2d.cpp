@@ -87,7 +87,7 @@
 //   N=512 2.2-2.4 -> 1.8 ms. Path 2's weight gradient over chunks of ~64 positions of whole
 //   images with its sums in registers (32->64 at N=512: 0.67 -> 0.57 ms). Measurements in
 //   BENCHMARKS.md.
-// Version 7 (this file): path 0. The 64->10 layer on path 3 spent 62% of its forward in the
+// Version 7: path 0. The 64->10 layer on path 3 spent 62% of its forward in the
 //   gather (576-value columns, 5 of 9 taps reading padding) and ran its GEMMs on 10 output
 //   channels; as one GEMM per call over the images in place, at N=512 (2 threads) its forward
 //   takes 0.205 -> 0.035 ms, its backward op 0.40 -> 0.09 ms, fwd+bwd 0.74 -> 0.20 ms
@@ -95,6 +95,13 @@
 //   (GCC had folded the dY loads into the FMAs: 18 loads per 16 FMAs; now 3 input runs and 8
 //   dY vectors per 24 FMAs) and its dY copy in registers: the first layer's backward op at
 //   N=512 0.62-0.65 -> 0.44 ms (oneDNN's 0.58), at N=64 84-93 -> 63-74 us.
+// Version 8 (this file): path 2 moves dY into its [L, O] layout (weight gradient) and its
+//   output out of it (forward) through 16 x 16 register transposes, with the bias gradient
+//   summed on the way (a scalar copy, 64 bytes between stores, had been a sixth of the 8->16
+//   weight gradient); the forward computes the last L % 8 positions in a step of their own
+//   (8->16: 49 positions, 56 computed before). Chapter N=512, 2 threads: 8->16 backward op
+//   1.22 -> 1.09 ms, forward 0.42 -> 0.40 ms; with packed GEMM v2 (a narrow last column panel)
+//   its input gradient 0.71 -> 0.62 ms. Their kernels now run at 184-206 GFLOP/s.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
