@@ -9,7 +9,8 @@
 // forward, setup_context and backward per call, measured on [64,32,4,4] batch norm: 115 us
 // for the training step against 31 us in the two ops). A C++ node costs what an aten op's
 // does. im2col and col2im, which no training step calls, keep their Python registrations
-// (convkit/ops.py).
+// (convkit/autograd.py), and so do the Python twins of these two nodes, which torch.func
+// transforms use (they refuse C++ nodes).
 //
 // Double backward is not supported. The backward ops' own Autograd kernels (below) give
 // their outputs an Error node when they are computed with create_graph, so differentiating
