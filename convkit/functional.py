@@ -18,6 +18,13 @@ IntPair = Union[int, Sequence[int]]
 
 def _pair(value: IntPair, name: str, op: str = "conv2d") -> tuple[int, int]:
     """An int or a pair of ints (a 1-element sequence counts as a pair) as a pair."""
+    # The common forms first, without the general checks below (~1 us of a small conv call).
+    value_type = type(value)
+    if value_type is int:
+        return (value, value)
+    is_sequence_of_two = (value_type is tuple or value_type is list) and len(value) == 2
+    if is_sequence_of_two and type(value[0]) is int and type(value[1]) is int:
+        return tuple(value)
     values = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
     if isinstance(values, (list, tuple)) and len(values) == 1:
         values = tuple(values) * 2
