@@ -30,6 +30,10 @@ CONV_ERRORS = [
     ((2, 3, 8, 8), (4, 3, 3, 3), {"padding": "same", "stride": 2}, RuntimeError, r"padding='same' is not supported for strided convolutions"),
     ((2, 3, 8, 8), (4, 3, 3, 3), {"padding": (1, 2, 3)}, ValueError, r"expected padding to be an int or a pair of ints"),
     ((2, 3, 8, 8), (4, 3, 3, 3), {"stride": (1, 2, 1)}, ValueError, r"expected stride to be an int or a pair of ints"),
+    # Not ints, though Python lets them pass as ints: bools and floats.
+    ((2, 3, 8, 8), (4, 3, 3, 3), {"stride": True}, ValueError, r"expected stride to be an int or a pair of ints, got True"),
+    ((2, 3, 8, 8), (4, 3, 3, 3), {"dilation": (1, False)}, ValueError, r"expected dilation to be an int or a pair of ints"),
+    ((2, 3, 8, 8), (4, 3, 3, 3), {"padding": [1, 1.0]}, ValueError, r"expected padding to be an int or a pair of ints"),
 ]
 
 
