@@ -1410,31 +1410,23 @@ void transpose_dy_image(const scalar_t* __restrict dy_image, int64_t O, int64_t 
                         int64_t padded_o, acc_t* __restrict dy_t, double* __restrict channel_sums) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    // 16 channels at a time: the packed GEMM's transposing pack (lines = channels, depth =
+    // positions; the padded channels' lanes come out zero), then the channels' sums from the
+    // rows just written, still in L1.
     using cpu::packed_gemm::lane_mask;
-    using cpu::packed_gemm::transpose_16x16;
     for (int64_t o0 = 0; o0 < padded_o; o0 += 16) {
       const int64_t channels = std::clamp<int64_t>(O - o0, 0, 16);
-      const __mmask16 store_mask = lane_mask(std::min<int64_t>(16, padded_o - o0));
+      cpu::packed_gemm::pack_lanes_transposed(dy_image + o0 * L, L, L, channels, padded_o,
+                                              std::min<int64_t>(16, padded_o - o0), dy_t + o0);
+      if (channel_sums == nullptr || channels == 0) continue;
+      const __mmask16 channel_mask = lane_mask(channels);
       __m512 sums = _mm512_setzero_ps();
-      for (int64_t l0 = 0; l0 < L; l0 += 16) {
-        const int64_t positions = std::min<int64_t>(16, L - l0);
-        const __mmask16 load_mask = lane_mask(positions);
-        __m512 block[16];
-        for (int64_t i = 0; i < 16; ++i) {
-          block[i] = i < channels ? _mm512_maskz_loadu_ps(load_mask, dy_image + (o0 + i) * L + l0)
-                                  : _mm512_setzero_ps();
-        }
-        transpose_16x16(block);  // block[j]: position l0 + j, channels o0.. in the lanes
-        for (int64_t j = 0; j < positions; ++j) {
-          _mm512_mask_storeu_ps(dy_t + (l0 + j) * padded_o + o0, store_mask, block[j]);
-          sums = _mm512_add_ps(sums, block[j]);
-        }
+      for (int64_t l = 0; l < L; ++l) {
+        sums = _mm512_add_ps(sums, _mm512_maskz_loadu_ps(channel_mask, dy_t + l * padded_o + o0));
       }
-      if (channel_sums != nullptr) {
-        alignas(64) float lanes[16];
-        _mm512_store_ps(lanes, sums);
-        for (int64_t i = 0; i < channels; ++i) channel_sums[o0 + i] = static_cast<double>(lanes[i]);
-      }
+      alignas(64) float lanes[16];
+      _mm512_store_ps(lanes, sums);
+      for (int64_t i = 0; i < channels; ++i) channel_sums[o0 + i] = static_cast<double>(lanes[i]);
     }
     return;
   }
