@@ -95,13 +95,21 @@
 //   (GCC had folded the dY loads into the FMAs: 18 loads per 16 FMAs; now 3 input runs and 8
 //   dY vectors per 24 FMAs) and its dY copy in registers: the first layer's backward op at
 //   N=512 0.62-0.65 -> 0.44 ms (oneDNN's 0.58), at N=64 84-93 -> 63-74 us.
-// Version 8 (this file): path 2 moves dY into its [L, O] layout (weight gradient) and its
+// Version 8: path 2 moves dY into its [L, O] layout (weight gradient) and its
 //   output out of it (forward) through 16 x 16 register transposes, with the bias gradient
 //   summed on the way (a scalar copy, 64 bytes between stores, had been a sixth of the 8->16
 //   weight gradient); the forward computes the last L % 8 positions in a step of their own
 //   (8->16: 49 positions, 56 computed before). Chapter N=512, 2 threads: 8->16 backward op
 //   1.22 -> 1.09 ms, forward 0.42 -> 0.40 ms; with packed GEMM v2 (a narrow last column panel)
 //   its input gradient 0.71 -> 0.62 ms. Their kernels now run at 184-206 GFLOP/s.
+// Version 9 (this file): per-call set-up without divisions or cache-hostile strides. The
+//   gather table and path 2's offset table walked their entries by coordinates instead of
+//   dividing each index; the weight's tap-major layouts and the weight gradient's way back go
+//   through 16 x 16 transposes (strided scalar stores had missed L1 on every value); the input
+//   gradient alone no longer builds the weight gradient's layout. A call's fixed cost (N=2, one
+//   thread): 8->16 forward 17.4 -> 9.4 us, backward 26 -> 18; 16->32 14.3 -> 9.0 and 24 -> 18.5;
+//   32->64 22.5 -> 11 and 38.7 -> 25. At N=64 (2 threads) 8->16 forward 66 -> 59 us and
+//   backward 185 -> 177; 32->64 78 -> 73 and 163 -> 141-150.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -349,11 +357,21 @@ GatherTable make_gather_table(const Conv2dGeometry& g) {
   const int64_t L = g.out_area();
   const int64_t kA = g.kernel_area();
   GatherTable table{std::vector<int32_t>(L * kA), g.in_area() + 1};
-  for (int64_t l = 0; l < L; ++l) {
-    for (int64_t r = 0; r < kA; ++r) {
-      // Row r of channel 0: the offset is the in-plane offset for every channel.
-      const int64_t offset = im2col_source_offset(g, r, l);
-      table.offsets[l * kA + r] = static_cast<int32_t>(offset < 0 ? g.in_area() : offset);
+  // Entry (l, r) is what im2col_source_offset gives for row r of channel 0 (the in-plane
+  // offset, the same for every channel), walked by coordinates: the per-entry divisions of
+  // that helper were a tenth of a small call (8->16 at N=2: ~2 us of ~18).
+  const int32_t padding = static_cast<int32_t>(g.in_area());
+  int32_t* entry = table.offsets.data();
+  for (int64_t oh = 0; oh < g.out_h; ++oh) {
+    for (int64_t ow = 0; ow < g.out_w; ++ow) {
+      for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+        const int64_t ih = conv_input_coordinate(oh, kh, g.stride_h, g.pad_h, g.dilation_h);
+        for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
+          const int64_t iw = conv_input_coordinate(ow, kw, g.stride_w, g.pad_w, g.dilation_w);
+          const bool inside = ih >= 0 && ih < g.in_h && iw >= 0 && iw < g.in_w;
+          *entry++ = inside ? static_cast<int32_t>(ih * g.in_w + iw) : padding;
+        }
+      }
     }
   }
   return table;
@@ -428,6 +446,59 @@ ColumnSources make_column_sources(const Conv2dGeometry& g, const GatherTable& ta
   return sources;
 }
 
+// dst[c * ld_dst + r] = src[r * ld_src + c] (or += when kAdd) for a [rows, cols] matrix, in
+// 16 x 16 blocks. Element by element, one of the two sides strides by a whole row per value:
+// with the 32->64 layer's 288-tap rows (1152 bytes, 256 for its 64 padded channels) every
+// such access missed L1, and the weight's re-layout plus the gradient's way back were a third
+// of a small call (the 32->64 forward at N=2: ~7 of ~20 us).
+template <bool kAdd, typename acc_t>
+void transpose_matrix(const acc_t* __restrict src, int64_t ld_src, int64_t rows, int64_t cols,
+                      acc_t* __restrict dst, int64_t ld_dst) {
+  constexpr int64_t kBlock = 16;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    using cpu::packed_gemm::lane_mask;
+    for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
+      const int64_t block_rows = std::min(kBlock, rows - r0);
+      const __mmask16 row_mask = lane_mask(block_rows);
+      for (int64_t c0 = 0; c0 < cols; c0 += kBlock) {
+        const int64_t block_cols = std::min(kBlock, cols - c0);
+        const __mmask16 col_mask = lane_mask(block_cols);
+        __m512 block[kBlock];
+        for (int64_t i = 0; i < kBlock; ++i) {
+          block[i] = i < block_rows
+                         ? _mm512_maskz_loadu_ps(col_mask, src + (r0 + i) * ld_src + c0)
+                         : _mm512_setzero_ps();
+        }
+        cpu::packed_gemm::transpose_16x16(block);
+        for (int64_t j = 0; j < block_cols; ++j) {
+          float* out = dst + (c0 + j) * ld_dst + r0;
+          __m512 value = block[j];
+          if constexpr (kAdd) value = _mm512_add_ps(_mm512_maskz_loadu_ps(row_mask, out), value);
+          _mm512_mask_storeu_ps(out, row_mask, value);
+        }
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
+    const int64_t r1 = std::min(rows, r0 + kBlock);
+    for (int64_t c0 = 0; c0 < cols; c0 += kBlock) {
+      const int64_t c1 = std::min(cols, c0 + kBlock);
+      for (int64_t c = c0; c < c1; ++c) {
+        for (int64_t r = r0; r < r1; ++r) {
+          if constexpr (kAdd) {
+            dst[c * ld_dst + r] += src[r * ld_src + c];
+          } else {
+            dst[c * ld_dst + r] = src[r * ld_src + c];
+          }
+        }
+      }
+    }
+  }
+}
+
 // weight [O, Kg] (row entry c * kA + r) -> the same rows tap-major (entry r * Cg + c).
 template <typename acc_t>
 std::vector<acc_t> weight_rows_tap_major(const acc_t* weight, const Conv2dGeometry& g) {
@@ -435,12 +506,10 @@ std::vector<acc_t> weight_rows_tap_major(const acc_t* weight, const Conv2dGeomet
   const int64_t channels_per_group = g.in_channels / g.groups;
   const int64_t Kg = channels_per_group * kA;
   std::vector<acc_t> rows(g.out_channels * Kg);
+  // Each row is a [Cg, kA] matrix transposed.
   for (int64_t o = 0; o < g.out_channels; ++o) {
-    for (int64_t c = 0; c < channels_per_group; ++c) {
-      for (int64_t r = 0; r < kA; ++r) {
-        rows[o * Kg + r * channels_per_group + c] = weight[o * Kg + c * kA + r];
-      }
-    }
+    transpose_matrix<false>(weight + o * Kg, kA, channels_per_group, kA, rows.data() + o * Kg,
+                            channels_per_group);
   }
   return rows;
 }
@@ -567,9 +636,7 @@ void tile_column_gradient(const Conv2dGeometry& g, int64_t n, const acc_t* dy_ti
 template <typename acc_t>
 std::vector<acc_t> weight_by_tap(const acc_t* weight, int64_t O, int64_t K, int64_t channels) {
   std::vector<acc_t> weight_t(K * channels, acc_t(0));
-  for (int64_t o = 0; o < O; ++o) {
-    for (int64_t k = 0; k < K; ++k) weight_t[k * channels + o] = weight[o * K + k];
-  }
+  transpose_matrix<false>(weight, K, O, K, weight_t.data(), channels);
   return weight_t;
 }
 
@@ -577,9 +644,7 @@ std::vector<acc_t> weight_by_tap(const acc_t* weight, int64_t O, int64_t K, int6
 // added into the [O, K] gradient.
 template <typename acc_t>
 void add_tap_major(const acc_t* part, int64_t O, int64_t K, int64_t channels, acc_t* total) {
-  for (int64_t o = 0; o < O; ++o) {
-    for (int64_t k = 0; k < K; ++k) total[o * K + k] += part[k * channels + o];
-  }
+  transpose_matrix<true>(part, channels, K, O, total, K);
 }
 
 // ---- Implicit GEMM for few output channels (the chapter's first layers).
@@ -644,11 +709,15 @@ DirectLayout make_direct_layout(const Conv2dGeometry& g, const GatherTable& tabl
   d.padded_k = (K + step - 1) / step * step;
   const int32_t zero = static_cast<int32_t>(g.in_area());  // plane 0's trailing zero
   d.offsets.assign(d.padded_l * d.padded_k, zero);
+  // Row k = c * kA + r, walked as (c, r): a division per entry had made this a quarter of a
+  // small call (8->16 at N=2: ~4.5 us of ~18).
+  const int64_t C = g.in_channels;
   for (int64_t l = 0; l < L; ++l) {
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t c = k / kA;
-      d.offsets[l * d.padded_k + k] =
-          static_cast<int32_t>(c * table.plane_stride + table.offsets[l * kA + k % kA]);
+    const int32_t* taps = table.offsets.data() + l * kA;
+    int32_t* row = d.offsets.data() + l * d.padded_k;
+    for (int64_t c = 0; c < C; ++c) {
+      const int32_t plane = static_cast<int32_t>(c * table.plane_stride);
+      for (int64_t r = 0; r < kA; ++r) row[c * kA + r] = plane + taps[r];
     }
   }
   return d;
@@ -1464,7 +1533,7 @@ bool conv2d_backward_images(const at::Tensor& dy, const at::Tensor& x,
   // Few output channels: the weight gradient by the implicit GEMM (no columns), in the
   // transposed [padded_k, padded_o] layout; the input gradient as below.
   const bool direct = direct_path_fits(g);
-  const DirectLayout d = direct ? make_direct_layout(g, table) : DirectLayout{};
+  const DirectLayout d = direct && need_weight_grad ? make_direct_layout(g, table) : DirectLayout{};
   const int64_t column_elems = direct && !need_input_grad ? 0 : K * p.columns;
   const int64_t dy_elems = direct && !need_input_grad ? 0 : O * p.columns;
   // The direct weight gradient takes the narrow layers' images (< kMinDirectPositions
@@ -1473,7 +1542,7 @@ bool conv2d_backward_images(const at::Tensor& dy, const at::Tensor& x,
   const int64_t chunk = direct && L < kMinDirectPositions
                             ? std::clamp<int64_t>(kDirectChunkPositions / L, 1, p.images_per_tile)
                             : 1;
-  const int64_t dy_t_elems = direct ? chunk * d.padded_l * d.padded_o : 0;
+  const int64_t dy_t_elems = direct && need_weight_grad ? chunk * d.padded_l * d.padded_o : 0;
   const int64_t plane_elems = g.in_channels * table.plane_stride;
   const int64_t image_buffer_elems = chunk * plane_elems;
   const int64_t weight_grad_elems =
