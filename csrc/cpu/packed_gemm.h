@@ -116,6 +116,35 @@ inline void pack_lanes_direct(const float* src, int64_t ld, int64_t depth, int64
   }
 }
 
+#if defined(__AVX512VL__)
+// Two 8 x 8 transposes side by side, one per 256-bit half: in each half, rows[j] <- column
+// j of the 8 x 8 block held in rows[0..7]. 24 shuffles where transpose_16x16 takes 64: for
+// blocks of 8 channels, which would fill only half of its registers.
+inline void transpose_8x8_halves(__m512 rows[8]) {
+  __m512 pairs[8];
+  for (int i = 0; i < 8; i += 2) {
+    pairs[i] = _mm512_unpacklo_ps(rows[i], rows[i + 1]);
+    pairs[i + 1] = _mm512_unpackhi_ps(rows[i], rows[i + 1]);
+  }
+  // quads[4g + c], 128-bit lanes 0 and 2: rows 4g..4g+3 of column c; lanes 1 and 3: of c + 4.
+  __m512 quads[8];
+  for (int g = 0; g < 2; ++g) {
+    const __m512* p = pairs + 4 * g;
+    quads[4 * g + 0] = _mm512_shuffle_ps(p[0], p[2], _MM_SHUFFLE(1, 0, 1, 0));
+    quads[4 * g + 1] = _mm512_shuffle_ps(p[0], p[2], _MM_SHUFFLE(3, 2, 3, 2));
+    quads[4 * g + 2] = _mm512_shuffle_ps(p[1], p[3], _MM_SHUFFLE(1, 0, 1, 0));
+    quads[4 * g + 3] = _mm512_shuffle_ps(p[1], p[3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  // Each half's column: rows 0-3 from quads[c], rows 4-7 from quads[4 + c].
+  const __m512i low = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
+  const __m512i high = _mm512_setr_epi32(4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int c = 0; c < 4; ++c) {
+    rows[c] = _mm512_permutex2var_ps(quads[c], low, quads[4 + c]);
+    rows[4 + c] = _mm512_permutex2var_ps(quads[c], high, quads[4 + c]);
+  }
+}
+#endif
+
 // The stored matrix runs along the depth: 16 of its lines (`width` of them real, the rest
 // zero) are transposed 16 depth steps at a time into `panel_lanes` (<= 16) lanes.
 inline void pack_lanes_transposed(const float* src, int64_t ld, int64_t depth, int64_t width,
