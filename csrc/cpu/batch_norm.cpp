@@ -28,7 +28,7 @@
 // Version 3: `omp simd` on every loop (without it the compiler keeps a float
 //   sum's order and runs one add per 4 cycles), the row layout for small maps, built for
 //   the host's vector width (-march=native): backward op [512,32,4,4] 0.20 -> 0.08 ms.
-// Version 4 (this file):
+// Version 4:
 //  * the planes' backward reduction is a kRelu-templated loop: with the relu flag tested
 //    inside, GCC had left it scalar, so the op ran at 16 GB/s on [32,64,56,56]: 4.68 ->
 //    2.86 ms (2 threads; 45 GB/s counting 5 passes, the second read of a channel from L2).
@@ -43,6 +43,9 @@
 //    counting 2 passes), training forward ~1.9 -> ~1.45 ms.
 //  * small tensors stay on one thread (< 32K values per thread) and per-channel tensors
 //    already in the accumulation type skip the dispatcher: a call's fixed cost 7.6 -> 6.6 us.
+// Version 5 (this file): the running-statistics update reads the forward's float/double
+//   statistics in place instead of converting them to double tensors first: 4.0 -> 1.8 us a
+//   call (C=32), once per batch-norm layer per training step.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -618,6 +621,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
   return std::make_tuple(grad_input, grad_weight, grad_bias);
 }
 
+// running = (1 - momentum) * running + momentum * batch (the variance times `unbias`), in
+// double, for batch statistics of type stat_t.
+template <typename stat_t>
+void update_running_statistics(const at::Tensor& running_mean, const at::Tensor& running_var,
+                               const stat_t* batch_mean, const stat_t* batch_var, int64_t C,
+                               double momentum, double unbias) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, running_mean.scalar_type(),
+                                  "batch_norm_update_mean_cpu", [&] {
+    scalar_t* rm = running_mean.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      rm[c] = static_cast<scalar_t>((1.0 - momentum) * static_cast<double>(rm[c]) +
+                                    momentum * static_cast<double>(batch_mean[c]));
+    }
+  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, running_var.scalar_type(),
+                                  "batch_norm_update_var_cpu", [&] {
+    scalar_t* rv = running_var.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      rv[c] = static_cast<scalar_t>((1.0 - momentum) * static_cast<double>(rv[c]) +
+                                    momentum * static_cast<double>(batch_var[c]) * unbias);
+    }
+  });
+}
+
 void batch_norm_update_stats_cpu(const at::Tensor& running_mean, const at::Tensor& running_var,
                                  const at::Tensor& batch_mean, const at::Tensor& batch_var,
                                  double momentum, int64_t count) {
@@ -626,27 +653,23 @@ void batch_norm_update_stats_cpu(const at::Tensor& running_mean, const at::Tenso
   check_batch_norm_update_stats(op, running_mean, running_var, batch_mean, batch_var, count);
   const int64_t C = batch_mean.numel();
   if (count == 0) return;  // an empty batch leaves the running statistics as they are
+  const double unbias = count > 1 ? double(count) / double(count - 1) : 1.0;
+  // The forward's statistics (contiguous float or double) are read in place: converting them
+  // to double first took two allocations, a third of this op's ~4 us.
+  const at::ScalarType stat_type = batch_mean.scalar_type();
+  if ((stat_type == at::kFloat || stat_type == at::kDouble) &&
+      batch_var.scalar_type() == stat_type && batch_mean.is_contiguous() &&
+      batch_var.is_contiguous()) {
+    AT_DISPATCH_FLOATING_TYPES(stat_type, "batch_norm_update_stats_cpu", [&] {
+      update_running_statistics(running_mean, running_var, batch_mean.const_data_ptr<scalar_t>(),
+                                batch_var.const_data_ptr<scalar_t>(), C, momentum, unbias);
+    });
+    return;
+  }
   const at::Tensor mean = batch_mean.to(at::kDouble).contiguous();
   const at::Tensor var = batch_var.to(at::kDouble).contiguous();
-  const double* mean_ptr = mean.const_data_ptr<double>();
-  const double* var_ptr = var.const_data_ptr<double>();
-  const double unbias = count > 1 ? double(count) / double(count - 1) : 1.0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, running_mean.scalar_type(),
-                                  "batch_norm_update_mean_cpu", [&] {
-    scalar_t* rm = running_mean.mutable_data_ptr<scalar_t>();
-    for (int64_t c = 0; c < C; ++c) {
-      rm[c] = static_cast<scalar_t>((1.0 - momentum) * static_cast<double>(rm[c]) +
-                                    momentum * mean_ptr[c]);
-    }
-  });
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, running_var.scalar_type(),
-                                  "batch_norm_update_var_cpu", [&] {
-    scalar_t* rv = running_var.mutable_data_ptr<scalar_t>();
-    for (int64_t c = 0; c < C; ++c) {
-      rv[c] = static_cast<scalar_t>((1.0 - momentum) * static_cast<double>(rv[c]) +
-                                    momentum * var_ptr[c] * unbias);
-    }
-  });
+  update_running_statistics(running_mean, running_var, mean.const_data_ptr<double>(),
+                            var.const_data_ptr<double>(), C, momentum, unbias);
 }
 
 }  // namespace
