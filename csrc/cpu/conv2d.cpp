@@ -518,6 +518,20 @@ std::vector<acc_t> weight_rows_tap_major(const acc_t* weight, const Conv2dGeomet
   return rows;
 }
 
+#if defined(__AVX512F__)
+// The first `elements` lanes of `value` to dst, rounded to scalar_t.
+template <typename scalar_t>
+inline void store_element_lanes(scalar_t* dst, __m512 value, int64_t elements) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    _mm512_mask_storeu_ps(dst, cpu::packed_gemm::lane_mask(elements), value);
+  } else {
+    alignas(64) float values[16];
+    _mm512_store_ps(values, value);
+    for (int64_t i = 0; i < elements; ++i) dst[i] = static_cast<scalar_t>(values[i]);
+  }
+}
+#endif
+
 // One image's input gradient from its [L, K] column gradient (tap-major within each group);
 // `buffer` holds area * Cg values (used by the generic version).
 template <typename scalar_t, typename acc_t>
@@ -547,7 +561,8 @@ void sum_image_columns(const acc_t* __restrict columns_t, const Conv2dGeometry& 
           __m256 sum = _mm256_setzero_ps();
           if (e < area) {
             for (int64_t j = starts[e]; j < starts[e + 1]; ++j) {
-              sum = _mm256_add_ps(sum, _mm256_maskz_loadu_ps(channel_mask, group_columns + entries[j]));
+              const float* run = group_columns + entries[j];
+              sum = _mm256_add_ps(sum, _mm256_maskz_loadu_ps(channel_mask, run));
             }
           }
           return sum;
@@ -560,16 +575,9 @@ void sum_image_columns(const acc_t* __restrict columns_t, const Conv2dGeometry& 
                                           element_sum(e0 + 8 + i), 1);
           }
           cpu::packed_gemm::transpose_8x8_halves(block);
-          const __mmask16 element_mask = lane_mask(elements);
           for (int64_t c = 0; c < channels_per_group; ++c) {
-            scalar_t* dst = grad_image + (grp * channels_per_group + c) * area + e0;
-            if constexpr (std::is_same_v<scalar_t, float>) {
-              _mm512_mask_storeu_ps(dst, element_mask, block[c]);
-            } else {
-              alignas(64) float values[16];
-              _mm512_store_ps(values, block[c]);
-              for (int64_t i = 0; i < elements; ++i) dst[i] = static_cast<scalar_t>(values[i]);
-            }
+            store_element_lanes(grad_image + (grp * channels_per_group + c) * area + e0,
+                                block[c], elements);
           }
         }
       }
@@ -595,16 +603,9 @@ void sum_image_columns(const acc_t* __restrict columns_t, const Conv2dGeometry& 
             block[i] = sum;
           }
           cpu::packed_gemm::transpose_16x16(block);
-          const __mmask16 element_mask = lane_mask(elements);
           for (int64_t c = 0; c < channels; ++c) {
-            scalar_t* dst = grad_image + (grp * channels_per_group + c0 + c) * area + e0;
-            if constexpr (std::is_same_v<scalar_t, float>) {
-              _mm512_mask_storeu_ps(dst, element_mask, block[c]);
-            } else {
-              alignas(64) float values[16];
-              _mm512_store_ps(values, block[c]);
-              for (int64_t i = 0; i < elements; ++i) dst[i] = static_cast<scalar_t>(values[i]);
-            }
+            store_element_lanes(grad_image + (grp * channels_per_group + c0 + c) * area + e0,
+                                block[c], elements);
           }
         }
       }

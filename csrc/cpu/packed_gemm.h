@@ -136,8 +136,10 @@ inline void transpose_8x8_halves(__m512 rows[8]) {
     quads[4 * g + 3] = _mm512_shuffle_ps(p[1], p[3], _MM_SHUFFLE(3, 2, 3, 2));
   }
   // Each half's column: rows 0-3 from quads[c], rows 4-7 from quads[4 + c].
-  const __m512i low = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
-  const __m512i high = _mm512_setr_epi32(4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  const __m512i low =
+      _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
+  const __m512i high =
+      _mm512_setr_epi32(4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
   for (int c = 0; c < 4; ++c) {
     rows[c] = _mm512_permutex2var_ps(quads[c], low, quads[4 + c]);
     rows[4 + c] = _mm512_permutex2var_ps(quads[c], high, quads[4 + c]);
