@@ -967,6 +967,29 @@ def machine_line(device: torch.device, threads: int) -> str:
     return ", ".join(parts)
 
 
+# Environment variables that change how the OpenMP threads of both sides wait between
+# parallel regions. On this project's 2-vCPU VM libgomp's default (spin ~300000 times, then
+# sleep) left the worker asleep at the next region in some processes and not in others:
+# eval [64,8,14,14] took 20-24 us there against 12 (PyTorch's 26-28 against 21-22), while
+# GOMP_SPINCOUNT=3000000 or OMP_WAIT_POLICY=ACTIVE gave the fast timings in every process
+# tried (BENCHMARKS.md, sixth and seventh rounds). The benchmark keeps whatever the caller
+# set and records it, so that runs are compared like with like.
+THREAD_ENVIRONMENT = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_PROC_BIND",
+                      "OMP_PLACES", "KMP_BLOCKTIME", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def thread_environment() -> dict[str, str]:
+    """The THREAD_ENVIRONMENT variables that are set, with their values."""
+    return {name: os.environ[name] for name in THREAD_ENVIRONMENT if name in os.environ}
+
+
+def thread_environment_line() -> str:
+    settings = thread_environment()
+    if not settings:
+        return f"thread environment: OpenMP defaults (none of {', '.join(THREAD_ENVIRONMENT)} set)"
+    return "thread environment: " + ", ".join(f"{name}={value}" for name, value in settings.items())
+
+
 class CpuShare:
     """How much CPU other processes took while the benchmark ran: the machine's busy time
     (/proc/stat) minus this process's own (getrusage). With more runnable threads than
@@ -1088,6 +1111,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     clock = Clock(device, args.threads, min_run_time, args.min_repeats)
 
     print(machine_line(device, args.threads))
+    print(thread_environment_line())
     arguments = list(argv) if argv is not None else sys.argv[1:]
     print(f"command: {' '.join([Path(sys.argv[0]).name] + arguments)}")
     timer_name = "CUDA events" if device.type == "cuda" else "torch.utils.benchmark"
@@ -1150,7 +1174,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for line in memory_lines(rows):
         print(line)
 
-    common = {"device": str(device), "threads": args.threads, "dtype": "float32"}
+    common = {"device": str(device), "threads": args.threads, "dtype": "float32",
+              "thread_environment": thread_environment()}
     if args.json:
         records = [{**row.to_json(), **common} for row in rows]
         Path(args.json).write_text(json.dumps(records, indent=1) + "\n")

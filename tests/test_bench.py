@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -49,9 +50,12 @@ def test_quick_tiny_run_writes_json_and_plot(tmp_path):
          # One thread: with other jobs on the machine, two spinning threads slow to a crawl.
          "--threads", "1", "--json", str(json_path), "--plot", str(png_path)],
         capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        # libgomp's own default, given explicitly: the run records it.
+        env={**os.environ, "GOMP_SPINCOUNT": "300000"},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "threads" in result.stdout  # the thread count is printed with the machine line
+    assert "thread environment: " in result.stdout and "GOMP_SPINCOUNT=300000" in result.stdout
 
     rows = json.loads(json_path.read_text())
     assert isinstance(rows, list) and rows
@@ -59,6 +63,7 @@ def test_quick_tiny_run_writes_json_and_plot(tmp_path):
     assert sections == {"conv", "batchnorm_relu", "training_step"}
     for row in rows:
         assert REQUIRED_KEYS <= row.keys(), row
+        assert row["thread_environment"]["GOMP_SPINCOUNT"] == "300000", row
         assert row["pass"] is True, row
         assert row["ms_convkit"] > 0 and row["ms_torch"] > 0, row
         assert math.isclose(row["ratio"], row["ms_convkit"] / row["ms_torch"], rel_tol=1e-12)
