@@ -971,9 +971,9 @@ def machine_line(device: torch.device, threads: int) -> str:
 # parallel regions. On this project's 2-vCPU VM libgomp's default (spin ~300000 times, then
 # sleep) left the worker asleep at the next region in some processes and not in others:
 # eval [64,8,14,14] took 20-24 us there against 12 (PyTorch's 26-28 against 21-22), while
-# GOMP_SPINCOUNT=3000000 or OMP_WAIT_POLICY=ACTIVE gave the fast timings in every process
-# tried (BENCHMARKS.md, sixth and seventh rounds). The benchmark keeps whatever the caller
-# set and records it, so that runs are compared like with like.
+# GOMP_SPINCOUNT=3000000 gave the fast timings in every process tried, OMP_WAIT_POLICY=ACTIVE
+# in 8 of 9 (BENCHMARKS.md, sixth and seventh rounds). The benchmark keeps whatever the
+# caller set and records it, so that runs are compared like with like.
 THREAD_ENVIRONMENT = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_PROC_BIND",
                       "OMP_PLACES", "KMP_BLOCKTIME", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 

@@ -210,8 +210,8 @@ TilePlan plan_tiles(const Conv2dGeometry& g, int64_t acc_size) {
     const int64_t tiles_per_thread = (per_thread_images + target_images - 1) / target_images;
     const int64_t tiles = std::max<int64_t>(1, std::min(g.batch, p.threads * tiles_per_thread));
     int64_t images = std::max<int64_t>(1, (g.batch + tiles - 1) / tiles);
-    // Then the largest tile no larger whose tile count the threads share evenly: at 5 images,
-    // 2 threads, tiles of 2 would leave one thread 4 images.
+    // Then the largest tile no larger whose tile count the threads share evenly: 9 images in
+    // tiles of 2 are 5 tiles, 3 of them (6 images) on one of 2 threads; tiles of 1 give 5 and 4.
     if (g.batch >= p.threads) {
       while (images > 1 && ((g.batch + images - 1) / images) % p.threads != 0) --images;
     }
