@@ -5,7 +5,8 @@ budget: the window path (one output position per image, from an image no larger 
 kernel: a product with the images read in place), direct convolution along output rows (first layers: few input channels, <= 16
 outputs, rows >= 8 wide; the weight gradient alone when no input gradient is wanted), the
 implicit GEMM (8-32 output channels, >= 16 positions; 33-64 on outputs narrower than 8
-with >= 4 positions), the image path (gather table + BLAS
+with >= 4 positions; its input gradient a transposed implicit GEMM for 9-32 input channels,
+by phases of the stride, else the image path's GEMM and gather), the image path (gather table + BLAS
 on tiles of whole images), the band path (bands of output rows, [K, n] columns), and within
 it the 1x1 stride-1 case that reads the input as its columns. These
 tests pick shapes (and CONVKIT_COLUMN_BUDGET_MB) that land on each, in float64 (against
@@ -33,6 +34,14 @@ PATHS = {
     # 33-64 output channels on narrow outputs: blocks of 64 channels, 4 positions a step.
     "implicit_gemm_o40_narrow": (7, 12, 6, 6, 40, 3, 2, 1, 1, 1, None),
     "implicit_gemm_o64_2x2": (6, 32, 4, 4, 64, 3, 2, 1, 1, 1, None),
+    # The implicit GEMM's input gradient for 9-32 input channels is the transposed one: by
+    # phases of the stride (above: 16, 12 and 32 channels, stride 2), here with a dilated
+    # stride-1 kernel over 20 channels (a full and a partial block of 16 lanes), a stride 3
+    # over a 2x2 kernel (one phase per axis that no tap reaches: its gradient is 0), and 11
+    # images (chunks of 8 and 3).
+    "transposed_input_grad_c20_dilated": (3, 20, 9, 8, 24, 3, 1, 2, 2, 1, None),
+    "transposed_input_grad_stride3_gaps": (4, 10, 17, 17, 16, 2, 3, 0, 1, 1, None),
+    "transposed_input_grad_11_images": (11, 16, 7, 7, 32, 3, 2, 1, 1, 1, None),
     "image_path_gemm_o70": (7, 12, 6, 6, 70, 3, 2, 1, 1, 1, None),
     # One output position, from an image larger than the kernel (the column is the smaller
     # matrix): still the image path.

@@ -17,8 +17,10 @@
 //  2. Implicit GEMM (groups 1; O <= 32 with >= 16 positions per image, or O <= 64 on outputs
 //     narrower than 8 with >= 4 positions): output channels in the lanes; every output
 //     position's K inputs are read from the image's plane copy through an offset table (no
-//     column matrix). Forward and weight gradient; the input gradient goes through path 3's
-//     GEMM and scatter.
+//     column matrix). Forward and weight gradient; the input gradient, for 9-32 input
+//     channels, by the transposed implicit GEMM: input channels in the lanes, the input
+//     positions grouped by their phase modulo the stride so that each group shares its taps
+//     (no column matrix either); for <= 8 or > 32 input channels, path 3's GEMM and gather.
 //  3. Image path (whole images per tile, output rows < 8 wide): each image's column matrix
 //     written transposed, [L, K], by a branch-free gather through a table shared by all
 //     channels (late layers have rows of 1-4 values, where per-row bookkeeping costs more
@@ -114,13 +116,18 @@
 //   two 8 x 8 blocks (24 shuffles per 16 elements instead of 64): that pass 0.55 -> 0.30 of
 //   the GEMM's time beside it (perf samples, N=512, one thread), the layer's input gradient
 //   ~15% faster.
-// Version 10 (this file): image-path tiles balanced over the threads by images, not by tile
+// Version 10: image-path tiles balanced over the threads by images, not by tile
 //   count. v9 took the largest tile within the target (21 of 64 images for 8->16) and then
 //   made the tile count a multiple of the threads (4 tiles: 21, 21, 21, 1), so one thread had
 //   42 images and the other 22; now each thread gets the fewest tiles within the target and
 //   the images are spread over them (4 tiles of 16). 8->16 backward op at N=64 (2 threads)
 //   166 -> 130 us, at N=100 207-222 -> 194 us; 16->32 at N=512 (273 and 239 images per
 //   thread before, 259 and 253 now) 1067-1098 -> 997-1039 us.
+// Version 11 (this file): path 2's input gradient as a transposed implicit GEMM for 9-32
+//   input channels (the image path's GEMM at a depth of O and its gather ran at ~120 GFLOP/s
+//   on the 16->32 layer). 16->32 input gradient (2 threads): N=64 78-95 -> 57-58 us, N=512
+//   536-686 -> 358-408 us; 32->64 at N=64 81-92 -> 77-78 us. The 8->16 layer keeps the GEMM:
+//   in 8 lanes this kernel was 1.15-1.3x slower there.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -716,7 +723,8 @@ void add_tap_major(const acc_t* part, int64_t O, int64_t K, int64_t channels, ac
 // kDirectBlock channels and every input value is one broadcast. The forward keeps
 // 128 / block positions x block channels of sums in registers; the weight gradient keeps
 // 128 / block taps x block channels, streaming dY transposed to [L, O]. The input gradient
-// still goes through the GEMM and the scatter of the image path.
+// reads that same copy of dY (the transposed implicit GEMM below) or goes through the GEMM
+// and the gather of the image path.
 constexpr int64_t kMaxDirectChannels = 32;
 constexpr int kDirectAccumulators = 128;  // sums kept in registers per step (8 zmm of float)
 
@@ -859,7 +867,7 @@ void direct_forward_image_avx512(const float* __restrict planes, const DirectLay
 template <int Vectors>
 void direct_weight_grad_image_avx512(const float* __restrict planes, int64_t plane_stride,
                                      int64_t images, const DirectLayout& d, int64_t L,
-                                     const float* __restrict dy_t,
+                                     const float* __restrict dy_t, int64_t dy_stride,
                                      float* __restrict weight_grad_t) {
   constexpr int Taps = direct_step(16 * Vectors);
   for (int64_t o0 = 0; o0 < d.padded_o; o0 += 16 * Vectors) {
@@ -870,7 +878,7 @@ void direct_weight_grad_image_avx512(const float* __restrict planes, int64_t pla
       }
       for (int64_t image = 0; image < images; ++image) {
         const float* __restrict image_planes = planes + image * plane_stride;
-        const float* __restrict image_dy = dy_t + image * L * d.padded_o;
+        const float* __restrict image_dy = dy_t + image * dy_stride;
         for (int64_t l = 0; l < L; ++l) {
           __m512 dy[Vectors];
           for (int v = 0; v < Vectors; ++v) {
@@ -926,17 +934,19 @@ void direct_forward_image(const acc_t* __restrict planes, const DirectLayout& d,
 }
 
 // weight_grad_t[k, o] += sum over `images` images (plane copies plane_stride apart, dY rows
-// L * padded_o apart) and their real positions l of planes[offsets[l, k]] * dy_t[l, o]. Several
-// images per call keep the sums in registers across them: a late layer has 4-16 positions per
-// image, and storing the sums after each image cost as much as computing them.
+// [L, padded_o] dy_stride apart) and their real positions l of planes[offsets[l, k]] *
+// dy_t[l, o]. Several images per call keep the sums in registers across them: a late layer
+// has 4-16 positions per image, and storing the sums after each image cost as much as
+// computing them.
 template <typename acc_t, int Block>
 void direct_weight_grad_image(const acc_t* __restrict planes, int64_t plane_stride,
                               int64_t images, const DirectLayout& d, int64_t L,
-                              const acc_t* __restrict dy_t, acc_t* __restrict weight_grad_t) {
+                              const acc_t* __restrict dy_t, int64_t dy_stride,
+                              acc_t* __restrict weight_grad_t) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<acc_t, float> && Block >= 16) {
     direct_weight_grad_image_avx512<Block / 16>(planes, plane_stride, images, d, L, dy_t,
-                                                weight_grad_t);
+                                                dy_stride, weight_grad_t);
     return;
   }
 #endif
@@ -947,7 +957,7 @@ void direct_weight_grad_image(const acc_t* __restrict planes, int64_t plane_stri
       for (int64_t image = 0; image < images; ++image) {
         const acc_t* __restrict image_planes = planes + image * plane_stride;
         for (int64_t l = 0; l < L; ++l) {
-          const acc_t* __restrict dy_row = dy_t + (image * L + l) * d.padded_o + o0;
+          const acc_t* __restrict dy_row = dy_t + image * dy_stride + l * d.padded_o + o0;
           const int32_t* __restrict offsets = d.offsets.data() + l * d.padded_k + k0;
           for (int t = 0; t < Taps; ++t) {
             const acc_t v = image_planes[offsets[t]];
@@ -1572,6 +1582,209 @@ void transpose_dy_image(const scalar_t* __restrict dy_image, int64_t O, int64_t 
   }
 }
 
+// ---- The implicit GEMM's input gradient: a transposed implicit GEMM, no column matrix.
+//
+// dX[c, ih, iw] sums W[o, c, kh, kw] * dY[o, oh, ow] over the output channels o and the taps
+// (kh, kw) whose window reaches (ih, iw) from some output position (oh, ow). Which taps can
+// reach an input position depends only on its phase (ih mod stride_h, iw mod stride_w): the
+// phases of a 3x3 stride-2 layer take 1, 2, 2 and 4 of its 9 taps. The positions of one
+// phase thus share one list of taps, so one sequence of weight vectors, and are computed
+// like path 2's forward with the roles of the channels swapped: 16 input channels in the
+// lanes, dY read from the weight gradient's [L, padded_o] copy of it (plus a zero row, which
+// taps falling outside dY read), one broadcast of dY per (tap, o, position). The image path's
+// GEMM computed the same products at a depth of O into a column matrix that a gather then
+// summed back: ~120 GFLOP/s together on the chapter's 16->32 layer (two threads, N=64).
+// A step takes 8 positions of one phase from a chunk of images, so that a phase's few
+// positions per image (16->32: 9-16) do not each leave a short step; the sums go to
+// [positions, padded_c] rows, transposed into the planes at the end.
+// Layers with <= 8 input channels (the chapter's 8->16) keep the GEMM: in 8 lanes (ymm, with
+// 8 positions of two sums or 4 of four per step) this kernel measured 1.15-1.3x slower than
+// the GEMM and gather there.
+constexpr int64_t kTransposedStep = 8;
+// Images per chunk: up to 8, fewer for images with more than kTransposedChunkPositions / 8
+// positions (the chunk's sums and dY copy stay within L2).
+constexpr int64_t kTransposedChunkImages = 8;
+constexpr int64_t kTransposedChunkPositions = 2048;
+constexpr int64_t kMinTransposedChannels = 9;
+constexpr int64_t kMaxTransposedChannels = 32;
+
+bool transposed_input_grad_fits(const Conv2dGeometry& g) {
+  // Offsets into a chunk's dY copy are int32: (L + 1) rows of <= 64 channels per image.
+  return direct_path_fits(g) && g.in_channels >= kMinTransposedChannels &&
+         g.in_channels <= kMaxTransposedChannels &&
+         (g.out_area() + 1) * kMaxDirectChannelsNarrow * kTransposedChunkImages <
+             std::numeric_limits<int32_t>::max();
+}
+
+int64_t transposed_chunk_images(const Conv2dGeometry& g, int64_t images_per_tile) {
+  return std::clamp<int64_t>(kTransposedChunkPositions / std::max<int64_t>(g.in_area(), 1), 1,
+                             std::min(kTransposedChunkImages, images_per_tile));
+}
+
+struct TransposedPhase {
+  int64_t taps = 0;               // T: the taps reaching this phase (0 when none does)
+  int64_t positions = 0;          // the phase's positions in one image
+  std::vector<int32_t> tap_rows;  // [T]: r = kh * kW + kw
+  std::vector<int32_t> sources;   // [chunk * positions, T]: offsets of dY rows in a chunk's copy
+  std::vector<int32_t> outputs;   // [chunk * positions]: rows of the chunk's sums (image * area + e)
+};
+
+constexpr int64_t kTransposedLanes = 16;
+
+struct TransposedLayout {
+  int64_t padded_c;   // C rounded up to kTransposedLanes
+  int64_t dy_stride;  // one image's dY rows in the copy: (L + 1) * padded_o, the last row zero
+  std::vector<TransposedPhase> phases;
+};
+
+// Positions are listed image by image within each phase, so a chunk of fewer images (the last
+// of a tile) uses a prefix of each list.
+TransposedLayout make_transposed_layout(const Conv2dGeometry& g, int64_t padded_o,
+                                        int64_t chunk) {
+  TransposedLayout t;
+  t.padded_c = (g.in_channels + kTransposedLanes - 1) / kTransposedLanes * kTransposedLanes;
+  const int64_t L = g.out_area();
+  t.dy_stride = (L + 1) * padded_o;
+  const int64_t zero_row = L * padded_o;
+  for (int64_t py = 0; py < g.stride_h; ++py) {
+    for (int64_t px = 0; px < g.stride_w; ++px) {
+      TransposedPhase phase;
+      // Tap (kh, kw) reaches the phase when ih + pad - kh * dilation is a multiple of the
+      // stride for ih = py (and so for every ih of the phase); likewise along the width.
+      std::vector<std::pair<int64_t, int64_t>> taps;
+      for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+        if ((py + g.pad_h - kh * g.dilation_h) % g.stride_h != 0) continue;
+        for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
+          if ((px + g.pad_w - kw * g.dilation_w) % g.stride_w != 0) continue;
+          taps.emplace_back(kh, kw);
+          phase.tap_rows.push_back(static_cast<int32_t>(kh * g.kernel_w + kw));
+        }
+      }
+      phase.taps = static_cast<int64_t>(taps.size());
+      const int64_t rows = py < g.in_h ? (g.in_h - py + g.stride_h - 1) / g.stride_h : 0;
+      const int64_t cols = px < g.in_w ? (g.in_w - px + g.stride_w - 1) / g.stride_w : 0;
+      phase.positions = rows * cols;
+      if (phase.positions == 0) continue;
+      phase.sources.reserve(chunk * phase.positions * phase.taps);
+      phase.outputs.reserve(chunk * phase.positions);
+      for (int64_t image = 0; image < chunk; ++image) {
+        for (int64_t ih = py; ih < g.in_h; ih += g.stride_h) {
+          for (int64_t iw = px; iw < g.in_w; iw += g.stride_w) {
+            phase.outputs.push_back(static_cast<int32_t>(image * g.in_area() + ih * g.in_w + iw));
+            for (const auto& [kh, kw] : taps) {
+              // Exact divisions: the phase was chosen so that the numerators are multiples.
+              const int64_t oh = (ih + g.pad_h - kh * g.dilation_h) / g.stride_h;
+              const int64_t ow = (iw + g.pad_w - kw * g.dilation_w) / g.stride_w;
+              const bool inside = ih + g.pad_h - kh * g.dilation_h >= 0 && oh < g.out_h &&
+                                  iw + g.pad_w - kw * g.dilation_w >= 0 && ow < g.out_w;
+              const int64_t row = inside ? (oh * g.out_w + ow) * padded_o : zero_row;
+              phase.sources.push_back(static_cast<int32_t>(image * t.dy_stride + row));
+            }
+          }
+        }
+      }
+      t.phases.push_back(std::move(phase));
+    }
+  }
+  return t;
+}
+
+// weight [O, C * kA] -> [kA, O, padded_c]: for each tap and output channel, the input
+// channels' weights as vectors (zeros in the padded lanes).
+template <typename acc_t>
+std::vector<acc_t> weight_for_transposed(const acc_t* weight, const Conv2dGeometry& g,
+                                         int64_t padded_c) {
+  const int64_t O = g.out_channels;
+  const int64_t C = g.in_channels;
+  const int64_t kA = g.kernel_area();
+  std::vector<acc_t> laid(kA * O * padded_c, acc_t(0));
+  for (int64_t o = 0; o < O; ++o) {
+    // Row o is a [C, kA] matrix; its transpose goes to entries (r, o, c).
+    transpose_matrix<false>(weight + o * C * kA, kA, C, kA, laid.data() + o * padded_c,
+                            O * padded_c);
+  }
+  return laid;
+}
+
+// sums[outputs[p], c0 .. c0 + 16) = sum over the phase's taps t and o < O of
+// dy_t[sources[p, t] + o] * weight[tap_rows[t], o, c0 ..] for Positions positions p.
+// Not inlined: inlined into its caller, GCC ran out of general registers for the 8 dY
+// pointers and kept them in xmm registers, one move per FMA (16->32 input gradient at N=64,
+// two threads: 75 us against 56).
+template <typename acc_t, int Positions>
+__attribute__((noinline)) void transposed_step(
+    const acc_t* __restrict dy_t, const int32_t* __restrict sources, int64_t taps,
+    const int32_t* __restrict tap_rows, int64_t O, const acc_t* __restrict weight,
+    int64_t padded_c, int64_t c0, const int32_t* __restrict outputs, acc_t* __restrict sums) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    // Each weight vector is held in a register for the step's positions (as in path 2's
+    // forward: GCC otherwise folds its load into every FMA); the dY values are the FMAs'
+    // broadcast operands.
+    __m512 acc[Positions];
+    for (int p = 0; p < Positions; ++p) acc[p] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < taps; ++t) {
+      const float* src[Positions];
+      for (int p = 0; p < Positions; ++p) src[p] = dy_t + sources[p * taps + t];
+      const float* w = weight + tap_rows[t] * O * padded_c + c0;
+      for (int64_t o = 0; o < O; ++o) {
+        __m512 w_o = _mm512_loadu_ps(w + o * padded_c);
+        keep_in_register(w_o);
+        for (int p = 0; p < Positions; ++p) {
+          acc[p] = _mm512_fmadd_ps(_mm512_set1_ps(src[p][o]), w_o, acc[p]);
+        }
+      }
+    }
+    for (int p = 0; p < Positions; ++p) _mm512_storeu_ps(sums + outputs[p] * padded_c + c0, acc[p]);
+    return;
+  }
+#endif
+  acc_t acc[Positions][kTransposedLanes] = {};
+  for (int64_t t = 0; t < taps; ++t) {
+    const acc_t* w = weight + tap_rows[t] * O * padded_c + c0;
+    for (int p = 0; p < Positions; ++p) {
+      const acc_t* src = dy_t + sources[p * taps + t];
+      for (int64_t o = 0; o < O; ++o) {
+        const acc_t v = src[o];
+        const acc_t* __restrict w_o = w + o * padded_c;
+#pragma omp simd
+        for (int l = 0; l < kTransposedLanes; ++l) acc[p][l] += v * w_o[l];
+      }
+    }
+  }
+  for (int p = 0; p < Positions; ++p) {
+    std::copy_n(acc[p], kTransposedLanes, sums + outputs[p] * padded_c + c0);
+  }
+}
+
+// The input gradient's sums for a chunk of `images` images whose dY rows are in dy_t
+// (t.dy_stride apart): sums [images * area, padded_c].
+template <typename acc_t>
+void transposed_input_grad_chunk(const TransposedLayout& t, int64_t images,
+                                 const acc_t* dy_t, int64_t O, const acc_t* weight,
+                                 acc_t* sums) {
+  for (const TransposedPhase& phase : t.phases) {
+    const int64_t n = images * phase.positions;
+    const int32_t* sources = phase.sources.data();
+    const int32_t* outputs = phase.outputs.data();
+    for (int64_t c0 = 0; c0 < t.padded_c; c0 += kTransposedLanes) {
+      int64_t q = 0;
+      for (; q + kTransposedStep <= n; q += kTransposedStep) {
+        transposed_step<acc_t, kTransposedStep>(dy_t, sources + q * phase.taps, phase.taps,
+                                                phase.tap_rows.data(), O, weight, t.padded_c,
+                                                c0, outputs + q, sums);
+      }
+      if (q < n) {
+        with_positions(n - q, [&](auto positions) {
+          transposed_step<acc_t, decltype(positions)::value>(
+              dy_t, sources + q * phase.taps, phase.taps, phase.tap_rows.data(), O, weight,
+              t.padded_c, c0, outputs + q, sums);
+        });
+      }
+    }
+  }
+}
+
 // Returns whether it computed grad_bias (given when wanted): the implicit GEMM's weight
 // gradient sums dY's planes on the way.
 template <typename scalar_t>
@@ -1585,29 +1798,52 @@ bool conv2d_backward_images(const at::Tensor& dy, const at::Tensor& x,
   const int64_t K = g.column_rows();
   const int64_t L = g.out_area();
   const int64_t Kg = K / g.groups;
-  const int64_t image_elems = g.in_channels * g.in_area();
+  const int64_t area = g.in_area();
+  const int64_t image_elems = g.in_channels * area;
   const GatherTable table = make_gather_table(g);
-  const InputGradientPlan<acc_t> dx_plan =
-      make_input_gradient_plan<acc_t>(g, table, weight_acc, need_input_grad);
   // Few output channels: the weight gradient by the implicit GEMM (no columns), in the
-  // transposed [padded_k, padded_o] layout; the input gradient as below.
+  // transposed [padded_k, padded_o] layout, and the input gradient by the transposed one
+  // (no columns either) for up to kMaxTransposedChannels input channels; else the GEMM and
+  // the gather.
   const bool direct = direct_path_fits(g);
-  const DirectLayout d = direct && need_weight_grad ? make_direct_layout(g, table) : DirectLayout{};
-  const int64_t column_elems = direct && !need_input_grad ? 0 : K * p.columns;
-  const int64_t dy_elems = direct && !need_input_grad ? 0 : O * p.columns;
+  const bool transposed = need_input_grad && transposed_input_grad_fits(g);
+  const bool gemm_input_grad = need_input_grad && !transposed;
+  const bool direct_weight_grad = direct && need_weight_grad;
+  const InputGradientPlan<acc_t> dx_plan =
+      make_input_gradient_plan<acc_t>(g, table, weight_acc, gemm_input_grad);
+  const DirectLayout d = direct_weight_grad ? make_direct_layout(g, table) : DirectLayout{};
+  // dY transposed to rows of padded_o channels (both implicit GEMMs read it so).
+  const bool dy_rows = direct_weight_grad || transposed;
+  const int64_t padded_o = direct_weight_grad ? d.padded_o : (O + 15) / 16 * 16;
+  const bool gemm_tiles = gemm_input_grad || (need_weight_grad && !direct);
+  const int64_t column_elems = gemm_tiles ? K * p.columns : 0;
+  const int64_t dy_elems = gemm_tiles ? O * p.columns : 0;
   // The direct weight gradient takes the narrow layers' images (< kMinDirectPositions
   // positions each) in chunks of about kDirectChunkPositions positions; wider images one at a
-  // time (chunks measured no faster there: 16->32 at N=512 0.55 -> 0.57 ms).
-  const int64_t chunk = direct && L < kMinDirectPositions
-                            ? std::clamp<int64_t>(kDirectChunkPositions / L, 1, p.images_per_tile)
-                            : 1;
-  const int64_t dy_t_elems = direct && need_weight_grad ? chunk * d.padded_l * d.padded_o : 0;
+  // time (chunks measured no faster there: 16->32 at N=512 0.55 -> 0.57 ms). dY is transposed
+  // a chunk at a time, the larger of that and the transposed input gradient's.
+  const int64_t weight_chunk = direct && L < kMinDirectPositions
+                                   ? std::clamp<int64_t>(kDirectChunkPositions / L, 1, p.images_per_tile)
+                                   : 1;
+  const int64_t chunk =
+      transposed ? std::max(weight_chunk, transposed_chunk_images(g, p.images_per_tile))
+                 : weight_chunk;
+  const TransposedLayout tl =
+      transposed ? make_transposed_layout(g, padded_o, chunk) : TransposedLayout{};
+  const std::vector<acc_t> transposed_weight =
+      transposed ? weight_for_transposed(weight_acc.const_data_ptr<acc_t>(), g, tl.padded_c)
+                 : std::vector<acc_t>{};
+  // One image's dY rows and a zero row after them (read by taps outside dY).
+  const int64_t dy_stride = (L + 1) * padded_o;
+  const int64_t dy_t_elems = dy_rows ? chunk * dy_stride : 0;
+  const int64_t sums_elems = transposed ? chunk * area * tl.padded_c : 0;
   const int64_t plane_elems = g.in_channels * table.plane_stride;
-  const int64_t image_buffer_elems = chunk * plane_elems;
+  const int64_t image_buffer_elems =
+      need_weight_grad || gemm_input_grad ? weight_chunk * plane_elems : 0;
   const int64_t weight_grad_elems =
       need_weight_grad ? (direct ? d.padded_k * d.padded_o : O * Kg) : 0;
-  const int64_t per_thread =
-      column_elems + dy_elems + dy_t_elems + image_buffer_elems + weight_grad_elems;
+  const int64_t per_thread = column_elems + dy_elems + dy_t_elems + sums_elems +
+                             image_buffer_elems + weight_grad_elems;
   at::Tensor buffers = scratch<acc_t>(x, p.threads * per_thread);
   record_column_buffer(p.threads * column_elems * int64_t(sizeof(acc_t)));
 
@@ -1617,15 +1853,20 @@ bool conv2d_backward_images(const at::Tensor& dy, const at::Tensor& x,
   acc_t* buffer_base = buffers.mutable_data_ptr<acc_t>();
   auto weight_grad_of = [&](int64_t thread) {
     return buffer_base + thread * per_thread + column_elems + dy_elems + dy_t_elems +
-           image_buffer_elems;
+           sums_elems + image_buffer_elems;
   };
-  // Only the weight-gradient accumulators need zeros; the rest is written before it is read.
+  // Only the weight-gradient accumulators and dY's zero rows need zeros; the rest is written
+  // before it is read.
   for (int64_t thread = 0; thread < p.threads; ++thread) {
     std::fill(weight_grad_of(thread), weight_grad_of(thread) + weight_grad_elems, acc_t(0));
+    acc_t* dy_t = buffer_base + thread * per_thread + column_elems + dy_elems;
+    for (int64_t j = 0; dy_rows && j < chunk; ++j) {
+      std::fill_n(dy_t + j * dy_stride + L * padded_o, padded_o, acc_t(0));
+    }
   }
   // Per (image, channel) sums of dY, totalled in image order below: the same bias gradient on
   // any number of threads.
-  const bool bias_from_dy_t = grad_bias != nullptr && need_weight_grad && direct;
+  const bool bias_from_dy_t = grad_bias != nullptr && direct_weight_grad;
   std::vector<double> plane_sums(bias_from_dy_t ? g.batch * O : 0);
 
   at::parallel_for(0, p.image_groups, 1, [&](int64_t begin, int64_t end) {
@@ -1633,7 +1874,8 @@ bool conv2d_backward_images(const at::Tensor& dy, const at::Tensor& x,
     acc_t* columns_t = buffer_base + thread * per_thread;
     acc_t* dy_tile = columns_t + column_elems;
     acc_t* dy_t = dy_tile + dy_elems;
-    acc_t* image_buffer = dy_t + dy_t_elems;
+    acc_t* sums = dy_t + dy_t_elems;
+    acc_t* image_buffer = sums + sums_elems;
     acc_t* weight_grad = weight_grad_of(thread);
     for (int64_t group = begin; group < end; ++group) {
       const int64_t first = group * p.images_per_tile;
@@ -1644,28 +1886,44 @@ bool conv2d_backward_images(const at::Tensor& dy, const at::Tensor& x,
           for (int64_t i = 0; i < count; ++i) load_dy_plane(dy_ptr, first, i, o, g, n, dy_tile);
         }
       }
-      if (need_weight_grad && direct) {
+      if (dy_rows) {
         for (int64_t i0 = 0; i0 < count; i0 += chunk) {
           const int64_t images = std::min(chunk, count - i0);
           for (int64_t j = 0; j < images; ++j) {
             const int64_t image = first + i0 + j;
-            copy_planes(x_ptr + image * image_elems, g, image_buffer + j * plane_elems);
-            transpose_dy_image(dy_ptr + image * O * L, O, L, d.padded_o, dy_t + j * L * d.padded_o,
+            transpose_dy_image(dy_ptr + image * O * L, O, L, padded_o, dy_t + j * dy_stride,
                                bias_from_dy_t ? plane_sums.data() + image * O : nullptr);
           }
-          with_direct_block(d.block, [&](auto block) {
-            direct_weight_grad_image<acc_t, decltype(block)::value>(
-                image_buffer, plane_elems, images, d, L, dy_t, weight_grad);
-          });
+          for (int64_t w0 = 0; direct_weight_grad && w0 < images; w0 += weight_chunk) {
+            const int64_t weight_images = std::min(weight_chunk, images - w0);
+            for (int64_t j = 0; j < weight_images; ++j) {
+              copy_planes(x_ptr + (first + i0 + w0 + j) * image_elems, g,
+                          image_buffer + j * plane_elems);
+            }
+            with_direct_block(d.block, [&](auto block) {
+              direct_weight_grad_image<acc_t, decltype(block)::value>(
+                  image_buffer, plane_elems, weight_images, d, L, dy_t + w0 * dy_stride,
+                  dy_stride, weight_grad);
+            });
+          }
+          if (transposed) {
+            transposed_input_grad_chunk(tl, images, dy_t, O, transposed_weight.data(), sums);
+            for (int64_t j = 0; j < images; ++j) {
+              store_output_image(sums + j * area * tl.padded_c, g.in_channels, area,
+                                 tl.padded_c, static_cast<const acc_t*>(nullptr),
+                                 dx_ptr + (first + i0 + j) * image_elems);
+            }
+          }
         }
-      } else if (need_weight_grad) {
+      }
+      if (need_weight_grad && !direct) {
         for (int64_t i = 0; i < count; ++i) {
           copy_planes(x_ptr + (first + i) * image_elems, g, image_buffer);
           gather_image_columns(image_buffer, g, table, columns_t + i * L * K);
         }
         add_tile_weight_gradient(g, n, dy_tile, columns_t, weight_grad);
       }
-      if (need_input_grad) {
+      if (gemm_input_grad) {
         tile_column_gradient(g, n, dy_tile, dx_plan.weight_tap_major.data(), columns_t);
         for (int64_t i = 0; i < count; ++i) {
           sum_image_columns(columns_t + i * L * K, g, dx_plan.sources, image_buffer,
