@@ -127,7 +127,7 @@
 //   input channels (the image path's GEMM at a depth of O and its gather ran at ~120 GFLOP/s
 //   on the 16->32 layer). 16->32 input gradient (2 threads): N=64 78-95 -> 57-58 us, N=512
 //   536-686 -> 358-408 us; 32->64 at N=64 81-92 -> 77-78 us. The 8->16 layer keeps the GEMM:
-//   in 8 lanes this kernel was 1.15-1.3x slower there.
+//   in 8 lanes this kernel was 1.15-1.3x slower there (one thread).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -1599,7 +1599,7 @@ void transpose_dy_image(const scalar_t* __restrict dy_image, int64_t O, int64_t 
 // [positions, padded_c] rows, transposed into the planes at the end.
 // Layers with <= 8 input channels (the chapter's 8->16) keep the GEMM: in 8 lanes (ymm, with
 // 8 positions of two sums or 4 of four per step) this kernel measured 1.15-1.3x slower than
-// the GEMM and gather there, and with the positions in the lanes instead (each phase a plane
+// the GEMM and gather there (N=64, one thread: 165-187 us against 144), and with the positions in the lanes instead (each phase a plane
 // on dY's zero-bordered grid, so a tap is a fixed shift: 49 of 64 grid positions used) it
 // measured the same as the GEMM (140-144 us against 144, one thread, N=64).
 constexpr int64_t kTransposedStep = 8;
