@@ -1599,9 +1599,9 @@ void transpose_dy_image(const scalar_t* __restrict dy_image, int64_t O, int64_t 
 // [positions, padded_c] rows, transposed into the planes at the end.
 // Layers with <= 8 input channels (the chapter's 8->16) keep the GEMM: in 8 lanes (ymm, with
 // 8 positions of two sums or 4 of four per step) this kernel measured 1.15-1.3x slower than
-// the GEMM and gather there (N=64, one thread: 165-187 us against 144), and with the positions in the lanes instead (each phase a plane
-// on dY's zero-bordered grid, so a tap is a fixed shift: 49 of 64 grid positions used) it
-// measured the same as the GEMM (140-144 us against 144, one thread, N=64).
+// the GEMM and gather there (N=64, one thread: 165-187 us against 144), and with the
+// positions in the lanes instead (each phase a plane on dY's zero-bordered grid, so a tap is
+// a fixed shift: 49 of 64 grid positions used) it measured the same as the GEMM (140-144 us).
 constexpr int64_t kTransposedStep = 8;
 // Images per chunk: up to 8, fewer for images with more than kTransposedChunkPositions / 8
 // positions (the chunk's sums and dY copy stay within L2).
@@ -1611,11 +1611,14 @@ constexpr int64_t kMinTransposedChannels = 9;
 constexpr int64_t kMaxTransposedChannels = 32;
 
 bool transposed_input_grad_fits(const Conv2dGeometry& g) {
-  // Offsets into a chunk's dY copy are int32: (L + 1) rows of <= 64 channels per image.
+  // The layout's offsets are int32: into a chunk's dY copy ((L + 1) rows of <= 64 channels
+  // per image) and its sums (area rows per image). A chunk has at most 8 images, or the
+  // weight gradient's chunk of <= kDirectChunkPositions images when that is larger.
+  const int64_t max_chunk = std::max(kTransposedChunkImages, kDirectChunkPositions);
+  const int64_t image_rows = std::max((g.out_area() + 1) * kMaxDirectChannelsNarrow, g.in_area());
   return direct_path_fits(g) && g.in_channels >= kMinTransposedChannels &&
          g.in_channels <= kMaxTransposedChannels &&
-         (g.out_area() + 1) * kMaxDirectChannelsNarrow * kTransposedChunkImages <
-             std::numeric_limits<int32_t>::max();
+         max_chunk * image_rows < std::numeric_limits<int32_t>::max();
 }
 
 int64_t transposed_chunk_images(const Conv2dGeometry& g, int64_t images_per_tile) {
@@ -1624,9 +1627,8 @@ int64_t transposed_chunk_images(const Conv2dGeometry& g, int64_t images_per_tile
 }
 
 struct TransposedPhase {
-  int64_t taps = 0;               // T: the taps reaching this phase (0 when none does)
   int64_t positions = 0;          // the phase's positions in one image
-  std::vector<int32_t> tap_rows;  // [T]: r = kh * kW + kw
+  std::vector<int32_t> tap_rows;  // [T]: r = kh * kW + kw of the T taps reaching it (maybe none)
   std::vector<int32_t> sources;   // [chunk * positions, T]: offsets of dY rows in a chunk's copy
   std::vector<int32_t> outputs;   // [chunk * positions]: rows of the chunk's sums (image * area + e)
 };
@@ -1662,12 +1664,11 @@ TransposedLayout make_transposed_layout(const Conv2dGeometry& g, int64_t padded_
           phase.tap_rows.push_back(static_cast<int32_t>(kh * g.kernel_w + kw));
         }
       }
-      phase.taps = static_cast<int64_t>(taps.size());
       const int64_t rows = py < g.in_h ? (g.in_h - py + g.stride_h - 1) / g.stride_h : 0;
       const int64_t cols = px < g.in_w ? (g.in_w - px + g.stride_w - 1) / g.stride_w : 0;
       phase.positions = rows * cols;
       if (phase.positions == 0) continue;
-      phase.sources.reserve(chunk * phase.positions * phase.taps);
+      phase.sources.reserve(chunk * phase.positions * static_cast<int64_t>(taps.size()));
       phase.outputs.reserve(chunk * phase.positions);
       for (int64_t image = 0; image < chunk; ++image) {
         for (int64_t ih = py; ih < g.in_h; ih += g.stride_h) {
@@ -1767,19 +1768,20 @@ void transposed_input_grad_chunk(const TransposedLayout& t, int64_t images,
                                  acc_t* sums) {
   for (const TransposedPhase& phase : t.phases) {
     const int64_t n = images * phase.positions;
+    const int64_t taps = static_cast<int64_t>(phase.tap_rows.size());
     const int32_t* sources = phase.sources.data();
     const int32_t* outputs = phase.outputs.data();
     for (int64_t c0 = 0; c0 < t.padded_c; c0 += kTransposedLanes) {
       int64_t q = 0;
       for (; q + kTransposedStep <= n; q += kTransposedStep) {
-        transposed_step<acc_t, kTransposedStep>(dy_t, sources + q * phase.taps, phase.taps,
+        transposed_step<acc_t, kTransposedStep>(dy_t, sources + q * taps, taps,
                                                 phase.tap_rows.data(), O, weight, t.padded_c,
                                                 c0, outputs + q, sums);
       }
       if (q < n) {
         with_positions(n - q, [&](auto positions) {
           transposed_step<acc_t, decltype(positions)::value>(
-              dy_t, sources + q * phase.taps, phase.taps, phase.tap_rows.data(), O, weight,
+              dy_t, sources + q * taps, taps, phase.tap_rows.data(), O, weight,
               t.padded_c, c0, outputs + q, sums);
         });
       }
