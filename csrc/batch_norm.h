@@ -30,4 +30,16 @@ CONVKIT_HOST_DEVICE inline acc_t batch_norm_grad_input(acc_t dy_masked, acc_t x_
   return (dy_masked - mean_dy - x_minus_mean * proj) * scale;
 }
 
+// The running variance takes the batch variance unbiased: count / (count - 1), 1 for count 1.
+CONVKIT_HOST_DEVICE inline double running_var_unbias(int64_t count) {
+  return count > 1 ? double(count) / double(count - 1) : 1.0;
+}
+
+// One running statistic's update, in double: the batch value (times `factor`, the unbias for
+// the variance and 1 for the mean) weighted by momentum.
+CONVKIT_HOST_DEVICE inline double updated_running_stat(double running, double batch,
+                                                       double momentum, double factor) {
+  return (1.0 - momentum) * running + momentum * batch * factor;
+}
+
 }  // namespace convkit

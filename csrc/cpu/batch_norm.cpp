@@ -631,16 +631,16 @@ void update_running_statistics(const at::Tensor& running_mean, const at::Tensor&
                                   "batch_norm_update_mean_cpu", [&] {
     scalar_t* rm = running_mean.mutable_data_ptr<scalar_t>();
     for (int64_t c = 0; c < C; ++c) {
-      rm[c] = static_cast<scalar_t>((1.0 - momentum) * static_cast<double>(rm[c]) +
-                                    momentum * static_cast<double>(batch_mean[c]));
+      rm[c] = static_cast<scalar_t>(updated_running_stat(
+          static_cast<double>(rm[c]), static_cast<double>(batch_mean[c]), momentum, 1.0));
     }
   });
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, running_var.scalar_type(),
                                   "batch_norm_update_var_cpu", [&] {
     scalar_t* rv = running_var.mutable_data_ptr<scalar_t>();
     for (int64_t c = 0; c < C; ++c) {
-      rv[c] = static_cast<scalar_t>((1.0 - momentum) * static_cast<double>(rv[c]) +
-                                    momentum * static_cast<double>(batch_var[c]) * unbias);
+      rv[c] = static_cast<scalar_t>(updated_running_stat(
+          static_cast<double>(rv[c]), static_cast<double>(batch_var[c]), momentum, unbias));
     }
   });
 }
@@ -653,7 +653,7 @@ void batch_norm_update_stats_cpu(const at::Tensor& running_mean, const at::Tenso
   check_batch_norm_update_stats(op, running_mean, running_var, batch_mean, batch_var, count);
   const int64_t C = batch_mean.numel();
   if (count == 0) return;  // an empty batch leaves the running statistics as they are
-  const double unbias = count > 1 ? double(count) / double(count - 1) : 1.0;
+  const double unbias = running_var_unbias(count);
   // The forward's statistics (contiguous float or double) are read in place: converting them
   // to double first took two allocations and more than half of this op's ~4 us.
   const at::ScalarType stat_type = batch_mean.scalar_type();

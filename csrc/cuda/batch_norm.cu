@@ -252,8 +252,8 @@ __global__ void update_stat_kernel(running_t* __restrict__ running, const double
                                    double momentum, double factor, int64_t C) {
   for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < C;
        c += int64_t(blockDim.x) * gridDim.x) {
-    running[c] = static_cast<running_t>((1.0 - momentum) * static_cast<double>(running[c]) +
-                                        momentum * factor * batch[c]);
+    running[c] = static_cast<running_t>(
+        updated_running_stat(static_cast<double>(running[c]), batch[c], momentum, factor));
   }
 }
 
@@ -435,7 +435,7 @@ void batch_norm_update_stats_cuda(const at::Tensor& running_mean, const at::Tens
   const c10::cuda::CUDAGuard device_guard(running_mean.device());
   const at::Tensor mean = batch_mean.to(at::kDouble).contiguous();
   const at::Tensor var = batch_var.to(at::kDouble).contiguous();
-  const double unbias = count > 1 ? double(count) / double(count - 1) : 1.0;
+  const double unbias = running_var_unbias(count);
   const std::array<std::tuple<const at::Tensor*, const at::Tensor*, double>, 2> updates{
       std::make_tuple(&running_mean, &mean, 1.0), std::make_tuple(&running_var, &var, unbias)};
   for (const auto& [running, batch, factor] : updates) {
