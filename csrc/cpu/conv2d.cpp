@@ -725,6 +725,12 @@ void add_tap_major(const acc_t* part, int64_t O, int64_t K, int64_t channels, ac
 // 128 / block taps x block channels, streaming dY transposed to [L, O]. The input gradient
 // reads that same copy of dY (the transposed implicit GEMM below) or goes through the GEMM
 // and the gather of the image path.
+// Two other ways to feed the forward's FMAs measured slower on the 8->16 layer (N=512, one
+// thread): a zero-bordered copy of the planes, so that a position is one pointer and a tap
+// one offset (one load per FMA instead of the table entry and the value), 767-796 -> 796-840
+// us, and 16->32 787-805 -> 865-897 (in perf the copy, row by row into aligned rows, took
+// 15-18% of the call, against ~9% for the plane copy; the steps gained less than that);
+// and 16 positions per step for 16 channels (16 sums in registers), 785-824 -> 962-986 us.
 constexpr int64_t kMaxDirectChannels = 32;
 constexpr int kDirectAccumulators = 128;  // sums kept in registers per step (8 zmm of float)
 
@@ -1602,6 +1608,11 @@ void transpose_dy_image(const scalar_t* __restrict dy_image, int64_t O, int64_t 
 // the GEMM and gather there (N=64, one thread: 165-187 us against 144), and with the
 // positions in the lanes instead (each phase a plane on dY's zero-bordered grid, so a tap is
 // a fixed shift: 49 of 64 grid positions used) it measured the same as the GEMM (140-144 us).
+// Nor did 16 lanes of 8 input channels x 2 output-channel parities (an 8-byte broadcast of dY
+// at o and o + 1 per FMA, the two halves of each pair added at the end) beat it: 163 us
+// against 144 (N=64, one thread). Its loop was 8 broadcasts and 8 FMAs per weight vector,
+// but the 8-byte broadcast is an instruction of its own, where the 4-byte one folds into the
+// FMA, and the FMAs ran at 57% of the 16-channel kernel's rate.
 constexpr int64_t kTransposedStep = 8;
 // Images per chunk: up to 8, fewer for images with more than kTransposedChunkPositions / 8
 // positions (the chunk's sums and dY copy stay within L2).
