@@ -1647,20 +1647,18 @@ struct TransposedPhase {
 constexpr int64_t kTransposedLanes = 16;
 
 struct TransposedLayout {
-  int64_t padded_c;   // C rounded up to kTransposedLanes
-  int64_t dy_stride;  // one image's dY rows in the copy: (L + 1) * padded_o, the last row zero
+  int64_t padded_c;  // C rounded up to kTransposedLanes
   std::vector<TransposedPhase> phases;
 };
 
 // Positions are listed image by image within each phase, so a chunk of fewer images (the last
-// of a tile) uses a prefix of each list.
+// of a tile) uses a prefix of each list. The chunk's dY copy has rows of padded_o channels,
+// each image's L rows and a zero row dy_stride apart.
 TransposedLayout make_transposed_layout(const Conv2dGeometry& g, int64_t padded_o,
-                                        int64_t chunk) {
+                                        int64_t dy_stride, int64_t chunk) {
   TransposedLayout t;
   t.padded_c = (g.in_channels + kTransposedLanes - 1) / kTransposedLanes * kTransposedLanes;
-  const int64_t L = g.out_area();
-  t.dy_stride = (L + 1) * padded_o;
-  const int64_t zero_row = L * padded_o;
+  const int64_t zero_row = g.out_area() * padded_o;
   for (int64_t py = 0; py < g.stride_h; ++py) {
     for (int64_t px = 0; px < g.stride_w; ++px) {
       TransposedPhase phase;
@@ -1692,7 +1690,7 @@ TransposedLayout make_transposed_layout(const Conv2dGeometry& g, int64_t padded_
               const bool inside = ih + g.pad_h - kh * g.dilation_h >= 0 && oh < g.out_h &&
                                   iw + g.pad_w - kw * g.dilation_w >= 0 && ow < g.out_w;
               const int64_t row = inside ? (oh * g.out_w + ow) * padded_o : zero_row;
-              phase.sources.push_back(static_cast<int32_t>(image * t.dy_stride + row));
+              phase.sources.push_back(static_cast<int32_t>(image * dy_stride + row));
             }
           }
         }
@@ -1771,8 +1769,8 @@ __attribute__((noinline)) void transposed_step(
   }
 }
 
-// The input gradient's sums for a chunk of `images` images whose dY rows are in dy_t
-// (t.dy_stride apart): sums [images * area, padded_c].
+// The input gradient's sums for a chunk of `images` images whose dY rows are in dy_t (laid out
+// as make_transposed_layout was told): sums [images * area, padded_c].
 template <typename acc_t>
 void transposed_input_grad_chunk(const TransposedLayout& t, int64_t images,
                                  const acc_t* dy_t, int64_t O, const acc_t* weight,
@@ -1843,13 +1841,13 @@ bool conv2d_backward_images(const at::Tensor& dy, const at::Tensor& x,
   const int64_t chunk =
       transposed ? std::max(weight_chunk, transposed_chunk_images(g, p.images_per_tile))
                  : weight_chunk;
+  // One image's dY rows and a zero row after them (read by taps outside dY).
+  const int64_t dy_stride = (L + 1) * padded_o;
   const TransposedLayout tl =
-      transposed ? make_transposed_layout(g, padded_o, chunk) : TransposedLayout{};
+      transposed ? make_transposed_layout(g, padded_o, dy_stride, chunk) : TransposedLayout{};
   const std::vector<acc_t> transposed_weight =
       transposed ? weight_for_transposed(weight_acc.const_data_ptr<acc_t>(), g, tl.padded_c)
                  : std::vector<acc_t>{};
-  // One image's dY rows and a zero row after them (read by taps outside dY).
-  const int64_t dy_stride = (L + 1) * padded_o;
   const int64_t dy_t_elems = dy_rows ? chunk * dy_stride : 0;
   const int64_t sums_elems = transposed ? chunk * area * tl.padded_c : 0;
   const int64_t plane_elems = g.in_channels * table.plane_stride;
