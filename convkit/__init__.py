@@ -8,6 +8,8 @@ from convkit import ops  # noqa: F401  (loads the extension, registers fake kern
 from convkit import autograd  # noqa: F401  (registers autograd on im2col and col2im)
 from convkit import functional, nn  # noqa: F401
 from convkit.functional import batch_norm, batch_norm_relu, conv2d  # noqa: F401
+from convkit.ops import cpu_cache_bytes, empty_cpu_cache  # noqa: F401
 
 __version__ = "0.1.0"
-__all__ = ["conv2d", "batch_norm", "batch_norm_relu", "functional", "nn", "ops", "autograd"]
+__all__ = ["conv2d", "batch_norm", "batch_norm_relu", "cpu_cache_bytes", "empty_cpu_cache",
+           "functional", "nn", "ops", "autograd"]

@@ -130,6 +130,19 @@ def batch_norm_update_stats(
     _batch_norm_update_stats(running_mean, running_var, batch_mean, batch_var, momentum, count)
 
 
+def cpu_cache_bytes() -> int:
+    """Bytes the CPU block cache holds in freed blocks, kept mapped for the CPU ops' next large
+    outputs and scratch buffers: at most ``CONVKIT_CPU_CACHE_MB`` MiB (default 64; 0 turns the
+    cache off)."""
+    return _ops.cpu_cache_bytes.default()
+
+
+def empty_cpu_cache() -> None:
+    """Returns the CPU block cache's free blocks to the system, as ``torch.cuda.empty_cache``
+    does for CUDA; tensors still alive keep their memory."""
+    _ops.empty_cpu_cache.default()
+
+
 def _stats_dtype(input: torch.Tensor) -> torch.dtype:
     return torch.float64 if input.dtype == torch.float64 else torch.float32
 

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "column_buffer.h"
+#include "cpu/block_cache.h"
 
 #ifdef CONVKIT_PYTHON_MODULE
 #include <Python.h>
@@ -49,6 +50,10 @@ TORCH_LIBRARY(convkit, m) {
   // Bytes of the largest conv column buffer since the last reset (all threads' tiles
   // together): what CONVKIT_COLUMN_BUDGET_MB bounds. Device-independent bookkeeping.
   m.def("column_buffer_peak_bytes(bool reset=False) -> int", &convkit::column_buffer_peak_bytes);
+  // The CPU block cache (csrc/cpu/block_cache.cpp), which keeps the CPU ops' large freed
+  // blocks mapped for reuse: the bytes its free blocks hold, and a call that returns them all.
+  m.def("cpu_cache_bytes() -> int", &convkit::cpu_cache_bytes);
+  m.def("empty_cpu_cache() -> ()", &convkit::empty_cpu_cache);
 }
 
 #ifdef CONVKIT_PYTHON_MODULE

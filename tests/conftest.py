@@ -34,6 +34,15 @@ def _fresh_seed(request):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _junk_filled_cpu_outputs(monkeypatch):
+    """Every CPU output and scratch buffer of our ops starts as NaN (csrc/cpu/block_cache.cpp),
+    so a kernel that reads memory it has not written fails a test instead of reading whatever
+    a reused block or a fresh zero page held."""
+    monkeypatch.setenv("CONVKIT_CPU_JUNK_FILL", "1")
+    yield
+
+
 def make_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
     """The same values in another memory layout: 'contiguous', 'noncontiguous' (H and W
     strides swapped) or 'channels_last'."""

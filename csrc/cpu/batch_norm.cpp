@@ -43,9 +43,12 @@
 //    counting 2 passes), training forward ~1.9 -> ~1.45 ms.
 //  * small tensors stay on one thread (< 32K values per thread) and per-channel tensors
 //    already in the accumulation type skip the dispatcher: a call's fixed cost 7.6 -> 6.6 us.
-// Version 5 (this file): the running-statistics update reads the forward's float/double
+// Version 5: the running-statistics update reads the forward's float/double
 //   statistics in place instead of converting them to double tensors first: 4.0 -> 1.8 us a
 //   call (C=32), once per batch-norm layer per training step.
+// Version 6 (this file): the output and the input gradient come from the CPU block cache
+//   (block_cache.cpp), which keeps freed blocks mapped instead of faulting fresh pages in at
+//   every call: [64,8,14,14] training fwd+bwd through autograd 122-129 -> 110 us (2 threads).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -67,6 +70,7 @@
 
 #include "../batch_norm.h"
 #include "../checks.h"
+#include "block_cache.h"
 
 namespace convkit {
 namespace {
@@ -405,7 +409,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
   const at::Tensor x = input.contiguous();
   const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());
   const at::TensorOptions acc_options = x.options().dtype(acc_type);
-  at::Tensor output = at::empty_like(x);
+  at::Tensor output = cached_empty(x.sizes(), x.options());
   at::Tensor save_mean = at::empty({C}, acc_options);
   at::Tensor save_var = at::empty({C}, acc_options);
   const at::Tensor w = per_channel_or(weight, C, acc_type, 1.0, x.options());
@@ -528,7 +532,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
   const at::Tensor mean = as_acc_contiguous(save_mean, acc_type);
   const at::Tensor var = as_acc_contiguous(save_var, acc_type);
 
-  at::Tensor grad_input = output_mask[0] ? at::empty_like(x) : at::empty({0}, x.options());
+  at::Tensor grad_input =
+      output_mask[0] ? cached_empty(x.sizes(), x.options()) : at::empty({0}, x.options());
   const at::ScalarType param_type =
       weight.has_value() && weight->defined() ? weight->scalar_type() : x.scalar_type();
   at::Tensor grad_weight_acc = at::empty({C}, x.options().dtype(acc_type));

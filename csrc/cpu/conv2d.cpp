@@ -123,11 +123,16 @@
 //   the images are spread over them (4 tiles of 16). 8->16 backward op at N=64 (2 threads)
 //   166 -> 130 us, at N=100 207-222 -> 194 us; 16->32 at N=512 (273 and 239 images per
 //   thread before, 259 and 253 now) 1067-1098 -> 997-1039 us.
-// Version 11 (this file): path 2's input gradient as a transposed implicit GEMM for 9-32
+// Version 11: path 2's input gradient as a transposed implicit GEMM for 9-32
 //   input channels (the image path's GEMM at a depth of O and its gather ran at ~120 GFLOP/s
 //   on the 16->32 layer). 16->32 input gradient (2 threads): N=64 78-95 -> 57-58 us, N=512
 //   536-686 -> 358-408 us; 32->64 at N=64 81-92 -> 77-78 us. The 8->16 layer keeps the GEMM:
 //   in 8 lanes this kernel was 1.15-1.3x slower there (one thread).
+// Version 12 (this file): outputs, input gradients and scratch come from the CPU block cache
+//   (block_cache.cpp), which keeps freed blocks mapped: at batch 512 the 8->16 layer's fwd+bwd
+//   had faulted 120-560 times a call on fresh pages (1-2 us each here). The chapter layers'
+//   fwd+bwd as the benchmark calls them (2 threads, N=512): 8->16 1.71-1.75 -> 1.52-1.60 ms,
+//   16->32 1.37-1.54 -> 1.32-1.39 ms.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -148,6 +153,7 @@
 #include "../checks.h"
 #include "../column_buffer.h"
 #include "../conv2d.h"
+#include "block_cache.h"
 #include "gemm.h"
 
 namespace convkit {
@@ -164,7 +170,7 @@ int64_t grain_for(int64_t elements_per_task) {
 // out of it (thread_slot picks the calling thread's inside at::parallel_for).
 template <typename acc_t>
 at::Tensor scratch(const at::Tensor& like, int64_t elems) {
-  return at::empty({elems}, like.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  return cached_empty({elems}, like.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
 }
 
 inline int64_t thread_slot(int64_t threads) {
@@ -2337,7 +2343,7 @@ at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
   const Conv2dGeometry g = make_conv2d_geometry(op, input, weight, stride, padding, dilation, groups);
   check_conv2d_bias(op, input, bias, g.out_channels);
   const at::Tensor x = input.contiguous();
-  at::Tensor output = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, x.options());
+  at::Tensor output = cached_empty({g.batch, g.out_channels, g.out_h, g.out_w}, x.options());
   if (output.numel() == 0) return output;
   const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());
   // Weights and bias in the compute type, [O, K/groups] row-major: converted once per call.
@@ -2543,7 +2549,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
   const int64_t O = g.out_channels;
   const int64_t Kg = g.column_rows() / groups;
 
-  at::Tensor grad_input = output_mask[0] ? at::empty_like(x) : at::empty({0}, x.options());
+  at::Tensor grad_input =
+      output_mask[0] ? cached_empty(x.sizes(), x.options()) : at::empty({0}, x.options());
   at::Tensor grad_weight_acc =
       output_mask[1] ? at::zeros({O, Kg}, x.options().dtype(acc_type)) : at::Tensor();
   at::Tensor grad_bias = output_mask[2] ? at::empty({O}, x.options()) : at::empty({0}, x.options());
@@ -2599,7 +2606,7 @@ at::Tensor im2col_cpu(const at::Tensor& input, at::IntArrayRef kernel_size,
   const at::Tensor x = input.contiguous();
   const int64_t K = g.column_rows();
   const int64_t L = g.out_area();
-  at::Tensor columns = at::empty({g.batch, K, L}, x.options());
+  at::Tensor columns = cached_empty({g.batch, K, L}, x.options());
   if (columns.numel() == 0) return columns;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "im2col_cpu", [&] {
     const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
@@ -2624,7 +2631,7 @@ at::Tensor col2im_cpu(const at::Tensor& columns, at::IntArrayRef output_size,
   const Conv2dGeometry g = make_col2im_geometry("convkit::col2im", columns, output_size,
                                                 kernel_size, dilation, padding, stride);
   const at::Tensor cols = columns.contiguous();
-  at::Tensor output = at::empty({g.batch, g.in_channels, g.in_h, g.in_w}, cols.options());
+  at::Tensor output = cached_empty({g.batch, g.in_channels, g.in_h, g.in_w}, cols.options());
   if (output.numel() == 0) return output;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, cols.scalar_type(), "col2im_cpu", [&] {
     const scalar_t* col_ptr = cols.const_data_ptr<scalar_t>();

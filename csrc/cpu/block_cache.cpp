@@ -1,0 +1,188 @@
+// The CPU block cache: a small caching allocator for the CPU ops' large outputs and scratch.
+//
+// Why: glibc returns the top of its heap to the system when a free leaves more than its trim
+// threshold there, and large blocks come straight from mmap. Either way a training step's
+// tensors of a few MiB (the input gradient, the output, the GEMM's tiles) are fresh pages at
+// every call, and each first touch of a page is a page fault: 1-2 us each on the development
+// VM. The 8->16 chapter layer's fwd+bwd at batch 512 faulted 440-560 times a call and took
+// 2.2-2.5 ms against 1.5 ms with MALLOC_TOP_PAD_=64 MiB (no faults) - see BENCHMARKS.md, tenth
+// round. A process-wide malloc setting is the user's choice, not a library's; keeping our own
+// freed blocks mapped is.
+//
+// How: blocks of >= 64 KiB are rounded up to a size class (8 per power of two, at least a
+// page: <= 12.5% waste) and, when freed, kept on one list in the order they were freed. An
+// allocation takes the most recently freed block of its class, or asks c10::alloc_cpu for a new
+// one. When the free blocks hold more than CONVKIT_CPU_CACHE_MB MiB (default 64; 0 turns the
+// cache off), the oldest are returned to the system, so a run whose shapes change holds at most
+// that much beyond what its live tensors use. Smaller tensors go to torch's CPU allocator.
+// A block's size sits in a 64-byte header in front of its data, so the data pointer is also the
+// deleter's context (a "simple" DataPtr, as torch's own allocator makes) and 64-byte aligned.
+// One mutex guards the list; it is held only to push or take a block, never while the system
+// allocates or frees.
+#include "block_cache.h"
+
+#include <ATen/EmptyTensor.h>
+#include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/core/impl/alloc_cpu.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <vector>
+
+namespace convkit {
+namespace {
+
+constexpr size_t kMinCachedBytes = size_t(64) << 10;
+constexpr size_t kHeaderBytes = 64;  // keeps the data 64-byte aligned
+constexpr size_t kPageBytes = 4096;
+constexpr int64_t kDefaultCacheBytes = int64_t(64) << 20;
+
+// CONVKIT_CPU_CACHE_MB as bytes, read on every large allocation (>= kMinCachedBytes) so that
+// tests and users can change it at run time.
+int64_t cache_limit_from_environment() {
+  const char* env = std::getenv("CONVKIT_CPU_CACHE_MB");
+  if (env == nullptr || *env == '\0') return kDefaultCacheBytes;
+  char* end = nullptr;
+  const double mib = std::strtod(env, &end);
+  TORCH_CHECK(end != env && *end == '\0' && mib >= 0, "CONVKIT_CPU_CACHE_MB must be a ",
+              "non-negative number of MiB (0 turns the CPU block cache off), but got '", env, "'");
+  return static_cast<int64_t>(mib * double(1 << 20));
+}
+
+// CONVKIT_CPU_JUNK_FILL=1: every tensor made by cached_empty, large or small, starts as 0xff
+// bytes (NaN in every floating type) instead of whatever its memory held. The tests set it, so
+// a kernel that reads an output or scratch value it has not written fails loudly, where fresh
+// pages from the system (zeros) could have hidden it.
+bool junk_fill_from_environment() {
+  const char* env = std::getenv("CONVKIT_CPU_JUNK_FILL");
+  return env != nullptr && env[0] == '1' && env[1] == '\0';
+}
+
+size_t size_class(size_t nbytes) {
+  const size_t top = size_t(1) << (63 - __builtin_clzll(static_cast<unsigned long long>(nbytes)));
+  const size_t step = std::max(top / 8, kPageBytes);
+  return (nbytes + step - 1) / step * step;
+}
+
+struct FreeBlock {
+  void* base;
+  size_t bytes;  // the block's size class (the header not counted)
+};
+
+class BlockCache final : public c10::Allocator {
+ public:
+  c10::DataPtr allocate(size_t nbytes) override {
+    c10::DataPtr block = allocate_uninitialised(nbytes);
+    if (junk_fill_from_environment() && nbytes > 0) std::memset(block.get(), 0xff, nbytes);
+    return block;
+  }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+  int64_t cached_bytes() {
+    std::lock_guard<std::mutex> guard(mutex_);
+    return cached_bytes_;
+  }
+
+  void empty() { trim_to(0); }
+
+ private:
+  // The deleter of every large block: back on the list, then the oldest blocks out until the
+  // list fits the limit. Runs wherever the last reference to a tensor is dropped; never throws.
+  static void release(void* data) {
+    void* base = static_cast<char*>(data) - kHeaderBytes;
+    instance().give_back(base, *static_cast<size_t*>(base));
+  }
+
+  void give_back(void* base, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> guard(mutex_);
+      free_blocks_.push_back({base, bytes});
+      cached_bytes_ += static_cast<int64_t>(bytes);
+    }
+    trim_to(limit_bytes_.load(std::memory_order_relaxed));
+  }
+
+  // Returns the oldest free blocks to the system until the rest hold at most `limit` bytes.
+  void trim_to(int64_t limit) {
+    std::vector<void*> to_free;
+    {
+      std::lock_guard<std::mutex> guard(mutex_);
+      while (cached_bytes_ > limit && !free_blocks_.empty()) {
+        to_free.push_back(free_blocks_.front().base);
+        cached_bytes_ -= static_cast<int64_t>(free_blocks_.front().bytes);
+        free_blocks_.pop_front();
+      }
+    }
+    for (void* old : to_free) c10::free_cpu(old);
+  }
+
+  c10::DataPtr allocate_uninitialised(size_t nbytes) {
+    if (nbytes < kMinCachedBytes) return c10::GetCPUAllocator()->allocate(nbytes);
+    const int64_t limit = cache_limit_from_environment();
+    limit_bytes_.store(limit, std::memory_order_relaxed);
+    // A limit lowered since the last free takes effect now, not at the next free.
+    if (cached_bytes() > limit) trim_to(limit);
+    if (limit == 0) return c10::GetCPUAllocator()->allocate(nbytes);
+    const size_t bytes = size_class(nbytes);
+    void* base = take(bytes);
+    if (base == nullptr) {
+      base = c10::alloc_cpu(bytes + kHeaderBytes);
+      *static_cast<size_t*>(base) = bytes;
+    }
+    void* data = static_cast<char*>(base) + kHeaderBytes;
+    return {data, data, &release, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  // The most recently freed block of exactly `bytes`, or nullptr.
+  void* take(size_t bytes) {
+    std::lock_guard<std::mutex> guard(mutex_);
+    for (auto it = free_blocks_.rbegin(); it != free_blocks_.rend(); ++it) {
+      if (it->bytes == bytes) {
+        void* base = it->base;
+        cached_bytes_ -= static_cast<int64_t>(bytes);
+        free_blocks_.erase(std::next(it).base());
+        return base;
+      }
+    }
+    return nullptr;
+  }
+
+ public:
+  // Never destroyed: tensors can outlive static destructors (at interpreter exit), and their
+  // deleter must still find the cache.
+  static BlockCache& instance() {
+    static BlockCache* cache = new BlockCache();
+    return *cache;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::deque<FreeBlock> free_blocks_;  // oldest first
+  int64_t cached_bytes_ = 0;
+  std::atomic<int64_t> limit_bytes_{kDefaultCacheBytes};
+};
+
+}  // namespace
+
+at::Tensor cached_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  TORCH_INTERNAL_ASSERT(options.device().is_cpu(), "cached_empty: expected a CPU tensor");
+  return at::detail::empty_generic(sizes, &BlockCache::instance(),
+                                   c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   c10::typeMetaToScalarType(options.dtype()),
+                                   c10::MemoryFormat::Contiguous);
+}
+
+int64_t cpu_cache_bytes() { return BlockCache::instance().cached_bytes(); }
+
+void empty_cpu_cache() { BlockCache::instance().empty(); }
+
+}  // namespace convkit
