@@ -806,7 +806,8 @@ def memory_over_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                       device: torch.device, steps: int = 300) -> dict[str, Any]:
     """Memory across a longer run of convkit training steps: resident memory (CPU) or
     allocated memory (CUDA) after the first 20 steps and after `steps`; with the column
-    buffer's peak. Flat memory means the second figure equals the first."""
+    buffer's peak and, on the CPU, what the block cache holds in free blocks at the end (part
+    of the resident figure). Flat memory means the second figure equals the first."""
     step = _training_step_fn(model, x, y)
     column_buffer_peak_bytes(reset=True)
 
@@ -823,7 +824,9 @@ def memory_over_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     late = used_mib()
     return {"memory_steps": steps, "memory_mib_after_20": early,
             f"memory_mib_after_{steps}": late,
-            "column_buffer_peak_mib": column_buffer_peak_bytes() / 2**20}
+            "column_buffer_peak_mib": column_buffer_peak_bytes() / 2**20,
+            "cpu_cache_mib": (convkit.cpu_cache_bytes() / 2**20 if device.type == "cpu"
+                              else None)}
     return row
 
 
@@ -1094,9 +1097,14 @@ def memory_lines(rows: Sequence[Row]) -> list[str]:
         late = row.extra[f"memory_mib_after_{steps}"]
         if early is None or late is None:
             continue
-        lines.append(f"{row.name}: memory after 20 steps {early:.1f} MiB, after {steps} "
-                     f"{late:.1f} MiB ({late - early:+.1f}); column buffer peak "
-                     f"{row.extra['column_buffer_peak_mib']:.2f} MiB")
+        line = (f"{row.name}: memory after 20 steps {early:.1f} MiB, after {steps} "
+                f"{late:.1f} MiB ({late - early:+.1f}); column buffer peak "
+                f"{row.extra['column_buffer_peak_mib']:.2f} MiB")
+        if row.extra.get("cpu_cache_mib") is not None:
+            limit = os.environ.get("CONVKIT_CPU_CACHE_MB", "64 (default)")
+            line += (f"; CPU block cache {row.extra['cpu_cache_mib']:.1f} MiB in free blocks "
+                     f"(limit CONVKIT_CPU_CACHE_MB = {limit} MiB)")
+        lines.append(line)
     return lines
 
 
