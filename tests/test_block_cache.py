@@ -4,7 +4,8 @@ buffers (>= 64 KiB) come from freed blocks kept mapped, bounded by CONVKIT_CPU_C
 Checked here: a freed output's block is what the next output of its size gets; live tensors
 never share a block; the free blocks stay within the limit, whatever the shapes (0 turns the
 cache off); empty_cpu_cache returns them; a bad limit is a clear error; outputs are ordinary,
-resizable tensors; and threads that allocate and free at once get correct results.
+resizable tensors; threads that allocate and free at once get correct results; torch.profiler
+sees the blocks; and a forked child can use the cache it inherits.
 """
 from __future__ import annotations
 
@@ -187,3 +188,48 @@ def test_threads_allocating_and_freeing_at_once_get_correct_results():
     finally:
         torch.set_num_threads(threads_before)
     assert failures == []
+
+
+def test_profiler_sees_the_cached_allocations():
+    """torch.profiler's memory profiling counts our blocks as it counts torch's: the op
+    allocated its output's bytes, and freeing it is reported."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(16, 8, 28, 28)
+    weight = torch.randn(8, 8, 3, 3)
+    nbytes = x.numel() * x.element_size()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = _conv_output(x, weight)
+        del out
+    usage = {event.key: event.self_cpu_memory_usage for event in prof.key_averages()}
+    assert usage.get("convkit::conv2d_forward", 0) >= nbytes
+    assert usage.get("[memory]", 0) <= -nbytes
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_forked_child_can_use_the_cache():
+    """A child forked while the parent holds free blocks (a DataLoader worker, say) takes
+    and frees blocks itself. One thread in the child: GNU OpenMP cannot run a parallel region
+    in a child forked after the parent ran one (PyTorch's workers set one thread too)."""
+    import os
+
+    x = torch.randn(16, 8, 28, 28)
+    weight = torch.randn(8, 8, 3, 3)
+    expected = F.conv2d(x, weight, None, 1, 1)
+    _conv_output(x, weight)  # dropped at once: its block goes to the cache
+    assert convkit.cpu_cache_bytes() > 0
+    pid = os.fork()
+    if pid == 0:  # the child: exit status 0 only if the results are right
+        status = 1
+        try:
+            torch.set_num_threads(1)
+            for _ in range(3):
+                out = _conv_output(x, weight)
+                if not torch.allclose(out, expected, rtol=1e-4, atol=1e-3):
+                    break
+            else:
+                status = 0
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

@@ -15,10 +15,13 @@
 // one. When the free blocks hold more than CONVKIT_CPU_CACHE_MB MiB (default 64; 0 turns the
 // cache off), the oldest are returned to the system, so a run whose shapes change holds at most
 // that much beyond what its live tensors use. Smaller tensors go to torch's CPU allocator.
-// A block's size sits in a 64-byte header in front of its data, so the data pointer is also the
-// deleter's context (a "simple" DataPtr, as torch's own allocator makes) and 64-byte aligned.
-// One mutex guards the list; it is held only to push or take a block, never while the system
-// allocates or frees.
+// A block's size (and the size asked for) sits in a 64-byte header in front of its data, so the
+// data pointer is also the deleter's context (a "simple" DataPtr, as torch's own allocator
+// makes) and 64-byte aligned. One mutex guards the list; it is held only to push or take a
+// block, never while the system allocates or frees, and across fork() (a child inherits it
+// unlocked). When the system is out of memory the free blocks are returned and the allocation
+// tried once more. Allocations and frees are reported to torch.profiler's memory profiling, as
+// torch's CPU allocator reports its own.
 #include "block_cache.h"
 
 #include <ATen/EmptyTensor.h>
@@ -33,6 +36,7 @@
 #include <cstring>
 #include <deque>
 #include <mutex>
+#include <pthread.h>
 #include <vector>
 
 namespace convkit {
@@ -70,6 +74,17 @@ size_t size_class(size_t nbytes) {
   return (nbytes + step - 1) / step * step;
 }
 
+// The header in front of each large block's data.
+struct BlockHeader {
+  size_t block_bytes;      // the size class, the header not counted
+  size_t requested_bytes;  // what the tensor in it asked for (profiler reports)
+};
+static_assert(sizeof(BlockHeader) <= kHeaderBytes, "the header must fit before the data");
+
+BlockHeader* header_of(void* data) {
+  return reinterpret_cast<BlockHeader*>(static_cast<char*>(data) - kHeaderBytes);
+}
+
 struct FreeBlock {
   void* base;
   size_t bytes;  // the block's size class (the header not counted)
@@ -98,8 +113,12 @@ class BlockCache final : public c10::Allocator {
   // The deleter of every large block: back on the list, then the oldest blocks out until the
   // list fits the limit. Runs wherever the last reference to a tensor is dropped; never throws.
   static void release(void* data) {
-    void* base = static_cast<char*>(data) - kHeaderBytes;
-    instance().give_back(base, *static_cast<size_t*>(base));
+    BlockCache& cache = instance();
+    const BlockHeader header = *header_of(data);
+    cache.live_bytes_.fetch_sub(static_cast<int64_t>(header.block_bytes),
+                                std::memory_order_relaxed);
+    cache.report_to_profiler(data, -static_cast<int64_t>(header.requested_bytes));
+    cache.give_back(header_of(data), header.block_bytes);
   }
 
   void give_back(void* base, size_t bytes) {
@@ -134,12 +153,31 @@ class BlockCache final : public c10::Allocator {
     if (limit == 0) return c10::GetCPUAllocator()->allocate(nbytes);
     const size_t bytes = size_class(nbytes);
     void* base = take(bytes);
-    if (base == nullptr) {
-      base = c10::alloc_cpu(bytes + kHeaderBytes);
-      *static_cast<size_t*>(base) = bytes;
-    }
+    if (base == nullptr) base = allocate_from_system(bytes);
     void* data = static_cast<char*>(base) + kHeaderBytes;
+    BlockHeader* header = header_of(data);
+    header->block_bytes = bytes;
+    header->requested_bytes = nbytes;
+    live_bytes_.fetch_add(static_cast<int64_t>(bytes), std::memory_order_relaxed);
+    report_to_profiler(data, static_cast<int64_t>(nbytes));
     return {data, data, &release, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  void* allocate_from_system(size_t bytes) {
+    try {
+      return c10::alloc_cpu(bytes + kHeaderBytes);
+    } catch (const c10::Error&) {
+      trim_to(0);  // out of memory: the free blocks first, then once more
+      return c10::alloc_cpu(bytes + kHeaderBytes);
+    }
+  }
+
+  void report_to_profiler(void* data, int64_t signed_bytes) {
+    if (!c10::memoryProfilingEnabled()) return;
+    const int64_t live = live_bytes_.load(std::memory_order_relaxed);
+    c10::reportMemoryUsageToProfiler(data, signed_bytes, static_cast<size_t>(live),
+                                     static_cast<size_t>(live + cached_bytes()),
+                                     c10::Device(c10::DeviceType::CPU));
   }
 
   // The most recently freed block of exactly `bytes`, or nullptr.
@@ -165,9 +203,17 @@ class BlockCache final : public c10::Allocator {
   }
 
  private:
+  BlockCache() {
+    // fork() copies the mutex as it is at that moment: hold it across the fork, so that a
+    // child never starts with it locked by a thread the child does not have.
+    pthread_atfork([] { instance().mutex_.lock(); }, [] { instance().mutex_.unlock(); },
+                   [] { instance().mutex_.unlock(); });
+  }
+
   std::mutex mutex_;
   std::deque<FreeBlock> free_blocks_;  // oldest first
   int64_t cached_bytes_ = 0;
+  std::atomic<int64_t> live_bytes_{0};  // blocks in use, by size class
   std::atomic<int64_t> limit_bytes_{kDefaultCacheBytes};
 };
 
