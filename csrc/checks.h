@@ -7,9 +7,27 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
+#include <cstdint>
+#include <cstdlib>
+
 #include "conv2d.h"
 
 namespace convkit {
+
+// A size in MiB from the environment variable `name`, as bytes: `default_bytes` when it is
+// unset or empty. Anything but a number (> 0, or >= 0 when `zero_allowed`) is an error that
+// quotes the value and says what is expected (`expected`, e.g. "a positive number of MiB").
+// Read at each use, so that tests and users can change the setting at run time.
+inline int64_t mebibytes_from_environment(const char* name, int64_t default_bytes,
+                                          bool zero_allowed, const char* expected) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || *env == '\0') return default_bytes;
+  char* end = nullptr;
+  const double mib = std::strtod(env, &end);
+  TORCH_CHECK(end != env && *end == '\0' && (zero_allowed ? mib >= 0 : mib > 0), name,
+              " must be ", expected, ", but got '", env, "'");
+  return static_cast<int64_t>(mib * double(1 << 20));
+}
 
 inline void check_same_device_and_dtype(const char* op, const at::Tensor& reference,
                                         const char* reference_name, const at::Tensor& other,

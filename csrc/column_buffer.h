@@ -8,8 +8,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <cstdlib>
 
+#include "checks.h"
 #include "conv2d.h"
 
 namespace convkit {
@@ -17,15 +17,10 @@ namespace convkit {
 constexpr int64_t kDefaultColumnBudgetBytes = int64_t(64) << 20;
 
 // The bound on one conv call's column buffer: CONVKIT_COLUMN_BUDGET_MB (MiB), default 64 MiB.
-// Read on every call so that tests and users can change it at run time.
 inline int64_t column_budget_bytes() {
-  const char* env = std::getenv("CONVKIT_COLUMN_BUDGET_MB");
-  if (env == nullptr || *env == '\0') return kDefaultColumnBudgetBytes;
-  char* end = nullptr;
-  const double mib = std::strtod(env, &end);
-  TORCH_CHECK(end != env && *end == '\0' && mib > 0, "CONVKIT_COLUMN_BUDGET_MB must be a ",
-              "positive number of MiB, but got '", env, "'");
-  return std::max<int64_t>(1, static_cast<int64_t>(mib * double(1 << 20)));
+  return std::max<int64_t>(1, mebibytes_from_environment("CONVKIT_COLUMN_BUDGET_MB",
+                                                         kDefaultColumnBudgetBytes, false,
+                                                         "a positive number of MiB"));
 }
 
 // Images per chunk: as many as fit the column budget, at least one.

@@ -24,6 +24,8 @@
 // torch's CPU allocator reports its own.
 #include "block_cache.h"
 
+#include "../checks.h"
+
 #include <ATen/EmptyTensor.h>
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
@@ -47,16 +49,11 @@ constexpr size_t kHeaderBytes = 64;  // keeps the data 64-byte aligned
 constexpr size_t kPageBytes = 4096;
 constexpr int64_t kDefaultCacheBytes = int64_t(64) << 20;
 
-// CONVKIT_CPU_CACHE_MB as bytes, read on every large allocation (>= kMinCachedBytes) so that
-// tests and users can change it at run time.
+// CONVKIT_CPU_CACHE_MB as bytes, read on every large allocation (>= kMinCachedBytes).
 int64_t cache_limit_from_environment() {
-  const char* env = std::getenv("CONVKIT_CPU_CACHE_MB");
-  if (env == nullptr || *env == '\0') return kDefaultCacheBytes;
-  char* end = nullptr;
-  const double mib = std::strtod(env, &end);
-  TORCH_CHECK(end != env && *end == '\0' && mib >= 0, "CONVKIT_CPU_CACHE_MB must be a ",
-              "non-negative number of MiB (0 turns the CPU block cache off), but got '", env, "'");
-  return static_cast<int64_t>(mib * double(1 << 20));
+  return mebibytes_from_environment("CONVKIT_CPU_CACHE_MB", kDefaultCacheBytes, true,
+                                    "a non-negative number of MiB (0 turns the CPU block cache "
+                                    "off)");
 }
 
 // CONVKIT_CPU_JUNK_FILL=1: every tensor made by cached_empty, large or small, starts as 0xff
