@@ -129,3 +129,124 @@ def test_cuda_without_a_gpu_is_a_clear_error(capsys):
         bench.parse_args(["--device", "cuda"])
     assert exit_info.value.code != 0
     assert "no CUDA device is available" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- goal_floors.py
+
+FLOORS_SCRIPT = ROOT / "benchmarks" / "goal_floors.py"
+
+
+def load_floors() -> ModuleType:
+    """benchmarks/goal_floors.py as a module (it imports conv_bench from its own folder)."""
+    spec = importlib.util.spec_from_file_location("goal_floors", FLOORS_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_goal_floors_run_gives_consistent_rows(tmp_path):
+    json_path = tmp_path / "floors.json"
+    result = subprocess.run(
+        [sys.executable, str(FLOORS_SCRIPT), "--batches", "32", "--min-run-time", "0.02",
+         "--gemm-sizes", "64", "--threads", "1", "--json", str(json_path)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "| goal | row |" in result.stdout
+    rows = json.loads(json_path.read_text())
+    bench = load_bench()
+    cases = {case.label: case for case in bench.chapter_conv_cases(32)}
+    assert [row["goal"] for row in rows] == ["2b"] * 5 + ["3a"] * 4
+    for row in rows:
+        factor = 5.0 if row["goal"] == "2b" else 2.0
+        assert math.isclose(row["allowed_ms"], row["ms_reference"] / factor, rel_tol=1e-12)
+        assert row["best_rate"] > 0 and row["fixed_ms"] > 0 and row["work"] > 0
+        floor = row["fixed_ms"] + row["work"] / row["best_rate"] * 1e3
+        assert math.isclose(row["floor_ms"], floor, rel_tol=1e-12)
+        if row["ms_convkit"] <= row["allowed_ms"]:
+            assert row["verdict"] == "met"
+        else:
+            assert row["verdict"] == ("out of reach" if floor > row["allowed_ms"] else "reachable")
+        if row["goal"] == "2b":
+            case = cases[row["name"]]
+            forwards = 3 if case.input_grad else 2
+            work = case.forward_flops() * forwards * 31 / 32 / 1e9
+            assert math.isclose(row["work"], work, rel_tol=1e-12)
+        else:
+            n, c, h, w = (int(v) for v in row["shape"].strip("[]").split(","))
+            extra_bytes = (n * c * h * w - 2 * c * 2 * 2) * 4
+            assert math.isclose(row["work"], 8 * extra_bytes / 1e9, rel_tol=1e-12)
+
+
+def test_goal_floors_verdicts_and_shares():
+    floors = load_floors()
+
+    def row(ours: float, allowed: float, fixed: float, work: float, best: float):
+        return floors.FloorRow("2b", "r", "[1]", ours, allowed * 5, allowed, fixed, fixed,
+                               work, "GFLOP", best, "GFLOP/s")
+
+    met = row(ours=0.1, allowed=0.2, fixed=0.05, work=0.01, best=100.0)
+    assert met.verdict == "met"
+    # floor = 0.05 + 0.01 / 100 s = 0.15 ms <= 0.2: reachable, at 0.01 GFLOP / 0.15 ms.
+    reachable = row(ours=0.3, allowed=0.2, fixed=0.05, work=0.01, best=100.0)
+    assert math.isclose(reachable.floor_ms, 0.15)
+    assert reachable.verdict == "reachable"
+    assert math.isclose(reachable.needed_share, 0.01 / 0.15e-3 / 100.0)
+    assert math.isclose(reachable.current_share, 0.01 / 0.25e-3 / 100.0)
+    out_of_reach = row(ours=0.3, allowed=0.2, fixed=0.15, work=0.01, best=100.0)
+    assert out_of_reach.floor_ms > 0.2 and out_of_reach.verdict == "out of reach"
+    assert out_of_reach.needed_share > 1.0
+    all_fixed = row(ours=0.3, allowed=0.2, fixed=0.25, work=0.01, best=100.0)
+    assert all_fixed.needed_share is None and all_fixed.verdict == "out of reach"
+    assert "all taken by fixed" in floors.format_table([all_fixed])
+
+
+def test_goal_floors_refuses_a_wrong_kernel(monkeypatch):
+    floors = load_floors()
+
+    def off_by_a_little(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+        right = torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
+        return right * 1.001
+
+    monkeypatch.setattr(convkit, "conv2d", off_by_a_little)
+    case = floors.bench.chapter_conv_cases(4)[2]
+    clock = floors.bench.Clock(torch.device("cpu"), 1, min_run_time=0.001)
+    with pytest.raises(RuntimeError, match="wrong"):
+        floors.conv_floor_row(case, clock, best_gflops=100.0)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batches", "2"], "at least 3"),
+    (["--batches", "64,x"], "comma-separated integers"),
+    (["--gemm-sizes", "0"], "must be positive"),
+    (["--threads", "0"], "at least 1"),
+])
+def test_goal_floors_bad_arguments_are_clear_errors(argv, message, capsys):
+    floors = load_floors()
+    with pytest.raises(SystemExit) as exit_info:
+        floors.parse_args(argv)
+    assert exit_info.value.code != 0
+    assert message in capsys.readouterr().err
+
+
+def test_goal_floors_best_rate_bounds_every_measured_rate():
+    floors = load_floors()
+    # Two conv rows with a 100 GFLOP/s GEMM: the second ran its 0.03 GFLOP in 0.2 ms less
+    # 0.05 fixed, 200 GFLOP/s, so both rows' best becomes 200.
+    slow = floors.FloorRow("2b", "a", "[1]", 0.25, 1.0, 0.2, 0.05, 0.1, 0.01, "GFLOP", 100.0,
+                           "GFLOP/s")
+    fast = floors.FloorRow("2b", "b", "[1]", 0.2, 1.0, 0.2, 0.05, 0.1, 0.03, "GFLOP", 100.0,
+                           "GFLOP/s")
+    # A batch-norm row that beat its copy (0.004 GB in 0.02 ms: 200 GB/s against 50), and
+    # one that did not.
+    bn_fast = floors.FloorRow("3a", "c", "[1]", 0.08, 0.2, 0.1, 0.06, 0.06, 0.004, "GB", 50.0,
+                              "GB/s")
+    bn_slow = floors.FloorRow("3a", "d", "[1]", 0.16, 0.2, 0.1, 0.06, 0.06, 0.004, "GB", 50.0,
+                              "GB/s")
+    assert math.isclose(floors.raise_best_rates([slow, fast, bn_fast, bn_slow]), 200.0)
+    assert math.isclose(slow.best_rate, 200.0) and math.isclose(fast.best_rate, 200.0)
+    assert math.isclose(fast.current_share, 1.0)
+    assert math.isclose(bn_fast.best_rate, 200.0) and math.isclose(bn_slow.best_rate, 50.0)
+    for row in (slow, fast, bn_fast, bn_slow):
+        assert row.current_share <= 1.0 + 1e-12
