@@ -1,5 +1,6 @@
-"""Floors of the issue-6 goals (on the CPU) that compare one whole autograd call with PyTorch's: how fast
-each row could be at best on this machine, and whether its goal lies above that floor.
+"""Floors of the CPU goals of issue 6 that compare one whole autograd call with PyTorch's:
+how fast each row could be at best on this machine, and whether its goal lies above that
+floor.
 
 The goals checked, each measured with conv_bench.py's own callables and clock:
   2b  a chapter conv layer's forward+backward, as in training, at most 1/5 of the time of
@@ -276,8 +277,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"best conv rate raised to {conv_best:.0f} GFLOP/s, the fastest a convkit row ran "
               "its work at in this run")
     print(format_table(rows))
-    counts = {v: sum(row.verdict == v for row in rows) for v in ("met", "reachable", "out of reach")}
-    print("\n" + ", ".join(f"{n} {v}" for v, n in counts.items()))
+    counts = []
+    for verdict in ("met", "reachable", "out of reach"):
+        count = sum(row.verdict == verdict for row in rows)
+        counts.append(f"{count} {verdict}")
+    print("\n" + ", ".join(counts))
     if args.json:
         Path(args.json).write_text(json.dumps([row.to_json() for row in rows], indent=1) + "\n")
         print(f"wrote {args.json}")
