@@ -23,14 +23,25 @@ SCRIPT = ROOT / "benchmarks" / "conv_bench.py"
 REQUIRED_KEYS = {"name", "shape", "pass", "ms_convkit", "ms_torch", "ms_torch_im2col", "ratio"}
 
 
-def load_bench() -> ModuleType:
-    """The script as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("conv_bench", SCRIPT)
+def load_script(name: str, path: Path) -> ModuleType:
+    """A script of benchmarks/ as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     # dataclasses look their module up in sys.modules while the class is being made.
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def load_bench() -> ModuleType:
+    return load_script("conv_bench", SCRIPT)
+
+
+def conv2d_off_by_a_little(input, weight, bias=None, stride=1, padding=0, dilation=1,
+                           groups=1):
+    """F.conv2d's result made 0.1% too large: a wrong kernel the checks must catch."""
+    right = torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    return right * 1.001
 
 
 @pytest.fixture
@@ -84,11 +95,7 @@ def test_quick_tiny_run_writes_json_and_plot(tmp_path):
 def test_wrong_conv_is_reported_and_not_timed(monkeypatch):
     bench = load_bench()
 
-    def off_by_a_little(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-        right = torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
-        return right * 1.001
-
-    monkeypatch.setattr(convkit, "conv2d", off_by_a_little)
+    monkeypatch.setattr(convkit, "conv2d", conv2d_off_by_a_little)
     case = bench.ConvCase("tiny", 2, 3, 4, 8, 8, 3, padding=1, bias=True)
     clock = bench.Clock(torch.device("cpu"), torch.get_num_threads(), min_run_time=0.001)
     rows = bench.bench_conv_case(case, "conv", torch.device("cpu"), clock)
@@ -137,12 +144,8 @@ FLOORS_SCRIPT = ROOT / "benchmarks" / "goal_floors.py"
 
 
 def load_floors() -> ModuleType:
-    """benchmarks/goal_floors.py as a module (it imports conv_bench from its own folder)."""
-    spec = importlib.util.spec_from_file_location("goal_floors", FLOORS_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    """goal_floors.py, which imports conv_bench from its own folder."""
+    return load_script("goal_floors", FLOORS_SCRIPT)
 
 
 def test_goal_floors_run_gives_consistent_rows(tmp_path):
@@ -205,11 +208,7 @@ def test_goal_floors_verdicts_and_shares():
 def test_goal_floors_refuses_a_wrong_kernel(monkeypatch):
     floors = load_floors()
 
-    def off_by_a_little(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-        right = torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
-        return right * 1.001
-
-    monkeypatch.setattr(convkit, "conv2d", off_by_a_little)
+    monkeypatch.setattr(convkit, "conv2d", conv2d_off_by_a_little)
     case = floors.bench.chapter_conv_cases(4)[2]
     clock = floors.bench.Clock(torch.device("cpu"), 1, min_run_time=0.001)
     with pytest.raises(RuntimeError, match="wrong"):
