@@ -157,7 +157,7 @@ def batch_norm_floor_row(case: bench.BatchNormCase, clock: bench.Clock) -> Floor
     """Goal 3a for one activation shape: the row and its tiny twin, ours and PyTorch's pair,
     and a copy and a sum of tensors of both sizes for the best rate."""
     device = torch.device("cpu")
-    batch, channels = case.shape[0], case.shape[1]
+    channels = case.shape[1]
     tiny_case = bench.BatchNormCase(case.label + " (tiny)",
                                     (BN_TINY_BATCH, channels, BN_TINY_SIZE, BN_TINY_SIZE))
     fns: list[Callable[[], object]] = []
@@ -267,11 +267,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for batch in args.batches:
         for case in bench.chapter_conv_cases(batch):
             rows.append(conv_floor_row(case, clock, best_gflops))
-    for batch in args.batches:
-        for channels, size in ((8, 14), (16, 7), (32, 4), (64, 2)):
-            case = bench.BatchNormCase(f"chapter C={channels} N={batch}",
-                                       (batch, channels, size, size))
-            rows.append(batch_norm_floor_row(case, clock))
+    # conv_bench's chapter batch-norm cases at these batches, without its ResNet-sized ones.
+    chapter_only = dataclasses.replace(bench.FULL, bn_chapter_batches=tuple(args.batches),
+                                       bn_large_channels=())
+    for case in bench.batch_norm_cases(chapter_only):
+        rows.append(batch_norm_floor_row(case, clock))
     conv_best = raise_best_rates(rows)
     if conv_best > best_gflops:
         print(f"best conv rate raised to {conv_best:.0f} GFLOP/s, the fastest a convkit row ran "
