@@ -23,9 +23,12 @@
 #include <torch/library.h>
 
 #include <array>
+#include <memory>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
+#include <utility>
 
 namespace convkit {
 namespace {
@@ -35,12 +38,23 @@ using torch::autograd::variable_list;
 
 std::vector<int64_t> to_vector(at::IntArrayRef values) { return values.vec(); }
 
+// A new autograd node, held the way this torch holds them: by std::shared_ptr up to torch
+// 2.1x, by c10::intrusive_ptr since Node derives from intrusive_ptr_target.
+template <typename NodeType, typename... Args>
+auto make_node(Args&&... args) {
+  if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, NodeType>) {
+    return c10::make_intrusive<NodeType>(std::forward<Args>(args)...);
+  } else {
+    return std::make_shared<NodeType>(std::forward<Args>(args)...);
+  }
+}
+
 // Gradients computed with grad mode on (create_graph=True) from tensors that require grad get
 // an Error node as their history: using them in a further backward raises `message`.
 void forbid_double_backward(const std::string& message, const variable_list& inputs,
                             std::tuple<at::Tensor, at::Tensor, at::Tensor>& grads) {
   if (!torch::autograd::compute_requires_grad(inputs)) return;
-  auto node = c10::make_intrusive<torch::autograd::Error>(
+  auto node = make_node<torch::autograd::Error>(
       message, torch::autograd::collect_next_edges(inputs));
   for (at::Tensor* grad : {&std::get<0>(grads), &std::get<1>(grads), &std::get<2>(grads)}) {
     if (grad->defined() && torch::autograd::isDifferentiableType(grad->scalar_type())) {
