@@ -1,7 +1,9 @@
 """Builds convkit._C, the C++ (and, where available, CUDA) kernels of convkit.
 
-CPU-only by default. The CUDA sources in csrc/cuda/ are added when nvcc is found (through
-CUDA_HOME) and either a GPU is visible or FORCE_CUDA=1 is set. DEBUG=1 builds with -O0 -g.
+CPU-only by default. The CUDA sources in csrc/cuda/ are added when a CUDA toolkit is found
+(CUDA_HOME, else the toolkit of the nvcc on PATH) and either a GPU is visible or FORCE_CUDA=1
+is set. The same CUDA code is always also compiled for the CPU against the CUDA emulator
+(csrc/cuda_emu/), which the tests use on machines without a GPU. DEBUG=1 builds with -O0 -g.
 The C++ is compiled for the building machine's CPU (-march=native: AVX2/AVX-512 in the
 kernels' loops); CONVKIT_MARCH=<arch> picks another -march, CONVKIT_MARCH=none none at all
 (a build to copy to other machines).
@@ -10,28 +12,85 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
+import subprocess
 import sys
 
 from setuptools import setup
 
-import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def is_cuda_toolkit(path: str) -> bool:
+    """A CUDA toolkit's root: nvcc, the runtime's headers and the runtime library."""
+    has_lib = any(
+        glob.glob(os.path.join(path, lib, "libcudart.so*"))
+        for lib in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib"),
+                    os.path.join("targets", "sbsa-linux", "lib"))
+    )
+    return (
+        os.path.isfile(os.path.join(path, "bin", "nvcc"))
+        and os.path.isfile(os.path.join(path, "include", "cuda_runtime.h"))
+        and has_lib
+    )
+
+
+def toolkit_of_nvcc(nvcc: str) -> str | None:
+    """The toolkit that owns the compiler `nvcc` runs: follows symlinks, then asks nvcc itself
+    (its --dryrun prints TOP=<toolkit>/bin/..), which also sees through wrapper scripts."""
+    candidate = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    if is_cuda_toolkit(candidate):
+        return candidate
+    try:
+        dryrun = subprocess.run(
+            [nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+            capture_output=True, text=True, timeout=60,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"^#\$ TOP=(.+)$", dryrun.stdout + dryrun.stderr, re.MULTILINE)
+    if match:
+        top = os.path.realpath(match.group(1).strip())
+        if is_cuda_toolkit(top):
+            return top
+    return None
+
+
+def resolve_cuda_home() -> tuple[str | None, str]:
+    """The CUDA toolkit to build with, and how it was found: $CUDA_HOME (or $CUDA_PATH) when
+    set, else the toolkit of the nvcc on PATH, else /usr/local/cuda."""
+    for variable in ("CUDA_HOME", "CUDA_PATH"):
+        value = os.environ.get(variable)
+        if value:
+            if is_cuda_toolkit(value):
+                return value, f"${variable}"
+            return None, (f"${variable}={value} is not a CUDA toolkit (expected bin/nvcc, "
+                          "include/cuda_runtime.h and lib64/libcudart.so under it)")
+    nvcc = shutil.which("nvcc")
+    if nvcc is not None:
+        toolkit = toolkit_of_nvcc(nvcc)
+        if toolkit is not None:
+            return toolkit, f"the toolkit of {nvcc}"
+    if is_cuda_toolkit("/usr/local/cuda"):
+        return "/usr/local/cuda", "/usr/local/cuda"
+    where = f"the nvcc on PATH ({nvcc}) belongs to no toolkit" if nvcc else "no nvcc on PATH"
+    return None, f"CUDA_HOME is not set, {where}, and /usr/local/cuda is not a toolkit"
 
 
 def env_flag(name: str) -> bool:
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
-def find_nvcc() -> str | None:
-    """nvcc under CUDA_HOME (torch's detection), else on PATH."""
-    if CUDA_HOME is not None:
-        candidate = os.path.join(CUDA_HOME, "bin", "nvcc")
-        if os.path.exists(candidate):
-            return candidate
-    return shutil.which("nvcc")
+# torch.utils.cpp_extension reads CUDA_HOME once, when it is imported, and guesses from the nvcc
+# on PATH otherwise (a wrapper script in /usr/local/bin makes that /usr/local, which has no
+# libcudart): resolve it first.
+CUDA_TOOLKIT, CUDA_TOOLKIT_ORIGIN = resolve_cuda_home()
+if CUDA_TOOLKIT is not None:
+    os.environ["CUDA_HOME"] = CUDA_TOOLKIT
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
 def nvidia_wheel_include_dirs() -> list[str]:
@@ -50,14 +109,26 @@ def want_cuda() -> bool:
     cuda_sources = glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu"))
     if not cuda_sources or env_flag("CONVKIT_CPU_ONLY"):
         return False
-    if find_nvcc() is None or torch.version.cuda is None:
+    if CUDA_TOOLKIT is None or torch.version.cuda is None:
         if env_flag("FORCE_CUDA"):
+            why = (CUDA_TOOLKIT_ORIGIN if CUDA_TOOLKIT is None
+                   else f"this torch ({torch.__version__}) is a CPU-only build")
             raise RuntimeError(
-                "FORCE_CUDA=1 but no CUDA toolchain was found: set CUDA_HOME to the CUDA "
-                f"installation (CUDA_HOME={CUDA_HOME!r}, torch.version.cuda={torch.version.cuda!r})"
+                f"FORCE_CUDA=1 but the CUDA kernels cannot be built: {why}. Set CUDA_HOME to "
+                "the CUDA toolkit's root (the folder with bin/nvcc), e.g. CUDA_HOME=/usr/local/cuda"
             )
         return False
     return env_flag("FORCE_CUDA") or torch.cuda.is_available()
+
+
+def emulator_include_dirs() -> list[str]:
+    """Where the CUDA emulator finds CUDA's own host-compilable headers (vector types, __half,
+    __nv_bfloat16): the toolkit's, else the nvidia wheels'. Without them it defines the vector
+    types itself and offers no __half."""
+    if CUDA_TOOLKIT is not None:
+        return [os.path.join(CUDA_TOOLKIT, "include")]
+    return [path for path in nvidia_wheel_include_dirs()
+            if os.path.isfile(os.path.join(path, "cuda_fp16.h"))][:1]
 
 
 def march_flags() -> list[str]:
@@ -72,7 +143,12 @@ def make_extension():
     debug = env_flag("DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
     cxx_flags = opt + ["-fopenmp", "-DCONVKIT_PYTHON_MODULE"] + march_flags()
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp")
+                     + glob.glob("csrc/cuda_emu/*.cpp"))
+    for path in emulator_include_dirs():
+        cxx_flags += ["-isystem", path]
+    # The CUDA kernels, also compiled for the emulator, carry nvcc's `#pragma unroll`.
+    cxx_flags.append("-Wno-unknown-pragmas")
     extra_link_args = ["-fopenmp"]
     if want_cuda():
         if "TORCH_CUDA_ARCH_LIST" not in os.environ:

@@ -6,10 +6,11 @@ Data flows one way: ``convkit.nn`` -> ``convkit.functional`` -> ``convkit.ops`` 
 """
 from convkit import ops  # noqa: F401  (loads the extension, registers fake kernels)
 from convkit import autograd  # noqa: F401  (registers autograd on im2col and col2im)
-from convkit import functional, nn  # noqa: F401
+from convkit import cuda_emulation, functional, nn  # noqa: F401
+from convkit.cuda_emulation import emulated_cuda  # noqa: F401
 from convkit.functional import batch_norm, batch_norm_relu, conv2d  # noqa: F401
 from convkit.ops import cpu_cache_bytes, empty_cpu_cache  # noqa: F401
 
 __version__ = "0.1.0"
 __all__ = ["conv2d", "batch_norm", "batch_norm_relu", "cpu_cache_bytes", "empty_cpu_cache",
-           "functional", "nn", "ops", "autograd"]
+           "emulated_cuda", "cuda_emulation", "functional", "nn", "ops", "autograd"]

@@ -1,4 +1,4 @@
-// The chunked im2col + GEMM conv2d driver of the CUDA backend (csrc/cuda/conv2d.cu). The CPU
+// The chunked im2col + GEMM conv2d driver of the CUDA backend (csrc/cuda/conv2d_ops.h). The CPU
 // used it too until its tiled kernels (csrc/cpu/conv2d.cpp, which share this file's column
 // layout and csrc/conv2d.h's index helpers) replaced it; a Backend struct keeps the device
 // specifics apart from the algorithm.
@@ -17,7 +17,8 @@
 // CONVKIT_COLUMN_BUDGET_MB (csrc/column_buffer.h): the chunk shrinks to fit, down to one image.
 //
 // A Backend is a struct of static member templates, each taking raw pointers into contiguous
-// tensors (and running on the current stream on CUDA):
+// tensors (and running on the current stream on CUDA), and the allocator of outputs and buffers:
+//   empty(sizes, options)                                   an uninitialised tensor
 //   im2col_chunk(input, g, first, count, columns)           columns [K, count*L]
 //   col2im_chunk(columns, g, first, count, grad_input)      grad_input [N, C, H, W]
 //   scatter_output(out_t, bias_or_null, g, first, count, output)
@@ -56,7 +57,7 @@ at::Tensor conv2d_forward_impl(const at::Tensor& input, const at::Tensor& weight
   check_conv2d_bias(op, input, bias, g.out_channels);
 
   const at::Tensor x = input.contiguous();
-  at::Tensor output = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, x.options());
+  at::Tensor output = Backend::empty({g.batch, g.out_channels, g.out_h, g.out_w}, x.options());
   if (output.numel() == 0) return output;
 
   const int64_t O = g.out_channels;
@@ -68,9 +69,9 @@ at::Tensor conv2d_forward_impl(const at::Tensor& input, const at::Tensor& weight
   const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor bias_c = has_bias ? bias->contiguous() : at::Tensor();
   const int64_t chunk = images_per_chunk(g, x.element_size());
-  at::Tensor column_buffer = at::empty({K * chunk * L}, x.options());
+  at::Tensor column_buffer = Backend::empty({K * chunk * L}, x.options());
   record_column_buffer(column_buffer.nbytes());
-  at::Tensor out_t_buffer = at::empty({O * chunk * L}, x.options());
+  at::Tensor out_t_buffer = Backend::empty({O * chunk * L}, x.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv2d_forward", [&] {
     const scalar_t* bias_ptr = has_bias ? bias_c.const_data_ptr<scalar_t>() : nullptr;
@@ -111,20 +112,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_impl(
   const int64_t Kg = K / groups;
   const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());
 
-  at::Tensor grad_input = output_mask[0] ? at::empty_like(x) : at::empty({0}, x.options());
+  at::Tensor grad_input =
+      output_mask[0] ? Backend::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
   // grad_weight accumulates over chunks: keep it in the accumulation type (float for
   // bfloat16/float16) and round once at the end.
   at::Tensor grad_weight_acc =
       output_mask[1] ? at::zeros({O, Kg}, x.options().dtype(acc_type)) : at::Tensor();
-  at::Tensor grad_bias = output_mask[2] ? at::empty({O}, x.options()) : at::empty({0}, x.options());
+  at::Tensor grad_bias =
+      output_mask[2] ? Backend::empty({O}, x.options()) : at::empty({0}, x.options());
 
   const bool need_columns_pass = (output_mask[0] || output_mask[1]) && g.batch > 0 && L > 0;
   if (need_columns_pass) {
     const at::Tensor weight_matrix = weight.contiguous().view({O, Kg});
     const int64_t chunk = images_per_chunk(g, x.element_size());
-    at::Tensor column_buffer = at::empty({K * chunk * L}, x.options());
+    at::Tensor column_buffer = Backend::empty({K * chunk * L}, x.options());
     record_column_buffer(column_buffer.nbytes());
-    at::Tensor grad_t_buffer = at::empty({O * chunk * L}, x.options());
+    at::Tensor grad_t_buffer = Backend::empty({O * chunk * L}, x.options());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv2d_backward",
                                     [&] {
       for (int64_t first = 0; first < g.batch; first += chunk) {

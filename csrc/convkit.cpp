@@ -9,6 +9,8 @@
 
 #include "column_buffer.h"
 #include "cpu/block_cache.h"
+#include "cuda_emu/routing.h"
+#include "cuda_emu/self_test.h"
 
 #ifdef CONVKIT_PYTHON_MODULE
 #include <Python.h>
@@ -54,6 +56,18 @@ TORCH_LIBRARY(convkit, m) {
   // blocks mapped for reuse: the bytes its free blocks hold, and a call that returns them all.
   m.def("cpu_cache_bytes() -> int", &convkit::cpu_cache_bytes);
   m.def("empty_cpu_cache() -> ()", &convkit::empty_cpu_cache);
+  // CUDA emulation (csrc/cuda_emu/): while enabled in the calling thread, the ops above run
+  // their CUDA kernels and host code on CPU tensors under the emulator, with the schedule seed
+  // and a bound on grid-stride launches' blocks. The state reads back (enabled, seed,
+  // max_grid_stride_blocks, op calls routed, kernels launched) for this thread.
+  m.def("set_cuda_emulation(bool enabled, int seed, int max_grid_stride_blocks) -> ()",
+        &convkit::set_cuda_emulation);
+  m.def("cuda_emulation_state() -> (bool, int, int, int, int)", &convkit::cuda_emulation_state);
+  // The emulator's self-test kernels (csrc/cuda_emu/self_test.cpp): the table of cases (names
+  // and the error each must raise, empty for a correct twin), and one case run by name.
+  m.def("cuda_emulator_self_tests() -> (str[], str[])", &convkit::cuda_emulator_self_tests);
+  m.def("cuda_emulator_self_test(str name) -> Tensor", &convkit::cuda_emulator_self_test);
+  m.def("cuda_emulator_info() -> str", &convkit::cuda_emulator_info);
 }
 
 #ifdef CONVKIT_PYTHON_MODULE

@@ -70,6 +70,8 @@
 
 #include "../batch_norm.h"
 #include "../checks.h"
+#include "../cuda_emu/emulated_ops.h"
+#include "../cuda_emu/routing.h"
 #include "block_cache.h"
 
 namespace convkit {
@@ -679,10 +681,15 @@ void batch_norm_update_stats_cpu(const at::Tensor& running_mean, const at::Tenso
 
 }  // namespace
 
+// While CUDA emulation is on in the calling thread, each op runs its CUDA code on the CPU
+// instead (csrc/cuda_emu/routing.h).
 TORCH_LIBRARY_IMPL(convkit, CPU, m) {
-  m.impl("batch_norm_forward", &batch_norm_forward_cpu);
-  m.impl("batch_norm_backward", &batch_norm_backward_cpu);
-  m.impl("batch_norm_update_stats", &batch_norm_update_stats_cpu);
+  m.impl("batch_norm_forward",
+         &RoutedKernel<&batch_norm_forward_cpu, &emulated_cuda::batch_norm_forward>::call);
+  m.impl("batch_norm_backward",
+         &RoutedKernel<&batch_norm_backward_cpu, &emulated_cuda::batch_norm_backward>::call);
+  m.impl("batch_norm_update_stats",
+         &RoutedKernel<&batch_norm_update_stats_cpu, &emulated_cuda::batch_norm_update_stats>::call);
 }
 
 }  // namespace convkit

@@ -153,6 +153,8 @@
 #include "../checks.h"
 #include "../column_buffer.h"
 #include "../conv2d.h"
+#include "../cuda_emu/emulated_ops.h"
+#include "../cuda_emu/routing.h"
 #include "block_cache.h"
 #include "gemm.h"
 
@@ -2647,11 +2649,15 @@ at::Tensor col2im_cpu(const at::Tensor& columns, at::IntArrayRef output_size,
 
 }  // namespace
 
+// While CUDA emulation is on in the calling thread, each op runs its CUDA code on the CPU
+// instead (csrc/cuda_emu/routing.h).
 TORCH_LIBRARY_IMPL(convkit, CPU, m) {
-  m.impl("conv2d_forward", &conv2d_forward_cpu);
-  m.impl("conv2d_backward", &conv2d_backward_cpu);
-  m.impl("im2col", &im2col_cpu);
-  m.impl("col2im", &col2im_cpu);
+  m.impl("conv2d_forward",
+         &RoutedKernel<&conv2d_forward_cpu, &emulated_cuda::conv2d_forward>::call);
+  m.impl("conv2d_backward",
+         &RoutedKernel<&conv2d_backward_cpu, &emulated_cuda::conv2d_backward>::call);
+  m.impl("im2col", &RoutedKernel<&im2col_cpu, &emulated_cuda::im2col>::call);
+  m.impl("col2im", &RoutedKernel<&col2im_cpu, &emulated_cuda::col2im>::call);
 }
 
 }  // namespace convkit

@@ -1,0 +1,287 @@
+// Fused BatchNorm(+ReLU)'s CUDA kernels (device code only; the launch plan is in
+// batch_norm_ops.h). The input is viewed as [N, C, S] (contiguous), count = N * S values per
+// channel.
+//
+// Per-channel reductions (forward statistics, backward sums) share one layout, the
+// ChannelReductionPlan: a block of kThreads threads serves `kThreads / tpc` channels with `tpc`
+// threads each (tpc a power of 2, sized so that each thread reads about kElementsPerThread
+// values), and a channel with many values is cut into `slices` blocks along blockIdx.y. Each
+// group of tpc threads reduces its values with warp shuffles (width tpc up to 32) and, when it
+// spans several warps, through shared memory; one partial result per (channel, slice) goes to
+// global memory and a one-thread-per-channel kernel merges the slices in a fixed order
+// (deterministic, no atomics). Channels are on gridDim.x, so any C fits.
+//   forward, training  partial_stats_kernel (Welford count/mean/M2 per thread, merged with
+//                      Chan's formula; int64 counts, exact at any size) -> finalize_stats_kernel
+//                      -> coefficients_kernel (scale, shift) -> apply_kernel (y = x * scale +
+//                      shift (+ ReLU)), vectorised by 4 when S % 4 == 0 and x, y are aligned.
+//   forward, eval      coefficients_kernel from the running statistics -> apply_kernel.
+//   backward           backward_partial_kernel: sum(dy') and sum(dy' * (x - mean)), dy' masked by
+//                      the recomputed ReLU -> backward_finalize_kernel -> grad_input_kernel.
+// Memory passes: forward 1 read (statistics) + 1 read and 1 write; backward 2 reads of (x, dy) +
+// 1 write. Accumulation in float (double for float64).
+#pragma once
+
+#include <ATen/OpMathType.h>
+
+#include <cstdint>
+
+#include "../batch_norm.h"
+#include "common.cuh"
+
+namespace convkit::CONVKIT_CUDA_NAMESPACE {
+
+constexpr int64_t kElementsPerThread = 16;
+constexpr int64_t kMaxSlices = 1024;
+
+__device__ inline float inverse_sqrt(float v) { return 1.0f / sqrtf(v); }
+__device__ inline double inverse_sqrt(double v) { return 1.0 / sqrt(v); }
+
+template <typename acc_t>
+struct Welford {
+  int64_t count;
+  acc_t mean;
+  acc_t m2;
+};
+
+template <typename acc_t>
+__device__ inline Welford<acc_t> welford_merge(Welford<acc_t> a, Welford<acc_t> b) {
+  const int64_t count = a.count + b.count;
+  if (count == 0) return a;
+  const acc_t delta = b.mean - a.mean;
+  const acc_t fraction = static_cast<acc_t>(b.count) / static_cast<acc_t>(count);
+  return {count, a.mean + delta * fraction,
+          a.m2 + b.m2 + delta * delta * static_cast<acc_t>(a.count) * fraction};
+}
+
+template <typename acc_t>
+__device__ inline Welford<acc_t> shuffle_down(Welford<acc_t> w, int offset, int width) {
+  return {__shfl_down_sync(0xffffffffu, w.count, offset, width),
+          __shfl_down_sync(0xffffffffu, w.mean, offset, width),
+          __shfl_down_sync(0xffffffffu, w.m2, offset, width)};
+}
+
+// The two sums of the backward pass: sum(dy') and sum(dy' * (x - mean)).
+template <typename acc_t>
+struct GradSums {
+  acc_t dy;
+  acc_t dy_xmu;
+};
+
+template <typename acc_t>
+__device__ inline GradSums<acc_t> sums_merge(GradSums<acc_t> a, GradSums<acc_t> b) {
+  return {a.dy + b.dy, a.dy_xmu + b.dy_xmu};
+}
+
+template <typename acc_t>
+__device__ inline GradSums<acc_t> shuffle_down(GradSums<acc_t> s, int offset, int width) {
+  return {__shfl_down_sync(0xffffffffu, s.dy, offset, width),
+          __shfl_down_sync(0xffffffffu, s.dy_xmu, offset, width)};
+}
+
+// The channel a thread serves in a ChannelReductionPlan launch (may be >= C: the thread then
+// only takes part in the collectives), and its rank among the channel's tpc threads.
+__device__ inline int64_t plan_channel(int threads_per_channel) {
+  return int64_t(blockIdx.x) * (kThreads / threads_per_channel) + threadIdx.x / threads_per_channel;
+}
+
+// Reduces `value` over each group of `tpc` consecutive threads of the block (every thread of
+// the block calls it). The group's result is in its first thread (rank 0); with tpc > 32 every
+// thread of the group has it.
+template <typename T, typename Merge>
+__device__ inline T channel_group_reduce(T value, int tpc, SharedArray<T, kWarps>& scratch,
+                                         Merge merge) {
+  const int width = tpc < 32 ? tpc : 32;
+  for (int offset = width / 2; offset > 0; offset /= 2) {
+    value = merge(value, shuffle_down(value, offset, width));
+  }
+  if (tpc <= 32) return value;
+  // The group spans tpc / 32 warps, whose lane 0 now holds the warp's part.
+  const int warp = threadIdx.x / 32;
+  __syncthreads();  // scratch may still be read from a previous call
+  if (threadIdx.x % 32 == 0) scratch[warp] = value;
+  __syncthreads();
+  const int warps_per_group = tpc / 32;
+  const int first = warp - warp % warps_per_group;
+  T total = scratch[first];
+  for (int w = 1; w < warps_per_group; ++w) total = merge(total, static_cast<T>(scratch[first + w]));
+  return total;
+}
+
+// partial[c * slices + slice] = Welford statistics of channel c's values in the slice.
+template <typename scalar_t, typename acc_t>
+__global__ void partial_stats_kernel(const scalar_t* __restrict__ x, int64_t N, int64_t C,
+                                     int64_t S, int threads_per_channel, int64_t per_slice,
+                                     Welford<acc_t>* __restrict__ partial) {
+  __shared__ SharedArray<Welford<acc_t>, kWarps> scratch;
+  const int64_t c = plan_channel(threads_per_channel);
+  const int rank = threadIdx.x % threads_per_channel;
+  const int64_t begin = int64_t(blockIdx.y) * per_slice;
+  const int64_t end = begin + per_slice < N * S ? begin + per_slice : N * S;
+  Welford<acc_t> w{0, acc_t(0), acc_t(0)};
+  if (c < C) {
+    for (int64_t j = begin + rank; j < end; j += threads_per_channel) {
+      const int64_t n = j / S;
+      const acc_t v = static_cast<acc_t>(x[(n * C + c) * S + (j - n * S)]);
+      w.count += 1;
+      const acc_t delta = v - w.mean;
+      w.mean += delta / static_cast<acc_t>(w.count);
+      w.m2 += delta * (v - w.mean);
+    }
+  }
+  w = channel_group_reduce(w, threads_per_channel, scratch,
+                           [](Welford<acc_t> a, Welford<acc_t> b) { return welford_merge(a, b); });
+  if (c < C && rank == 0) partial[c * gridDim.y + blockIdx.y] = w;
+}
+
+// mean[c] and the biased variance var[c] from the channel's `slices` partial statistics. The
+// slices are merged one after another, so in double: in float, the error of up to 1024
+// sequential merges (~sqrt(slices) ulps) would show in the variance of large batches.
+template <typename acc_t>
+__global__ void finalize_stats_kernel(const Welford<acc_t>* __restrict__ partial, int64_t C,
+                                      int64_t slices, acc_t* __restrict__ mean,
+                                      acc_t* __restrict__ var) {
+  for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < C;
+       c += int64_t(blockDim.x) * gridDim.x) {
+    Welford<double> w{0, 0.0, 0.0};
+    for (int64_t p = 0; p < slices; ++p) {
+      const Welford<acc_t> part = partial[c * slices + p];
+      w = welford_merge(w, Welford<double>{part.count, double(part.mean), double(part.m2)});
+    }
+    mean[c] = static_cast<acc_t>(w.mean);
+    var[c] = static_cast<acc_t>(w.count > 0 ? w.m2 / static_cast<double>(w.count) : 0.0);
+  }
+}
+
+// scale = weight * invstd, shift = bias - mean * scale (weight 1 and bias 0 when absent).
+template <typename acc_t>
+__global__ void coefficients_kernel(const acc_t* __restrict__ mean, const acc_t* __restrict__ var,
+                                    const acc_t* __restrict__ weight, const acc_t* __restrict__ bias,
+                                    double eps, int64_t C, acc_t* __restrict__ scale,
+                                    acc_t* __restrict__ shift) {
+  for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < C;
+       c += int64_t(blockDim.x) * gridDim.x) {
+    const acc_t invstd = inverse_sqrt(var[c] + static_cast<acc_t>(eps));
+    const acc_t s = (weight != nullptr ? weight[c] : acc_t(1)) * invstd;
+    scale[c] = s;
+    shift[c] = (bias != nullptr ? bias[c] : acc_t(0)) - mean[c] * s;
+  }
+}
+
+template <typename scalar_t, int kVec>
+struct alignas(sizeof(scalar_t) * kVec) Vector {
+  scalar_t values[kVec];
+};
+
+// y = batch_norm_output(x): kVec consecutive elements per thread (all in one channel, as
+// S % kVec == 0 whenever kVec > 1).
+template <typename scalar_t, typename acc_t, int kVec>
+__global__ void apply_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ scale,
+                             const acc_t* __restrict__ shift, int64_t C, int64_t S, int64_t total,
+                             bool relu, scalar_t* __restrict__ y) {
+  using V = Vector<scalar_t, kVec>;
+  const int64_t vectors = total / kVec;
+  for (int64_t v = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; v < vectors;
+       v += int64_t(blockDim.x) * gridDim.x) {
+    const int64_t c = (v * kVec / S) % C;
+    const acc_t sc = scale[c];
+    const acc_t sh = shift[c];
+    const V in = load_aligned(reinterpret_cast<const V*>(x) + v);
+    V out;
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) out.values[k] = batch_norm_output(in.values[k], sc, sh, relu);
+    store_aligned(reinterpret_cast<V*>(y) + v, out);
+  }
+}
+
+// partial[c * slices + slice] = the two backward sums of channel c's values in the slice.
+template <typename scalar_t, typename acc_t>
+__global__ void backward_partial_kernel(const scalar_t* __restrict__ x,
+                                        const scalar_t* __restrict__ dy,
+                                        const acc_t* __restrict__ mean,
+                                        const acc_t* __restrict__ scale,
+                                        const acc_t* __restrict__ shift, bool relu, int64_t N,
+                                        int64_t C, int64_t S, int threads_per_channel,
+                                        int64_t per_slice, GradSums<acc_t>* __restrict__ partial) {
+  __shared__ SharedArray<GradSums<acc_t>, kWarps> scratch;
+  const int64_t c = plan_channel(threads_per_channel);
+  const int rank = threadIdx.x % threads_per_channel;
+  const int64_t begin = int64_t(blockIdx.y) * per_slice;
+  const int64_t end = begin + per_slice < N * S ? begin + per_slice : N * S;
+  GradSums<acc_t> sums{acc_t(0), acc_t(0)};
+  if (c < C) {
+    const acc_t mu = mean[c];
+    const acc_t sc = scale[c];
+    const acc_t sh = shift[c];
+    for (int64_t j = begin + rank; j < end; j += threads_per_channel) {
+      const int64_t n = j / S;
+      const int64_t index = (n * C + c) * S + (j - n * S);
+      const scalar_t xv = x[index];
+      acc_t g = static_cast<acc_t>(dy[index]);
+      if (relu && !batch_norm_relu_passes(xv, sc, sh)) g = acc_t(0);
+      sums.dy += g;
+      sums.dy_xmu += g * (static_cast<acc_t>(xv) - mu);
+    }
+  }
+  sums = channel_group_reduce(sums, threads_per_channel, scratch,
+                              [](GradSums<acc_t> a, GradSums<acc_t> b) { return sums_merge(a, b); });
+  if (c < C && rank == 0) partial[c * gridDim.y + blockIdx.y] = sums;
+}
+
+// Per channel: grad_weight, grad_bias, and the coefficients of grad_input (mean_dy, proj).
+template <typename acc_t>
+__global__ void backward_finalize_kernel(const GradSums<acc_t>* __restrict__ partial, int64_t C,
+                                         int64_t slices, const acc_t* __restrict__ var,
+                                         double eps, bool training, int64_t count,
+                                         acc_t* __restrict__ grad_weight,
+                                         acc_t* __restrict__ grad_bias,
+                                         acc_t* __restrict__ mean_dy, acc_t* __restrict__ proj) {
+  for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < C;
+       c += int64_t(blockDim.x) * gridDim.x) {
+    // In double, as finalize_stats_kernel merges its slices.
+    double dy = 0.0;
+    double dy_xmu = 0.0;
+    for (int64_t p = 0; p < slices; ++p) {
+      dy += static_cast<double>(partial[c * slices + p].dy);
+      dy_xmu += static_cast<double>(partial[c * slices + p].dy_xmu);
+    }
+    const GradSums<acc_t> sums{static_cast<acc_t>(dy), static_cast<acc_t>(dy_xmu)};
+    const acc_t invstd = inverse_sqrt(var[c] + static_cast<acc_t>(eps));
+    grad_weight[c] = sums.dy_xmu * invstd;
+    grad_bias[c] = sums.dy;
+    const bool batch_stats = training && count > 0;
+    mean_dy[c] = batch_stats ? sums.dy / static_cast<acc_t>(count) : acc_t(0);
+    proj[c] = batch_stats ? sums.dy_xmu / static_cast<acc_t>(count) * invstd * invstd : acc_t(0);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void grad_input_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy,
+                                  const acc_t* __restrict__ mean, const acc_t* __restrict__ scale,
+                                  const acc_t* __restrict__ shift,
+                                  const acc_t* __restrict__ mean_dy,
+                                  const acc_t* __restrict__ proj, bool relu, int64_t C, int64_t S,
+                                  int64_t total, scalar_t* __restrict__ dx) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(blockDim.x) * gridDim.x) {
+    const int64_t c = (i / S) % C;
+    const scalar_t xv = x[i];
+    acc_t g = static_cast<acc_t>(dy[i]);
+    if (relu && !batch_norm_relu_passes(xv, scale[c], shift[c])) g = acc_t(0);
+    dx[i] = static_cast<scalar_t>(batch_norm_grad_input(g, static_cast<acc_t>(xv) - mean[c],
+                                                        mean_dy[c], proj[c], scale[c]));
+  }
+}
+
+// running = (1 - momentum) * running + momentum * factor * batch (factor: 1 for the mean,
+// count / (count - 1) for the variance).
+template <typename running_t>
+__global__ void update_stat_kernel(running_t* __restrict__ running, const double* __restrict__ batch,
+                                   double momentum, double factor, int64_t C) {
+  for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < C;
+       c += int64_t(blockDim.x) * gridDim.x) {
+    running[c] = static_cast<running_t>(
+        updated_running_stat(static_cast<double>(running[c]), batch[c], momentum, factor));
+  }
+}
+
+}  // namespace convkit::CONVKIT_CUDA_NAMESPACE
