@@ -1,37 +1,102 @@
-"""Shared helpers: devices to run on, float32 tolerances judged against PyTorch's own error."""
+"""Shared helpers: devices to run on (the CPU, a GPU, and the CUDA code under the CPU
+emulator), float32 tolerances judged against PyTorch's own error."""
 from __future__ import annotations
 
+import contextlib
 import zlib
+from typing import ContextManager
 
 import pytest
 import torch
 
-import convkit  # noqa: F401  (registers the ops)
+import convkit
+from convkit.cuda_emulation import emulation_state
 
+NEEDS_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-def available_devices() -> list[str]:
-    devices = ["cpu"]
-    if torch.cuda.is_available():
-        devices.append("cuda")
-    return devices
-
-
-DEVICES = available_devices()
-# Every test module parametrizes over these; CUDA shows up as skipped without a GPU.
+# Every device-parametrized test runs on these. "cuda-emu" runs the test on CPU tensors with
+# CUDA emulation on (the _cuda_emulation fixture): every convkit op in it takes the CUDA code
+# path, kernels and launch plans included, under the emulator (csrc/cuda_emu/).
 DEVICE_PARAMS = [
     "cpu",
-    pytest.param(
-        "cuda",
-        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-    ),
+    pytest.param("cuda", marks=NEEDS_GPU),
+    pytest.param("cpu", id="cuda-emu", marks=pytest.mark.cuda_emu),
 ]
+
+# The tests of the CUDA code itself (tests/test_cuda*.py) name their target explicitly.
+CUDA_TARGETS = [pytest.param("cuda", marks=NEEDS_GPU), "cuda-emu"]
+
+
+def emulating() -> bool:
+    """Whether this thread runs convkit's ops through the emulated CUDA code (a cuda-emu test)."""
+    return emulation_state().enabled
+
+
+def _seed_of(request) -> int:
+    return zlib.crc32(request.node.nodeid.encode())
+
+
+class CudaTarget:
+    """Where a CUDA test runs: the torch device of its tensors, and the context its convkit
+    calls must run in (`with target.active():`, which turns emulation on for cuda-emu)."""
+
+    def __init__(self, name: str, seed: int = 0, max_grid_stride_blocks: int = 2**20):
+        if name not in ("cuda", "cuda-emu"):
+            raise ValueError(name)
+        self.emulated = name == "cuda-emu"
+        self.device = "cpu" if self.emulated else "cuda"
+        self._seed = seed
+        self._max_grid_stride_blocks = max_grid_stride_blocks
+
+    def active(self) -> ContextManager[None]:
+        if self.emulated:
+            return convkit.emulated_cuda(self._seed, self._max_grid_stride_blocks)
+        return contextlib.nullcontext()
 
 
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     """Fresh but reproducible random inputs for every test (seeded from the test's id)."""
-    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    torch.manual_seed(_seed_of(request))
     yield
+
+
+@pytest.fixture(autouse=True)
+def _cuda_emulation(request):
+    """Runs a test marked cuda_emu with CUDA emulation on, its schedule seeded from the test's
+    id (printed, so that a failure names it), and checks that its ops really took the
+    emulated path."""
+    if request.node.get_closest_marker("cuda_emu") is None:
+        yield
+        return
+    seed = _seed_of(request) & 0x7FFFFFFF
+    print(f"CUDA emulator schedule seed: {seed}")
+    calls_before = emulation_state().calls
+    with convkit.emulated_cuda(seed):
+        yield
+    assert emulation_state().calls > calls_before, (
+        "a cuda-emu test called no convkit op: it tested nothing of the CUDA path"
+    )
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How many tests ran the CUDA code path under the emulator: a line of its own, and a
+    count in pytest's final summary line ("... 460 on emulated CUDA ...")."""
+    counts = {
+        outcome: [report for report in terminalreporter.stats.get(outcome, [])
+                  if "cuda-emu" in getattr(report, "nodeid", "")]
+        for outcome in ("passed", "failed", "error")
+    }
+    ran = sum(len(reports) for reports in counts.values())
+    if ran:
+        terminalreporter.write_line(
+            f"emulated CUDA (cuda-emu): {ran} tests ran the CUDA kernels and launches on the CPU "
+            f"under the emulator: {len(counts['passed'])} passed, {len(counts['failed'])} failed, "
+            f"{len(counts['error'])} errors"
+        )
+        # Any key of stats counts in the final line; these reports are counted under their
+        # own outcome too.
+        terminalreporter.stats["on emulated CUDA"] = [r for reports in counts.values() for r in reports]
 
 
 @pytest.fixture(autouse=True)
