@@ -73,6 +73,7 @@
 #include "../cuda_emu/emulated_ops.h"
 #include "../cuda_emu/routing.h"
 #include "block_cache.h"
+#include "parallel.h"
 
 namespace convkit {
 namespace {
@@ -233,7 +234,7 @@ void row_reduce(int64_t N, int64_t C, int64_t S, Body&& body, double* total_a, d
   const int64_t R = C * S;
   const int64_t blocks = (N + kImagesPerBlock - 1) / kImagesPerBlock;
   std::vector<acc_t> partial(blocks * 2 * R);
-  at::parallel_for(0, blocks, block_grain(R), [&](int64_t begin, int64_t end) {
+  parallel_for(0, blocks, block_grain(R), [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block) {
       const int64_t first = block * kImagesPerBlock;
       body(first, std::min(N, first + kImagesPerBlock), partial.data() + block * 2 * R);
@@ -266,7 +267,7 @@ void row_reduce(int64_t N, int64_t C, int64_t S, Body&& body, double* total_a, d
 template <typename Body>
 void for_each_block(int64_t N, int64_t R, Body&& body) {
   const int64_t blocks = (N + kImagesPerBlock - 1) / kImagesPerBlock;
-  at::parallel_for(0, blocks, block_grain(R), [&](int64_t begin, int64_t end) {
+  parallel_for(0, blocks, block_grain(R), [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block) {
       const int64_t first = block * kImagesPerBlock;
       body(first, std::min(N, first + kImagesPerBlock));
@@ -460,7 +461,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
     }
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(count, 1));
     const bool stream = output.nbytes() >= kStreamingBytes;
-    at::parallel_for(0, C, grain, [&](int64_t begin, int64_t end) {
+    parallel_for(0, C, grain, [&](int64_t begin, int64_t end) {
 #if defined(__AVX512F__)
       // The non-temporal stores are visible to other threads once this thread's task ends.
       struct StoreFence {
@@ -575,7 +576,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
       return;
     }
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(count, 1));
-    at::parallel_for(0, C, grain, [&](int64_t begin, int64_t end) {
+    parallel_for(0, C, grain, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         const acc_t invstd = acc_t(1) / std::sqrt(var_ptr[c] + static_cast<acc_t>(eps));
         const acc_t scale = w_ptr[c] * invstd;

@@ -157,6 +157,7 @@
 #include "../cuda_emu/routing.h"
 #include "block_cache.h"
 #include "gemm.h"
+#include "parallel.h"
 
 namespace convkit {
 namespace {
@@ -169,14 +170,10 @@ int64_t grain_for(int64_t elements_per_task) {
 }
 
 // Scratch memory of the compute type for `elems` values; callers carve per-thread slices
-// out of it (thread_slot picks the calling thread's inside at::parallel_for).
+// out of it (parallel_for_slots names the calling thread's slice).
 template <typename acc_t>
 at::Tensor scratch(const at::Tensor& like, int64_t elems) {
   return cached_empty({elems}, like.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-}
-
-inline int64_t thread_slot(int64_t threads) {
-  return std::min<int64_t>(at::get_thread_num(), threads - 1);
 }
 
 // A thread's column tile: small enough to stay in L2 next to the output tile (L2 is 512 KiB-
@@ -208,7 +205,7 @@ struct TilePlan {
 
 TilePlan plan_tiles(const Conv2dGeometry& g, int64_t acc_size) {
   TilePlan p;
-  p.threads = std::max<int64_t>(1, at::get_num_threads());
+  p.threads = team_size();
   const int64_t L = g.out_area();
   const int64_t column_bytes = std::max<int64_t>(g.column_rows() * acc_size, 1);
   // The column budget (CONVKIT_COLUMN_BUDGET_MB) bounds all threads' tiles together and
@@ -1073,8 +1070,8 @@ void conv2d_forward_direct(const at::Tensor& x, const at::Tensor& weight_acc,
   const acc_t* bias_ptr = bias_acc.defined() ? bias_acc.const_data_ptr<acc_t>() : nullptr;
   scalar_t* y_ptr = output.mutable_data_ptr<scalar_t>();
   acc_t* buffer_base = buffers.mutable_data_ptr<acc_t>();
-  at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
-    const int64_t thread = thread_slot(p.threads);
+  parallel_for_slots(0, g.batch, 1, p.threads,
+                       [&](int64_t begin, int64_t end, int64_t thread) {
     acc_t* planes = buffer_base + thread * per_thread;
     acc_t* out_t = planes + plane_elems;
     for (int64_t b = begin; b < end; ++b) {
@@ -1369,8 +1366,8 @@ void conv2d_forward_rows(const at::Tensor& x, const at::Tensor& weight_acc,
   const acc_t* bias_ptr = bias_acc.defined() ? bias_acc.const_data_ptr<acc_t>() : nullptr;
   scalar_t* y_ptr = output.mutable_data_ptr<scalar_t>();
   acc_t* buffer_base = buffers.mutable_data_ptr<acc_t>();
-  at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
-    const int64_t thread = thread_slot(threads);
+  parallel_for_slots(0, g.batch, 1, threads,
+                       [&](int64_t begin, int64_t end, int64_t thread) {
     acc_t* phases = buffer_base + thread * per_thread;
     for (int64_t b = begin; b < end; ++b) {
       split_phases(x_ptr + b * image_elems, g, r, phases);
@@ -1446,8 +1443,8 @@ void conv2d_weight_grad_rows(const at::Tensor& dy, const at::Tensor& x, const Co
   // Per (image, channel) sums of dY, totalled in image order below: the same bias gradient
   // on any number of threads.
   std::vector<double> plane_sums(g.batch * O);
-  at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
-    const int64_t thread = thread_slot(threads);
+  parallel_for_slots(0, g.batch, 1, threads,
+                       [&](int64_t begin, int64_t end, int64_t thread) {
     acc_t* phases = buffer_base + thread * per_thread;
     acc_t* dy_rows = phases + phase_elems;
     acc_t* weight_grad_t = dy_rows + dy_elems;
@@ -1528,8 +1525,8 @@ void conv2d_forward_images(const at::Tensor& x, const at::Tensor& weight_acc,
   scalar_t* y_ptr = output.mutable_data_ptr<scalar_t>();
   acc_t* buffer_base = buffers.mutable_data_ptr<acc_t>();
 
-  at::parallel_for(0, p.image_groups, 1, [&](int64_t begin, int64_t end) {
-    const int64_t thread = thread_slot(p.threads);
+  parallel_for_slots(0, p.image_groups, 1, p.threads,
+                       [&](int64_t begin, int64_t end, int64_t thread) {
     acc_t* columns_t = buffer_base + thread * per_thread;
     acc_t* out = columns_t + column_elems;
     acc_t* image_copy = out + O * p.columns;
@@ -1890,8 +1887,8 @@ bool conv2d_backward_images(const at::Tensor& dy, const at::Tensor& x,
   const bool bias_from_dy_t = grad_bias != nullptr && direct_weight_grad;
   std::vector<double> plane_sums(bias_from_dy_t ? g.batch * O : 0);
 
-  at::parallel_for(0, p.image_groups, 1, [&](int64_t begin, int64_t end) {
-    const int64_t thread = thread_slot(p.threads);
+  parallel_for_slots(0, p.image_groups, 1, p.threads,
+                       [&](int64_t begin, int64_t end, int64_t thread) {
     acc_t* columns_t = buffer_base + thread * per_thread;
     acc_t* dy_tile = columns_t + column_elems;
     acc_t* dy_t = dy_tile + dy_elems;
@@ -2041,7 +2038,7 @@ void conv2d_forward_window(const at::Tensor& x, const at::Tensor& weight_acc,
   const acc_t* x_ptr = x.const_data_ptr<acc_t>();
   const acc_t* bias_ptr = bias_acc.defined() ? bias_acc.const_data_ptr<acc_t>() : nullptr;
   acc_t* y_ptr = output.mutable_data_ptr<acc_t>();
-  at::parallel_for(0, g.batch, grain_for(image_elems), [&](int64_t begin, int64_t end) {
+  parallel_for(0, g.batch, grain_for(image_elems), [&](int64_t begin, int64_t end) {
     // Y^T: the output channels are the GEMM's rows (its 12-row panels fit the few channels of
     // a last layer better than its 32-column panels would).
     std::vector<acc_t> transposed(Og * std::min(kWindowImagesPerGemm, end - begin));
@@ -2079,7 +2076,7 @@ void conv2d_backward_window(const at::Tensor& dy, const at::Tensor& x,
   if (need_input_grad) {
     const std::vector<acc_t> window = window_weight(weight_acc.const_data_ptr<acc_t>(), g, taps);
     acc_t* dx_ptr = grad_input.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, g.batch, grain_for(image_elems), [&](int64_t begin, int64_t end) {
+    parallel_for(0, g.batch, grain_for(image_elems), [&](int64_t begin, int64_t end) {
       for (int64_t grp = 0; grp < g.groups; ++grp) {
         cpu::gemm<acc_t>(false, false, end - begin, D, Og, acc_t(1), dy_ptr + begin * O + grp * Og,
                          O, window.data() + grp * Og * D, D, acc_t(0),
@@ -2097,7 +2094,7 @@ void conv2d_backward_window(const at::Tensor& dy, const at::Tensor& x,
   constexpr int64_t kPanel = 32;  // the BLAS has no panels of ours to keep whole
 #endif
   const int64_t panels = (D + kPanel - 1) / kPanel;
-  at::parallel_for(0, panels, grain_for(kPanel * g.batch), [&](int64_t begin, int64_t end) {
+  parallel_for(0, panels, grain_for(kPanel * g.batch), [&](int64_t begin, int64_t end) {
     const int64_t col_begin = begin * kPanel;
     const int64_t col_end = std::min(D, end * kPanel);
     for (int64_t grp = 0; grp < g.groups; ++grp) {
@@ -2124,7 +2121,7 @@ void conv2d_backward_window(const at::Tensor& dy, const at::Tensor& x,
 bool shared_tiles_fit(const Conv2dGeometry& g, int64_t acc_size) {
   const int64_t weight_bytes =
       g.out_channels / g.groups * (g.column_rows() / g.groups) * acc_size;
-  return at::get_num_threads() > 1 && weight_bytes >= kSharedTileWeightBytes;
+  return team_size() > 1 && weight_bytes >= kSharedTileWeightBytes;
 }
 
 // Whole images per tile: all threads' share of the column budget in one tile, cut so that
@@ -2173,8 +2170,9 @@ void conv2d_forward_shared(const at::Tensor& x, const at::Tensor& weight_acc,
     const int64_t first = group * p.images_per_tile;
     const int64_t count = std::min(p.images_per_tile, g.batch - first);
     const int64_t n = count * L;
-    at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
-      acc_t* image_copy = planes + thread_slot(p.threads) * plane_elems;
+    parallel_for_slots(0, count, 1, p.threads,
+                         [&](int64_t begin, int64_t end, int64_t thread) {
+      acc_t* image_copy = planes + thread * plane_elems;
       for (int64_t i = begin; i < end; ++i) {
         copy_planes(x_ptr + (first + i) * image_elems, g, image_copy);
         gather_image_columns(image_copy, g, table, columns_t + i * L * K);
@@ -2185,7 +2183,7 @@ void conv2d_forward_shared(const at::Tensor& x, const at::Tensor& weight_acc,
       cpu::gemm<acc_t>(false, true, Og, n, Kg, acc_t(1), w_ptr + grp * Og * Kg, Kg,
                        columns_t + grp * Kg, K, acc_t(0), out + grp * Og * n, n);
     }
-    at::parallel_for(0, count * O, 1, [&](int64_t begin, int64_t end) {
+    parallel_for(0, count * O, 1, [&](int64_t begin, int64_t end) {
       for (int64_t plane = begin; plane < end; ++plane) {
         store_output_plane(out, n, first, plane / O, plane % O, g, bias_ptr, y_ptr);
       }
@@ -2223,8 +2221,9 @@ void conv2d_backward_shared(const at::Tensor& dy, const at::Tensor& x,
     const int64_t first = group * p.images_per_tile;
     const int64_t count = std::min(p.images_per_tile, g.batch - first);
     const int64_t n = count * L;
-    at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
-      acc_t* image_copy = planes + thread_slot(p.threads) * plane_elems;
+    parallel_for_slots(0, count, 1, p.threads,
+                         [&](int64_t begin, int64_t end, int64_t thread) {
+      acc_t* image_copy = planes + thread * plane_elems;
       for (int64_t i = begin; i < end; ++i) {
         for (int64_t o = 0; o < O; ++o) load_dy_plane(dy_ptr, first, i, o, g, n, dy_tile);
         if (need_weight_grad) {
@@ -2236,8 +2235,9 @@ void conv2d_backward_shared(const at::Tensor& dy, const at::Tensor& x,
     if (need_weight_grad) add_tile_weight_gradient(g, n, dy_tile, columns_t, weight_grad);
     if (!need_input_grad) continue;
     tile_column_gradient(g, n, dy_tile, dx_plan.weight_tap_major.data(), columns_t);
-    at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
-      acc_t* image_buffer = planes + thread_slot(p.threads) * plane_elems;
+    parallel_for_slots(0, count, 1, p.threads,
+                         [&](int64_t begin, int64_t end, int64_t thread) {
+      acc_t* image_buffer = planes + thread * plane_elems;
       for (int64_t i = begin; i < end; ++i) {
         sum_image_columns(columns_t + i * L * K, g, dx_plan.sources, image_buffer,
                           dx_ptr + (first + i) * image_elems);
@@ -2292,8 +2292,8 @@ void conv2d_forward_kernel(const at::Tensor& x, const at::Tensor& weight_acc,
   scalar_t* y_ptr = output.mutable_data_ptr<scalar_t>();
   acc_t* buffer_base = buffers.mutable_data_ptr<acc_t>();
 
-  at::parallel_for(0, p.image_groups, 1, [&](int64_t begin, int64_t end) {
-    const int64_t thread = thread_slot(p.threads);
+  parallel_for_slots(0, p.image_groups, 1, p.threads,
+                       [&](int64_t begin, int64_t end, int64_t thread) {
     acc_t* columns_buffer = buffer_base + thread * (column_elems + out_elems);
     acc_t* out_buffer = columns_buffer + column_elems;
     for (int64_t group = begin; group < end; ++group) {
@@ -2425,8 +2425,8 @@ bool conv2d_backward_kernel(const at::Tensor& dy, const at::Tensor& x, const at:
   scalar_t* dx_ptr = need_input_grad ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
   acc_t* buffer_base = buffers.mutable_data_ptr<acc_t>();
 
-  at::parallel_for(0, p.image_groups, 1, [&](int64_t begin, int64_t end) {
-    const int64_t thread = thread_slot(p.threads);
+  parallel_for_slots(0, p.image_groups, 1, p.threads,
+                       [&](int64_t begin, int64_t end, int64_t thread) {
     acc_t* columns_buffer = buffer_base + thread * per_thread;
     acc_t* dy_buffer = columns_buffer + column_elems;
     acc_t* grad_acc = dy_buffer + dy_elems;
@@ -2522,7 +2522,7 @@ void conv2d_bias_grad(const scalar_t* dy, const Conv2dGeometry& g, scalar_t* gra
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t O = g.out_channels;
   const int64_t L = g.out_area();
-  at::parallel_for(0, O, grain_for(g.batch * L), [&](int64_t begin, int64_t end) {
+  parallel_for(0, O, grain_for(g.batch * L), [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; ++o) {
       double sum = 0.0;
       for (int64_t b = 0; b < g.batch; ++b) {
@@ -2585,7 +2585,7 @@ template <typename scalar_t>
 void col2im_gather_image(const scalar_t* columns, const Conv2dGeometry& g, scalar_t* grad_input) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t L = g.out_area();
-  at::parallel_for(0, g.in_channels, grain_for(g.in_area() * g.kernel_area()),
+  parallel_for(0, g.in_channels, grain_for(g.in_area() * g.kernel_area()),
                    [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       scalar_t* dst = grad_input + c * g.in_area();
@@ -2613,7 +2613,7 @@ at::Tensor im2col_cpu(const at::Tensor& input, at::IntArrayRef kernel_size,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "im2col_cpu", [&] {
     const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
     scalar_t* col_ptr = columns.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, g.batch * K, grain_for(L), [&](int64_t begin, int64_t end) {
+    parallel_for(0, g.batch * K, grain_for(L), [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / K;
         const int64_t row = task % K;

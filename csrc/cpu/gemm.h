@@ -29,6 +29,7 @@
 #include <type_traits>
 
 #include "packed_gemm.h"
+#include "parallel.h"
 
 extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
@@ -99,14 +100,14 @@ inline void packed_sgemm(bool transpose_a, bool transpose_b, int64_t m, int64_t 
   const packed_gemm::Operand a_operand{a, lda, transpose_a};
   const packed_gemm::Operand b_operand{b, ldb, transpose_b};
   const int64_t panels = (n + packed_gemm::kPanelColumns - 1) / packed_gemm::kPanelColumns;
-  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t threads = team_size();
   const double flops = 2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
   if (threads <= 1 || panels < 2 || flops < static_cast<double>(kPackedGemmParallelFlops)) {
     packed_gemm::multiply_columns(m, 0, n, k, alpha, a_operand, b_operand, beta, c, ldc);
     return;
   }
   const int64_t panels_per_thread = (panels + threads - 1) / threads;
-  at::parallel_for(0, panels, panels_per_thread, [&](int64_t begin, int64_t end) {
+  parallel_for(0, panels, panels_per_thread, [&](int64_t begin, int64_t end) {
     const int64_t col_begin = begin * packed_gemm::kPanelColumns;
     const int64_t col_end = std::min(n, end * packed_gemm::kPanelColumns);
     packed_gemm::multiply_columns(m, col_begin, col_end, k, alpha, a_operand, b_operand, beta,
