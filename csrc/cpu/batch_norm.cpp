@@ -145,8 +145,9 @@ void normalize_plane(const scalar_t* __restrict x, int64_t len, acc_t scale, acc
       const __m512 b = _mm512_set1_ps(shift);
       for (; s + 16 <= len; s += 16) {
         __m512 v = _mm512_fmadd_ps(_mm512_loadu_ps(x + s), a, b);
-        // max(v, 0) gives 0 for NaN and -0, as batch_norm_output's !(y > 0) does.
-        if (kRelu) v = _mm512_max_ps(v, _mm512_setzero_ps());
+        // max_ps returns its second operand when either is NaN: NaN stays NaN, as in
+        // batch_norm_output.
+        if (kRelu) v = _mm512_max_ps(_mm512_setzero_ps(), v);
         _mm512_stream_ps(y + s, v);
       }
     }
@@ -160,12 +161,12 @@ void normalize_plane(const scalar_t* __restrict x, int64_t len, acc_t scale, acc
 template <bool kRelu, typename scalar_t, typename acc_t>
 void grad_input_plane(const scalar_t* __restrict x, const scalar_t* __restrict dy, int64_t len,
                       acc_t scale, acc_t shift, acc_t mean, acc_t mean_dy, acc_t proj,
-                      scalar_t* __restrict dx) {
+                      bool training, scalar_t* __restrict dx) {
   #pragma omp simd
   for (int64_t s = 0; s < len; ++s) {
     const acc_t g = relu_masked_gradient<kRelu>(x[s], dy[s], scale, shift);
     const acc_t xmu = static_cast<acc_t>(x[s]) - mean;
-    dx[s] = static_cast<scalar_t>(batch_norm_grad_input(g, xmu, mean_dy, proj, scale));
+    dx[s] = static_cast<scalar_t>(batch_norm_grad_input(g, xmu, mean_dy, proj, scale, training));
   }
 }
 
@@ -282,7 +283,7 @@ void row_statistics(const scalar_t* x, int64_t N, int64_t C, int64_t S, acc_t* m
   const int64_t count = N * S;
   // Shift by each channel's first value: keeps the variance accurate for large means.
   std::vector<acc_t> shift_c(C);
-  for (int64_t c = 0; c < C; ++c) shift_c[c] = static_cast<acc_t>(x[c * S]);
+  for (int64_t c = 0; c < C; ++c) shift_c[c] = statistics_shift(static_cast<acc_t>(x[c * S]));
   const std::vector<acc_t> shift = spread(shift_c.data(), C, S);
   std::vector<double> sum(C), sum_sq(C);
   row_reduce<acc_t>(N, C, S, [&](int64_t first, int64_t end, acc_t* rows) {
@@ -307,7 +308,7 @@ void row_statistics(const scalar_t* x, int64_t N, int64_t C, int64_t S, acc_t* m
   for (int64_t c = 0; c < C; ++c) {
     const double mean_shifted = sum[c] / double(count);
     mean[c] = static_cast<acc_t>(static_cast<double>(shift_c[c]) + mean_shifted);
-    var[c] = static_cast<acc_t>(std::max(0.0, sum_sq[c] / double(count) - mean_shifted * mean_shifted));
+    var[c] = static_cast<acc_t>(variance_from_moments(sum_sq[c] / double(count), mean_shifted));
   }
 }
 
@@ -394,7 +395,8 @@ void row_backward(const scalar_t* x, const scalar_t* dy, int64_t N, int64_t C, i
         for (int64_t j = 0; j < width; ++j) {
           const acc_t g = relu_masked_gradient<kRelu>(xs[j], dys[j], a[j], b[j]);
           const acc_t xmu = static_cast<acc_t>(xs[j]) - mu[j];
-          dxs[j] = static_cast<scalar_t>(batch_norm_grad_input(g, xmu, mdy[j], pr[j], a[j]));
+          dxs[j] = static_cast<scalar_t>(
+              batch_norm_grad_input(g, xmu, mdy[j], pr[j], a[j], training));
         }
       }
     });
@@ -477,7 +479,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
             // Sums of (x - shift) and its square, shift = the channel's first value (keeps
             // the variance accurate when the mean is large): blocks of up to kSumBlock values
             // summed in acc_t by a vectorised reduction, the blocks in double.
-            const acc_t shift_acc = static_cast<acc_t>(x_ptr[c * S]);
+            const acc_t shift_acc = statistics_shift(static_cast<acc_t>(x_ptr[c * S]));
             const double shift = static_cast<double>(shift_acc);
             double sum = 0.0, sum_sq = 0.0;
             for (int64_t n = 0; n < N; ++n) {
@@ -496,7 +498,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
               }
             }
             const double mean_shifted = sum / double(count);
-            const double var = std::max(0.0, sum_sq / double(count) - mean_shifted * mean_shifted);
+            const double var = variance_from_moments(sum_sq / double(count), mean_shifted);
             mean_ptr[c] = static_cast<acc_t>(shift + mean_shifted);
             var_ptr[c] = static_cast<acc_t>(var);
           }
@@ -611,9 +613,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
           const scalar_t* dys = dy_ptr + (n * C + c) * S;
           scalar_t* dxs = dx_ptr + (n * C + c) * S;
           if (relu) {
-            grad_input_plane<true>(xs, dys, S, scale, shift, mu, mean_dy, proj, dxs);
+            grad_input_plane<true>(xs, dys, S, scale, shift, mu, mean_dy, proj, training, dxs);
           } else {
-            grad_input_plane<false>(xs, dys, S, scale, shift, mu, mean_dy, proj, dxs);
+            grad_input_plane<false>(xs, dys, S, scale, shift, mu, mean_dy, proj, training, dxs);
           }
         }
       }

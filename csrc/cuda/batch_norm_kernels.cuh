@@ -10,8 +10,11 @@
 // spans several warps, through shared memory; one partial result per (channel, slice) goes to
 // global memory and a one-thread-per-channel kernel merges the slices in a fixed order
 // (deterministic, no atomics). Channels are on gridDim.x, so any C fits.
-//   forward, training  partial_stats_kernel (Welford count/mean/M2 per thread, merged with
-//                      Chan's formula; int64 counts, exact at any size) -> finalize_stats_kernel
+//   forward, training  partial_stats_kernel (Welford count/mean/M2 per thread of the finite
+//                      values, merged with Chan's formula, int64 counts exact at any size; the
+//                      non-finite values summed apart, so that a channel with an inf gets the
+//                      mean ±inf and the variance NaN, and one with a NaN NaN, as torch's
+//                      batch norm on the CPU gives) -> finalize_stats_kernel
 //                      -> coefficients_kernel (scale, shift) -> apply_kernel (y = x * scale +
 //                      shift (+ ReLU)), vectorised by 4 when S % 4 == 0 and x, y are aligned.
 //   forward, eval      coefficients_kernel from the running statistics -> apply_kernel.
@@ -36,28 +39,45 @@ constexpr int64_t kMaxSlices = 1024;
 __device__ inline float inverse_sqrt(float v) { return 1.0f / sqrtf(v); }
 __device__ inline double inverse_sqrt(double v) { return 1.0 / sqrt(v); }
 
+// Statistics of a set of values: Welford's count, mean and M2 of its finite values, and the sum
+// of its non-finite ones (0 when there are none; ±inf or NaN otherwise).
 template <typename acc_t>
 struct Welford {
   int64_t count;
   acc_t mean;
   acc_t m2;
+  acc_t nonfinite;
 };
+
+template <typename acc_t>
+__device__ inline void welford_add(Welford<acc_t>& w, acc_t v) {
+  if (v - v != acc_t(0)) {  // NaN or ±inf
+    w.nonfinite += v;
+    return;
+  }
+  w.count += 1;
+  const acc_t delta = v - w.mean;
+  w.mean += delta / static_cast<acc_t>(w.count);
+  w.m2 += delta * (v - w.mean);
+}
 
 template <typename acc_t>
 __device__ inline Welford<acc_t> welford_merge(Welford<acc_t> a, Welford<acc_t> b) {
   const int64_t count = a.count + b.count;
-  if (count == 0) return a;
+  const acc_t nonfinite = a.nonfinite + b.nonfinite;
+  if (count == 0) return {0, acc_t(0), acc_t(0), nonfinite};
   const acc_t delta = b.mean - a.mean;
   const acc_t fraction = static_cast<acc_t>(b.count) / static_cast<acc_t>(count);
   return {count, a.mean + delta * fraction,
-          a.m2 + b.m2 + delta * delta * static_cast<acc_t>(a.count) * fraction};
+          a.m2 + b.m2 + delta * delta * static_cast<acc_t>(a.count) * fraction, nonfinite};
 }
 
 template <typename acc_t>
 __device__ inline Welford<acc_t> shuffle_down(Welford<acc_t> w, int offset, int width) {
   return {__shfl_down_sync(0xffffffffu, w.count, offset, width),
           __shfl_down_sync(0xffffffffu, w.mean, offset, width),
-          __shfl_down_sync(0xffffffffu, w.m2, offset, width)};
+          __shfl_down_sync(0xffffffffu, w.m2, offset, width),
+          __shfl_down_sync(0xffffffffu, w.nonfinite, offset, width)};
 }
 
 // The two sums of the backward pass: sum(dy') and sum(dy' * (x - mean)).
@@ -117,15 +137,11 @@ __global__ void partial_stats_kernel(const scalar_t* __restrict__ x, int64_t N, 
   const int rank = threadIdx.x % threads_per_channel;
   const int64_t begin = int64_t(blockIdx.y) * per_slice;
   const int64_t end = begin + per_slice < N * S ? begin + per_slice : N * S;
-  Welford<acc_t> w{0, acc_t(0), acc_t(0)};
+  Welford<acc_t> w{0, acc_t(0), acc_t(0), acc_t(0)};
   if (c < C) {
     for (int64_t j = begin + rank; j < end; j += threads_per_channel) {
       const int64_t n = j / S;
-      const acc_t v = static_cast<acc_t>(x[(n * C + c) * S + (j - n * S)]);
-      w.count += 1;
-      const acc_t delta = v - w.mean;
-      w.mean += delta / static_cast<acc_t>(w.count);
-      w.m2 += delta * (v - w.mean);
+      welford_add(w, static_cast<acc_t>(x[(n * C + c) * S + (j - n * S)]));
     }
   }
   w = channel_group_reduce(w, threads_per_channel, scratch,
@@ -135,20 +151,24 @@ __global__ void partial_stats_kernel(const scalar_t* __restrict__ x, int64_t N, 
 
 // mean[c] and the biased variance var[c] from the channel's `slices` partial statistics. The
 // slices are merged one after another, so in double: in float, the error of up to 1024
-// sequential merges (~sqrt(slices) ulps) would show in the variance of large batches.
+// sequential merges (~sqrt(slices) ulps) would show in the variance of large batches. A
+// non-finite value in the channel makes the mean their sum (±inf, or NaN) and the variance NaN.
 template <typename acc_t>
 __global__ void finalize_stats_kernel(const Welford<acc_t>* __restrict__ partial, int64_t C,
                                       int64_t slices, acc_t* __restrict__ mean,
                                       acc_t* __restrict__ var) {
   for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < C;
        c += int64_t(blockDim.x) * gridDim.x) {
-    Welford<double> w{0, 0.0, 0.0};
+    Welford<double> w{0, 0.0, 0.0, 0.0};
     for (int64_t p = 0; p < slices; ++p) {
       const Welford<acc_t> part = partial[c * slices + p];
-      w = welford_merge(w, Welford<double>{part.count, double(part.mean), double(part.m2)});
+      w = welford_merge(w, Welford<double>{part.count, double(part.mean), double(part.m2),
+                                           double(part.nonfinite)});
     }
-    mean[c] = static_cast<acc_t>(w.mean);
-    var[c] = static_cast<acc_t>(w.count > 0 ? w.m2 / static_cast<double>(w.count) : 0.0);
+    const bool finite = w.nonfinite == 0.0;
+    mean[c] = static_cast<acc_t>(finite ? w.mean : w.nonfinite);
+    var[c] = static_cast<acc_t>(!finite ? w.nonfinite - w.nonfinite  // NaN
+                                        : w.count > 0 ? w.m2 / static_cast<double>(w.count) : 0.0);
   }
 }
 
@@ -259,16 +279,17 @@ __global__ void grad_input_kernel(const scalar_t* __restrict__ x, const scalar_t
                                   const acc_t* __restrict__ mean, const acc_t* __restrict__ scale,
                                   const acc_t* __restrict__ shift,
                                   const acc_t* __restrict__ mean_dy,
-                                  const acc_t* __restrict__ proj, bool relu, int64_t C, int64_t S,
-                                  int64_t total, scalar_t* __restrict__ dx) {
+                                  const acc_t* __restrict__ proj, bool relu, bool training,
+                                  int64_t C, int64_t S, int64_t total,
+                                  scalar_t* __restrict__ dx) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
        i += int64_t(blockDim.x) * gridDim.x) {
     const int64_t c = (i / S) % C;
     const scalar_t xv = x[i];
     acc_t g = static_cast<acc_t>(dy[i]);
     if (relu && !batch_norm_relu_passes(xv, scale[c], shift[c])) g = acc_t(0);
-    dx[i] = static_cast<scalar_t>(batch_norm_grad_input(g, static_cast<acc_t>(xv) - mean[c],
-                                                        mean_dy[c], proj[c], scale[c]));
+    dx[i] = static_cast<scalar_t>(batch_norm_grad_input(
+        g, static_cast<acc_t>(xv) - mean[c], mean_dy[c], proj[c], scale[c], training));
   }
 }
 

@@ -194,8 +194,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
           blocks_for(x.numel()), kThreads, 0, x.const_data_ptr<scalar_t>(),
           dy.const_data_ptr<scalar_t>(), mean.const_data_ptr<acc_t>(),
           static_cast<const acc_t*>(scale), static_cast<const acc_t*>(shift),
-          static_cast<const acc_t*>(mean_dy), static_cast<const acc_t*>(proj), relu, C, S,
-          x.numel(), grad_input.mutable_data_ptr<scalar_t>());
+          static_cast<const acc_t*>(mean_dy), static_cast<const acc_t*>(proj), relu, training, C,
+          S, x.numel(), grad_input.mutable_data_ptr<scalar_t>());
     }
   });
 
