@@ -3,13 +3,16 @@
 The fake kernels describe each op's outputs (shape, dtype, device, strides) without
 computing them, which is what ``torch.compile`` and ``torch.library.opcheck`` need. They
 must agree exactly with the C++ kernels: outputs are contiguous, statistics are float32
-(float64 for float64 input).
+(float64 for float64 input); and they refuse what the C++ kernels refuse, with the same
+messages (``convkit.checks``), since they also run whenever an argument is on the meta device.
 """
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
 import torch
+
+from convkit import checks
 
 try:
     from convkit import _C  # noqa: F401  (loading the library runs the op registrations)
@@ -147,21 +150,19 @@ def _stats_dtype(input: torch.Tensor) -> torch.dtype:
     return torch.float64 if input.dtype == torch.float64 else torch.float32
 
 
-def _conv_output_size(size: int, kernel: int, stride: int, pad: int, dilation: int) -> int:
-    return (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
-
-
 @torch.library.register_fake("convkit::conv2d_forward")
 def _conv2d_forward_fake(input, weight, bias, stride, padding, dilation, groups):
-    torch._check(input.dim() == 4, lambda: f"expected a 4-D input, got {input.dim()}-D")
-    torch._check(weight.dim() == 4, lambda: f"expected a 4-D weight, got {weight.dim()}-D")
-    out_h = _conv_output_size(input.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
-    out_w = _conv_output_size(input.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
-    return input.new_empty((input.shape[0], weight.shape[0], out_h, out_w))
+    op = "convkit::conv2d_forward"
+    shape = checks.conv2d_output_shape(op, input, weight, stride, padding, dilation, groups)
+    checks.check_conv2d_bias(op, input, bias, weight.shape[0])
+    return input.new_empty(shape)
 
 
 @torch.library.register_fake("convkit::conv2d_backward")
 def _conv2d_backward_fake(grad_output, input, weight, stride, padding, dilation, groups, output_mask):
+    op = "convkit::conv2d_backward"
+    shape = checks.conv2d_output_shape(op, input, weight, stride, padding, dilation, groups)
+    checks.check_conv2d_grad_output(op, input, grad_output, shape)
     grad_input = input.new_empty(input.shape) if output_mask[0] else input.new_empty((0,))
     grad_weight = weight.new_empty(weight.shape) if output_mask[1] else input.new_empty((0,))
     grad_bias = input.new_empty((weight.shape[0],)) if output_mask[2] else input.new_empty((0,))
@@ -170,22 +171,23 @@ def _conv2d_backward_fake(grad_output, input, weight, stride, padding, dilation,
 
 @torch.library.register_fake("convkit::im2col")
 def _im2col_fake(input, kernel_size, dilation, padding, stride):
-    torch._check(input.dim() == 4, lambda: f"expected a 4-D input, got {input.dim()}-D")
-    out_h = _conv_output_size(input.shape[2], kernel_size[0], stride[0], padding[0], dilation[0])
-    out_w = _conv_output_size(input.shape[3], kernel_size[1], stride[1], padding[1], dilation[1])
+    out_h, out_w = checks.im2col_output_size("convkit::im2col", input, kernel_size, dilation,
+                                             padding, stride)
     rows = input.shape[1] * kernel_size[0] * kernel_size[1]
     return input.new_empty((input.shape[0], rows, out_h * out_w))
 
 
 @torch.library.register_fake("convkit::col2im")
 def _col2im_fake(columns, output_size, kernel_size, dilation, padding, stride):
-    torch._check(columns.dim() == 3, lambda: f"expected 3-D columns, got {columns.dim()}-D")
-    channels = columns.shape[1] // (kernel_size[0] * kernel_size[1])
+    channels = checks.col2im_channels("convkit::col2im", columns, output_size, kernel_size,
+                                      dilation, padding, stride)
     return columns.new_empty((columns.shape[0], channels, output_size[0], output_size[1]))
 
 
 @torch.library.register_fake("convkit::batch_norm_forward")
 def _batch_norm_forward_fake(input, weight, bias, running_mean, running_var, training, eps, relu):
+    checks.check_batch_norm_forward("convkit::batch_norm_forward", input, weight, bias,
+                                    running_mean, running_var, training, eps)
     channels = input.shape[1]
     stats_dtype = _stats_dtype(input)
     return (
@@ -199,6 +201,8 @@ def _batch_norm_forward_fake(input, weight, bias, running_mean, running_var, tra
 def _batch_norm_backward_fake(
     grad_output, input, weight, bias, save_mean, save_var, training, eps, relu, output_mask
 ):
+    checks.check_batch_norm_backward("convkit::batch_norm_backward", grad_output, input, weight,
+                                     bias, save_mean, save_var)
     channels = input.shape[1]
     weight_dtype = weight.dtype if weight is not None else input.dtype
     bias_dtype = bias.dtype if bias is not None else input.dtype
@@ -214,4 +218,6 @@ def _batch_norm_backward_fake(
 
 @torch.library.register_fake("convkit::batch_norm_update_stats")
 def _batch_norm_update_stats_fake(running_mean, running_var, batch_mean, batch_var, momentum, count):
+    checks.check_batch_norm_update_stats("convkit::batch_norm_update_stats", running_mean,
+                                         running_var, batch_mean, batch_var, count)
     return None

@@ -7,12 +7,34 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
+#include <c10/util/safe_numerics.h>
+
 #include <cstdint>
 #include <cstdlib>
+#include <initializer_list>
 
 #include "conv2d.h"
 
 namespace convkit {
+
+// The product of sizes the caller gave (or derived from them), or an error naming `what` when
+// it does not fit 64 bits: no size arithmetic may wrap around (a kernel area of 2^32 x 2^32 is 0).
+inline int64_t checked_product(const char* op, const char* what,
+                               std::initializer_list<int64_t> factors) {
+  int64_t product = 1;
+  for (int64_t factor : factors) {
+    TORCH_CHECK(!c10::mul_overflows(product, factor, &product), op, ": ", what, " (",
+                c10::IntArrayRef(factors), ") overflows a 64-bit size");
+  }
+  return product;
+}
+
+inline int64_t checked_sum(const char* op, const char* what, int64_t a, int64_t b) {
+  int64_t sum = 0;
+  TORCH_CHECK(!c10::add_overflows(a, b, &sum), op, ": ", what, " (", a, " + ", b,
+              ") overflows a 64-bit size");
+  return sum;
+}
 
 // A size in MiB from the environment variable `name`, as bytes: `default_bytes` when it is
 // unset or empty. Anything but a number (> 0, or >= 0 when `zero_allowed`) is an error that
@@ -78,16 +100,29 @@ inline Conv2dGeometry make_window_geometry(const char* op, int64_t batch, int64_
   g.pad_w = padding[1];
   g.dilation_h = dilation[0];
   g.dilation_w = dilation[1];
-  const int64_t padded_h = g.in_h + 2 * g.pad_h;
-  const int64_t padded_w = g.in_w + 2 * g.pad_w;
-  const int64_t dilated_kh = g.dilation_h * (g.kernel_h - 1) + 1;
-  const int64_t dilated_kw = g.dilation_w * (g.kernel_w - 1) + 1;
+  const int64_t padded_h =
+      checked_sum(op, "the padded input height", g.in_h, checked_product(op, "the padding", {2, g.pad_h}));
+  const int64_t padded_w =
+      checked_sum(op, "the padded input width", g.in_w, checked_product(op, "the padding", {2, g.pad_w}));
+  const int64_t dilated_kh = checked_sum(
+      op, "the dilated kernel height",
+      checked_product(op, "the dilated kernel height", {g.dilation_h, g.kernel_h - 1}), 1);
+  const int64_t dilated_kw = checked_sum(
+      op, "the dilated kernel width",
+      checked_product(op, "the dilated kernel width", {g.dilation_w, g.kernel_w - 1}), 1);
   TORCH_CHECK(dilated_kh <= padded_h && dilated_kw <= padded_w, op,
               ": the (dilated) kernel size (", dilated_kh, " x ", dilated_kw,
               ") is larger than the padded input size (", padded_h, " x ", padded_w,
               "); expected a kernel no larger than the padded input");
   g.out_h = conv_output_size(g.in_h, g.kernel_h, g.stride_h, g.pad_h, g.dilation_h);
   g.out_w = conv_output_size(g.in_w, g.kernel_w, g.stride_w, g.pad_w, g.dilation_w);
+  // Every product the kernels form from the geometry: a column matrix's rows, an image's
+  // columns, and an image's column entries (in bytes of the widest type).
+  checked_product(op, "the column rows channels x kernel height x kernel width",
+                  {g.in_channels, g.kernel_h, g.kernel_w});
+  checked_product(op, "one image's column entries", {g.in_channels, g.kernel_h, g.kernel_w, g.out_h,
+                                                     g.out_w, 8});
+  checked_product(op, "the output size", {g.batch, g.in_channels, g.out_h, g.out_w});
   return g;
 }
 
@@ -114,11 +149,15 @@ inline Conv2dGeometry make_conv2d_geometry(const char* op, const at::Tensor& inp
               input.sizes(), " to have ", weight.size(1) * groups,
               " channels (weight.size(1) = ", weight.size(1), " times groups = ", groups,
               "), but got ", input.size(1), " channels");
+  TORCH_CHECK((input.size(2) > 0 && input.size(3) > 0) || input.size(0) == 0 || input.size(1) == 0,
+              op, ": expected an input with non-zero height and width (only the batch or the ",
+              "channels may be empty), but got input of shape ", input.sizes());
   Conv2dGeometry g = make_window_geometry(op, input.size(0), input.size(1), input.size(2),
                                           input.size(3), weight.size(2), weight.size(3), stride,
                                           padding, dilation);
   g.out_channels = out_channels;
   g.groups = groups;
+  checked_product(op, "the output size", {g.batch, g.out_channels, g.out_h, g.out_w});
   return g;
 }
 
@@ -131,6 +170,9 @@ inline Conv2dGeometry make_im2col_geometry(const char* op, const at::Tensor& inp
   check_floating(op, input, "input");
   TORCH_CHECK(kernel_size.size() == 2, op, ": expected a kernel_size of 2 values, but got ",
               kernel_size);
+  TORCH_CHECK(input.size(1) > 0 && input.size(2) > 0 && input.size(3) > 0, op,
+              ": expected an input with non-zero channels, height and width (only the batch may ",
+              "be empty), but got input of shape ", input.sizes());
   return make_window_geometry(op, input.size(0), input.size(1), input.size(2), input.size(3),
                               kernel_size[0], kernel_size[1], stride, padding, dilation);
 }
@@ -147,9 +189,10 @@ inline Conv2dGeometry make_col2im_geometry(const char* op, const at::Tensor& col
   TORCH_CHECK(kernel_size.size() == 2 && output_size.size() == 2, op,
               ": expected kernel_size and output_size of 2 values each, but got ", kernel_size,
               " and ", output_size);
-  const int64_t area = kernel_size[0] * kernel_size[1];
-  TORCH_CHECK(kernel_size[0] > 0 && kernel_size[1] > 0 && columns.size(1) % area == 0, op,
-              ": expected columns.size(1) (", columns.size(1),
+  TORCH_CHECK(kernel_size[0] > 0 && kernel_size[1] > 0, op,
+              ": expected a positive kernel size, but got ", kernel_size);
+  const int64_t area = checked_product(op, "the kernel area", {kernel_size[0], kernel_size[1]});
+  TORCH_CHECK(columns.size(1) % area == 0, op, ": expected columns.size(1) (", columns.size(1),
               ") to be divisible by the kernel area ", kernel_size[0], " x ", kernel_size[1]);
   TORCH_CHECK(output_size[0] > 0 && output_size[1] > 0, op,
               ": expected a positive output_size, but got ", output_size);
@@ -264,9 +307,11 @@ inline void check_batch_norm_update_stats(const char* op, const at::Tensor& runn
   for (const auto* t : {&running_mean, &running_var}) {
     TORCH_CHECK(t->dim() == 1 && t->numel() == C, op, ": expected running statistics of ", C,
                 " elements (one per channel), but got shape ", t->sizes());
-    TORCH_CHECK(t->is_contiguous(), op, ": expected contiguous running statistics");
     TORCH_CHECK(t->device() == batch_mean.device(), op, ": expected running statistics on ",
                 batch_mean.device(), ", but got ", t->device());
+    TORCH_CHECK(C <= 1 || t->stride(0) != 0, op,
+                ": expected running statistics whose elements are distinct in memory, but got an ",
+                "expanded tensor (stride 0)");
     check_floating(op, *t, "running statistics");
   }
   TORCH_CHECK(count >= 0, op, ": expected a non-negative count, but got ", count);
