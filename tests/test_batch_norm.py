@@ -243,3 +243,19 @@ def test_batch_norm_large_output_cpu(training, relu):
                             bias.double(), training, 0.1, 1e-5, relu)
     assert ours.nbytes >= 16 << 20
     assert_close_to_reference(ours, theirs, ref, name="output")
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("relu", [True, False])
+def test_batch_norm_strided_running_statistics(relu, device):
+    """Running statistics that are views with a stride (a column of a buffer) are updated in
+    place, as torch updates them; the rest of the buffer is untouched."""
+    x = torch.randn(6, 3, 4, 5, dtype=torch.float64, device=device) * 2 + 1
+    buffers = [torch.randn(3, 2, dtype=torch.float64, device=device).abs() + 0.5 for _ in range(2)]
+    ours = [b.clone() for b in buffers]
+    theirs = [b.clone() for b in buffers]
+    out = _ours(relu)(x, ours[0][:, 0], ours[1][:, 0], training=True)
+    expected = _reference_bn(x, theirs[0][:, 0], theirs[1][:, 0], None, None, True, 0.1, 1e-5, relu)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    for o, t in zip(ours, theirs):
+        torch.testing.assert_close(o, t, rtol=1e-12, atol=1e-12)

@@ -639,18 +639,21 @@ void update_running_statistics(const at::Tensor& running_mean, const at::Tensor&
                                double momentum, double unbias) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, running_mean.scalar_type(),
                                   "batch_norm_update_mean_cpu", [&] {
+    // Strided running statistics (a view) are updated in place, as torch does.
     scalar_t* rm = running_mean.mutable_data_ptr<scalar_t>();
+    const int64_t step = running_mean.stride(0);
     for (int64_t c = 0; c < C; ++c) {
-      rm[c] = static_cast<scalar_t>(updated_running_stat(
-          static_cast<double>(rm[c]), static_cast<double>(batch_mean[c]), momentum, 1.0));
+      rm[c * step] = static_cast<scalar_t>(updated_running_stat(
+          static_cast<double>(rm[c * step]), static_cast<double>(batch_mean[c]), momentum, 1.0));
     }
   });
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, running_var.scalar_type(),
                                   "batch_norm_update_var_cpu", [&] {
     scalar_t* rv = running_var.mutable_data_ptr<scalar_t>();
+    const int64_t step = running_var.stride(0);
     for (int64_t c = 0; c < C; ++c) {
-      rv[c] = static_cast<scalar_t>(updated_running_stat(
-          static_cast<double>(rv[c]), static_cast<double>(batch_var[c]), momentum, unbias));
+      rv[c * step] = static_cast<scalar_t>(updated_running_stat(
+          static_cast<double>(rv[c * step]), static_cast<double>(batch_var[c]), momentum, unbias));
     }
   });
 }

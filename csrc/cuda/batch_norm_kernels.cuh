@@ -293,15 +293,16 @@ __global__ void grad_input_kernel(const scalar_t* __restrict__ x, const scalar_t
   }
 }
 
-// running = (1 - momentum) * running + momentum * factor * batch (factor: 1 for the mean,
-// count / (count - 1) for the variance).
+// running[c * step] = (1 - momentum) * running + momentum * factor * batch[c] (factor: 1 for
+// the mean, count / (count - 1) for the variance); step: the running statistic's stride.
 template <typename running_t>
-__global__ void update_stat_kernel(running_t* __restrict__ running, const double* __restrict__ batch,
-                                   double momentum, double factor, int64_t C) {
+__global__ void update_stat_kernel(running_t* __restrict__ running, int64_t step,
+                                   const double* __restrict__ batch, double momentum,
+                                   double factor, int64_t C) {
   for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < C;
        c += int64_t(blockDim.x) * gridDim.x) {
-    running[c] = static_cast<running_t>(
-        updated_running_stat(static_cast<double>(running[c]), batch[c], momentum, factor));
+    running[c * step] = static_cast<running_t>(updated_running_stat(
+        static_cast<double>(running[c * step]), batch[c], momentum, factor));
   }
 }
 

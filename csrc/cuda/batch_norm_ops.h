@@ -231,7 +231,7 @@ inline void batch_norm_update_stats(const at::Tensor& running_mean, const at::Te
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, running->scalar_type(),
                                     "batch_norm_update_stats_cuda", [&] {
       launch<update_stat_kernel<scalar_t>>(blocks_for(C), kThreads, 0,
-                                           running->mutable_data_ptr<scalar_t>(),
+                                           running->mutable_data_ptr<scalar_t>(), running->stride(0),
                                            batch->const_data_ptr<double>(), momentum, factor, C);
     });
   }
