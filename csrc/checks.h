@@ -36,18 +36,23 @@ inline int64_t checked_sum(const char* op, const char* what, int64_t a, int64_t 
   return sum;
 }
 
+// The largest MiB setting accepted: 2^42 MiB (4 EiB) in bytes still fits an int64_t.
+constexpr double kMaxMebibytes = 4398046511104.0;
+
 // A size in MiB from the environment variable `name`, as bytes: `default_bytes` when it is
-// unset or empty. Anything but a number (> 0, or >= 0 when `zero_allowed`) is an error that
-// quotes the value and says what is expected (`expected`, e.g. "a positive number of MiB").
-// Read at each use, so that tests and users can change the setting at run time.
+// unset or empty. Anything but a finite number (> 0, or >= 0 when `zero_allowed`) of at most
+// 2^42 MiB is an error that quotes the value and says what is expected (`expected`, e.g. "a
+// positive number of MiB"). Read at each use, so that tests and users can change the setting
+// at run time.
 inline int64_t mebibytes_from_environment(const char* name, int64_t default_bytes,
                                           bool zero_allowed, const char* expected) {
   const char* env = std::getenv(name);
   if (env == nullptr || *env == '\0') return default_bytes;
   char* end = nullptr;
   const double mib = std::strtod(env, &end);
-  TORCH_CHECK(end != env && *end == '\0' && (zero_allowed ? mib >= 0 : mib > 0), name,
-              " must be ", expected, ", but got '", env, "'");
+  TORCH_CHECK(end != env && *end == '\0' && (zero_allowed ? mib >= 0 : mib > 0) &&
+                  mib <= kMaxMebibytes,
+              name, " must be ", expected, " (at most 2^42), but got '", env, "'");
   return static_cast<int64_t>(mib * double(1 << 20));
 }
 

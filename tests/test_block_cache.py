@@ -127,8 +127,9 @@ def test_empty_cpu_cache_returns_every_free_block():
     assert convkit.cpu_cache_bytes() == 0
 
 
-@pytest.mark.parametrize("value", ["-1", "lots", "2MB"])
+@pytest.mark.parametrize("value", ["-1", "lots", "2MB", "inf", "nan", "1e30"])
 def test_bad_limit_is_a_clear_error(value, monkeypatch):
+    """Values beyond 2^42 MiB overflowed the conversion to bytes (undefined behaviour)."""
     monkeypatch.setenv("CONVKIT_CPU_CACHE_MB", value)
     with pytest.raises(RuntimeError, match=f"CONVKIT_CPU_CACHE_MB must be a non-negative "
                                            f"number of MiB.*'{value}'"):

@@ -169,9 +169,11 @@ def test_conv2d_chunked_column_buffer(budget_mib, device, monkeypatch):
         torch.testing.assert_close(g_ours, g_theirs, rtol=1e-10, atol=1e-10)
 
 
-def test_conv2d_bad_column_budget(monkeypatch):
-    monkeypatch.setenv("CONVKIT_COLUMN_BUDGET_MB", "lots")
-    with pytest.raises(RuntimeError, match="CONVKIT_COLUMN_BUDGET_MB must be a positive number"):
+@pytest.mark.parametrize("value", ["lots", "0", "inf", "1e30", "-5"])
+def test_conv2d_bad_column_budget(value, monkeypatch):
+    """1e30 and inf overflowed the conversion to bytes (undefined behaviour)."""
+    monkeypatch.setenv("CONVKIT_COLUMN_BUDGET_MB", value)
+    with pytest.raises(RuntimeError, match=rf"CONVKIT_COLUMN_BUDGET_MB must be a positive number of MiB \(at most 2\^42\), but got '{value}'"):
         convkit.conv2d(torch.randn(1, 1, 3, 3), torch.randn(1, 1, 2, 2))
 
 
