@@ -33,11 +33,14 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
+
+from convkit.files import move_aside
 
 PathLike = Union[str, os.PathLike]
 
@@ -97,13 +100,14 @@ class Facts:
     """What a correct copy of a data set must satisfy.
 
     sha256 of the training / test pixel arrays ([N, 784] uint8, row-major, the data set's
-    own order; None: not checked) and the number of images per class.
+    own order; None: not checked), the number of images per class, and the images' size.
     """
 
     train_sha256: Optional[str]
     test_sha256: Optional[str]
     train_counts: tuple[int, ...]
     test_counts: tuple[int, ...]
+    image_shape: tuple[int, int] = (28, 28)
 
 
 # From chapter13.md; the same arrays whichever source they come from.
@@ -149,7 +153,8 @@ IDX_NAMES = (
 )
 
 # Bumped when the cache layout changes, so an old cache is rebuilt instead of misread.
-CACHE_VERSION = 1
+# Version 2 stores the sha256 of every array, checked at every load.
+CACHE_VERSION = 2
 
 
 def cache_dir() -> Path:
@@ -172,8 +177,11 @@ def read_idx(path: PathLike) -> np.ndarray:
     """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+        raise ValueError(f"{path}: truncated or not a gzip file ({error})") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise ValueError(f"{path}: not an IDX file (bad magic number)")
     type_code, n_dims = data[2], data[3]
@@ -346,8 +354,10 @@ def check_arrays(
     facts: Facts,
     check_order: bool = True,
 ) -> None:
-    """Raise ValueError unless the arrays match ``facts`` (class counts always; the sha256 of
-    the pixel bytes when ``check_order``, i.e. when the source keeps the original order)."""
+    """Raise ValueError unless the arrays match ``facts`` (types, shapes and class counts
+    always; the sha256 of the pixel bytes when ``check_order``, i.e. when the source keeps the
+    original order)."""
+    check_layout(train_x, train_y, test_x, test_y, facts)
     for name, labels, counts in (("train", train_y, facts.train_counts), ("test", test_y, facts.test_counts)):
         found = tuple(int(c) for c in np.bincount(labels, minlength=len(counts)))
         if found != tuple(counts):
@@ -360,6 +370,29 @@ def check_arrays(
         found = hashlib.sha256(np.ascontiguousarray(images, dtype=np.uint8).tobytes()).hexdigest()
         if found != digest:
             raise ValueError(f"sha256 of the {name} images is {found}, expected {digest}")
+
+
+def check_layout(train_x, train_y, test_x, test_y, facts: Facts) -> None:
+    """Raise ValueError unless the images are uint8 [N, H, W] of the data set's size and the
+    labels uint8/int [N] of its classes."""
+    classes = len(facts.train_counts)
+    for name, images, labels in (("train", train_x, train_y), ("test", test_x, test_y)):
+        if images.dtype != np.uint8 or images.ndim != 3 or tuple(images.shape[1:]) != facts.image_shape:
+            raise ValueError(
+                f"{name} images are {images.dtype} of shape {list(images.shape)}, expected uint8 "
+                f"[N, {facts.image_shape[0]}, {facts.image_shape[1]}]"
+            )
+        if labels.ndim != 1 or len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(
+                f"{name} labels are {labels.dtype} of shape {list(labels.shape)}, expected "
+                f"{len(images)} integers"
+            )
+        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+            raise ValueError(f"{name} labels outside 0-{classes - 1}")
+
+
+def _sha256(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
 def _cache_file(name: str, root: Optional[Path] = None) -> Path:
@@ -375,7 +408,8 @@ def save_cache(
     source: str = "",
     root: Optional[PathLike] = None,
 ) -> Path:
-    """Store a data set as ``<cache>/<name>.npz`` (uncompressed: it loads in milliseconds).
+    """Store a data set as ``<cache>/<name>.npz`` (uncompressed: it loads in milliseconds),
+    with the sha256 of every array, which every load checks.
 
     Written to a temporary file and renamed, so an interrupted write never leaves a broken
     cache behind. Images [N, H, W] uint8, labels [N] uint8.
@@ -384,13 +418,17 @@ def save_cache(
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{name}-", suffix=".npz")
     os.close(fd)
+    arrays = dict(
+        train_x=np.ascontiguousarray(train_x, dtype=np.uint8),
+        train_y=np.asarray(train_y, dtype=np.uint8),
+        test_x=np.ascontiguousarray(test_x, dtype=np.uint8),
+        test_y=np.asarray(test_y, dtype=np.uint8),
+    )
     try:
         np.savez(
             tmp,
-            train_x=np.ascontiguousarray(train_x, dtype=np.uint8),
-            train_y=np.asarray(train_y, dtype=np.uint8),
-            test_x=np.ascontiguousarray(test_x, dtype=np.uint8),
-            test_y=np.asarray(test_y, dtype=np.uint8),
+            **arrays,
+            sha256=np.asarray([_sha256(a) for a in arrays.values()]),
             source=np.asarray(source),
             version=np.asarray(CACHE_VERSION),
         )
@@ -403,16 +441,36 @@ def save_cache(
     return path
 
 
-def _load_cache(name: str) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]]:
-    """The cached arrays and 'cache <path> (<where they came from>)', or None."""
+_CACHE_ARRAYS = ("train_x", "train_y", "test_x", "test_y")
+
+
+def _load_cache(name: str, facts: Facts) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]]:
+    """The cached arrays and 'cache <path> (<where they came from>)', or None when there is
+    no cache (or one of an older layout, rebuilt). A cache that cannot be read, or whose
+    arrays are not what was written (their sha256) or not of the data set's layout, is moved
+    aside with a message, and None returned: the data set is fetched again."""
     path = _cache_file(name)
     if not path.is_file():
         return None
-    with np.load(path, allow_pickle=False) as npz:
-        if "version" not in npz.files or int(npz["version"]) != CACHE_VERSION:
-            return None
-        origin = str(npz["source"]) if "source" in npz.files else "?"
-        return (npz["train_x"], npz["train_y"], npz["test_x"], npz["test_y"], f"cache {path} ({origin})")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if "version" not in npz.files or int(npz["version"]) != CACHE_VERSION:
+                return None
+            missing = [key for key in _CACHE_ARRAYS + ("sha256", "source") if key not in npz.files]
+            if missing:
+                raise ValueError(f"no {', '.join(missing)} in it")
+            arrays = tuple(npz[key] for key in _CACHE_ARRAYS)
+            stored = [str(digest) for digest in npz["sha256"]]
+            origin = str(npz["source"])
+        if [_sha256(a) for a in arrays] != stored:
+            raise ValueError("its arrays' sha256 differ from those stored when it was written")
+        check_layout(*arrays, facts)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        moved = move_aside(path, "unreadable")
+        print(f"convkit: the cache {path} is unreadable ({error}); moved it to {moved} and "
+              f"fetching {name} again", file=sys.stderr)
+        return None
+    return arrays + (f"cache {path} ({origin})",)
 
 
 # ---------------------------------------------------------------------------------------
@@ -525,7 +583,7 @@ def load_mnist(
 
     tried = []
     if folder is None:
-        cached = _load_cache("mnist")
+        cached = _load_cache("mnist", MNIST_FACTS)
         if cached is not None:
             return _to_dataset("mnist", cached[:4], DIGITS, cached[4])
         tried.append(f"cache {_cache_file('mnist')}: not there yet")
@@ -533,7 +591,7 @@ def load_mnist(
         # A folder the user names explicitly wins over whatever the cache holds, unless the
         # cache was made from that very folder (reading 70,000 PNGs takes a while).
         folder = Path(folder).expanduser()
-        cached = _load_cache("mnist")
+        cached = _load_cache("mnist", MNIST_FACTS)
         if cached is not None and cached[4].endswith(f"(folder {folder})"):
             return _to_dataset("mnist", cached[:4], DIGITS, cached[4])
         try:
@@ -601,7 +659,7 @@ def load_fashion_mnist(folder: Optional[PathLike] = None) -> Dataset:
     """Fashion-MNIST (60,000 train / 10,000 test, 28×28) from Debian's
     ``dataset-fashion-mnist`` folder (or ``folder``), cached like MNIST."""
     if folder is None:
-        cached = _load_cache("fashion_mnist")
+        cached = _load_cache("fashion_mnist", FASHION_MNIST_FACTS)
         if cached is not None:
             return _to_dataset("fashion_mnist", cached[:4], FASHION_CLASSES, cached[4])
         folder = FASHION_MNIST_DIR

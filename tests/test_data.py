@@ -440,3 +440,77 @@ def test_subset_and_describe():
     assert "10 train / 5 valid" in data.describe(small)
     with pytest.raises(ValueError, match="unknown data set"):
         data.load_dataset("cifar")
+
+
+# ---------------------------------------------------------------------------------------
+# A cache or a folder that is not what it should be
+
+
+def _bad_cache(kind: str, path: Path, arrays) -> None:
+    """Writes a broken cache of the given kind at path."""
+    if kind == "truncated":
+        data.save_cache("mnist", *arrays, source="test")
+        content = path.read_bytes()
+        path.write_bytes(content[: len(content) // 2])
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "garbage":
+        path.write_bytes(b"not a zip file at all" * 50)
+    elif kind == "wrong_keys":
+        np.savez(path, images=arrays[0], version=np.asarray(data.CACHE_VERSION))
+    elif kind == "5x5_images":
+        small = small_mnist(40, 20, size=5)
+        data.save_cache("mnist", *small, source="test")
+    elif kind == "tampered":
+        data.save_cache("mnist", *arrays, source="test")
+        with np.load(path) as npz:
+            saved = {key: npz[key] for key in npz.files}
+        saved["train_x"] = saved["train_x"].copy()
+        saved["train_x"][0, 0, 0] ^= 1  # one bit, the stored sha256 kept
+        np.savez(path, **saved)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "empty", "garbage", "wrong_keys", "5x5_images", "tampered"])
+def test_a_bad_cache_is_moved_aside_and_the_data_fetched_again(kind, cache, offline, monkeypatch, tmp_path, capsys):
+    arrays = small_mnist()
+    monkeypatch.setattr(data, "MNIST_FACTS", facts_for(*arrays))
+    write_idx_folder(tmp_path / "idx", arrays)
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / "mnist.npz"
+    _bad_cache(kind, path, arrays)
+    loaded = data.load_mnist(tmp_path / "idx")
+    assert loaded.source == f"folder {tmp_path / 'idx'}"
+    np.testing.assert_array_equal(loaded.train_x.numpy(), arrays[0])
+    message = capsys.readouterr().err
+    assert f"the cache {path} is unreadable" in message and "moved it to" in message
+    moved = list(cache.glob("mnist.npz.unreadable-*"))
+    assert len(moved) == 1, "the bad cache must be kept aside, not overwritten"
+    assert data.load_mnist().source.startswith("cache")  # rebuilt from the folder
+
+
+def test_a_bad_cache_without_another_source_is_a_clear_error(cache, offline, capsys):
+    cache.mkdir(parents=True)
+    (cache / "mnist.npz").write_bytes(b"")
+    with pytest.raises(data.DataUnavailableError, match="could not get MNIST from any source"):
+        data.load_mnist()
+    assert "is unreadable" in capsys.readouterr().err
+
+
+def test_a_truncated_gzip_idx_file_is_named(cache, offline, monkeypatch, tmp_path):
+    arrays = small_mnist()
+    monkeypatch.setattr(data, "MNIST_FACTS", facts_for(*arrays))
+    write_idx_folder(tmp_path / "idx", arrays)
+    victim = tmp_path / "idx" / "train-images-idx3-ubyte.gz"
+    victim.write_bytes(victim.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte.gz: truncated or not a gzip file"):
+        data.read_idx(victim)
+    with pytest.raises(data.DataUnavailableError, match="truncated or not a gzip file"):
+        data.load_mnist(tmp_path / "idx")
+
+
+def test_a_folder_of_images_of_the_wrong_size_is_refused(cache, monkeypatch, tmp_path):
+    arrays = small_mnist(40, 20, size=2)
+    monkeypatch.setattr(data, "FASHION_MNIST_FACTS", facts_for(*arrays))
+    write_idx_folder(tmp_path / "fashion", arrays)
+    with pytest.raises(data.DataUnavailableError, match=r"expected uint8 \[N, 28, 28\]"):
+        data.load_fashion_mnist(tmp_path / "fashion")
