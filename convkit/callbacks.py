@@ -11,7 +11,9 @@ from typing import Any, Callable, Optional, Sequence, TextIO, Union
 import torch
 from torch import nn
 
-from convkit.learner import Callback, format_row, format_table, format_time, get_hyper, set_hyper
+from convkit.files import move_aside
+from convkit.learner import (Callback, CheckpointError, format_row, format_table, format_time,
+                             get_hyper, read_checkpoint, set_hyper)
 from convkit.schedules import Schedule
 
 __all__ = [
@@ -453,7 +455,9 @@ class Checkpoint(Callback):
     With ``resume=True`` and a checkpoint at ``path`` written by the same fit (same method,
     epochs and hyper-parameters), ``fit`` restores it and continues with the next epoch;
     the result equals an uninterrupted run. A checkpoint of a different fit is ignored
-    (and overwritten), with a message.
+    (and overwritten), with a message. A file that is not a readable convkit checkpoint
+    (truncated, empty, garbage, someone else's: see ``learner.read_checkpoint``, which never
+    runs code from it) is moved aside, with a message, and the fit starts afresh.
     """
 
     order = 90
@@ -475,7 +479,12 @@ class Checkpoint(Callback):
         self.resumed_from = None
         if not (self.resume and self.path.is_file()):
             return
-        saved = torch.load(self.path, map_location="cpu", weights_only=False)
+        try:
+            saved = read_checkpoint(self.path)
+        except CheckpointError as error:
+            moved = move_aside(self.path, "unreadable")
+            self._say(f"{error}: moved it to {moved}; starting this fit afresh")
+            return
         if saved.get("fit_plan") != self.learn.fit_plan:
             self._say(f"checkpoint {self.path} belongs to another fit ({saved.get('fit_plan')}); starting afresh")
             return

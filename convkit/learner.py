@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from convkit import schedules
+from convkit.files import atomic_write
 
 __all__ = [
     "Adam",
@@ -264,17 +264,37 @@ def _metric_name(metric: Callable) -> str:
     return getattr(metric, "__name__", type(metric).__name__)
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    # Written beside the target and renamed: a crash mid-write never leaves a broken file.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    os.close(fd)
+# What Learner.save writes beside the state: files without it are not ours.
+CHECKPOINT_FORMAT = "convkit.learner checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A file that is not a readable convkit checkpoint (truncated, empty, not a torch file,
+    someone else's, or one holding more than tensors and plain values)."""
+
+
+def read_checkpoint(path: Union[str, os.PathLike]) -> dict:
+    """A checkpoint written by :meth:`Learner.save`, loaded with ``weights_only=True``: only
+    tensors and plain Python values are rebuilt, so a planted file cannot run code. Raises
+    CheckpointError naming the file and what is wrong with it."""
+    path = Path(path)
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - whatever torch.load raises, the file is not usable
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path} is not a readable convkit checkpoint ({reason[:200]})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a convkit checkpoint (it has no {CHECKPOINT_FORMAT!r} mark)")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{path} is a convkit checkpoint of version {state.get('version')!r}; this convkit reads "
+            f"version {CHECKPOINT_VERSION}"
+        )
+    missing = [key for key in ("model", "epoch", "fit_plan") if key not in state]
+    if missing:
+        raise CheckpointError(f"{path} is an incomplete convkit checkpoint (no {', '.join(missing)})")
+    return state
 
 
 # ---------------------------------------------------------------------------------------
@@ -549,6 +569,8 @@ class Learner:
             if state is not None:
                 callbacks[cb.name] = state
         return {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
             "model": self.model.state_dict(),
             "opt": self.opt.state_dict() if (with_opt and self.opt is not None) else None,
             "epoch": self.epoch,
@@ -559,15 +581,18 @@ class Learner:
         }
 
     def save(self, path: Union[str, os.PathLike], with_opt: bool = True) -> Path:
-        """Write :meth:`state_dict` to ``path`` (atomically). Returns the path."""
-        path = Path(path)
-        _atomic_save(self.state_dict(with_opt), path)
-        return path
+        """Write :meth:`state_dict` to ``path``, atomically (a temporary file renamed: an
+        interrupted save leaves the previous checkpoint). Only tensors and plain Python values
+        are stored, so :func:`read_checkpoint` can load it with ``weights_only=True``. Returns
+        the path."""
+        state = self.state_dict(with_opt)
+        return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
     def load(self, path: Union[str, os.PathLike], with_opt: bool = True) -> dict:
-        """Restore a checkpoint written by :meth:`save`; returns it (``epoch`` is the last
-        epoch completed, ``fit_plan`` the fit it belongs to)."""
-        state = torch.load(Path(path), map_location="cpu", weights_only=False)
+        """Restore a checkpoint written by :meth:`save` (read by :func:`read_checkpoint`:
+        CheckpointError if it is not one); returns it (``epoch`` is the last epoch completed,
+        ``fit_plan`` the fit it belongs to)."""
+        state = read_checkpoint(path)
         self.model.load_state_dict(state["model"])
         if with_opt and state.get("opt") is not None:
             if self.opt is None:

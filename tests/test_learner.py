@@ -21,10 +21,12 @@ from convkit.learner import (
     CancelBatchException,
     CancelFitException,
     CancelTrainException,
+    CheckpointError,
     Learner,
     accuracy,
     format_table,
     param_groups,
+    read_checkpoint,
 )
 
 
@@ -400,7 +402,7 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path, meth
     interrupted = learner(cbs=[Checkpoint(path, resume=True), Interrupt(), ActivationStats(with_hist=True)])
     with pytest.raises(KeyboardInterrupt):
         train(interrupted)
-    assert torch.load(path, weights_only=False)["epoch"] == 0
+    assert read_checkpoint(path)["epoch"] == 0
 
     # A fresh process: a newly initialised model, the same command.
     torch.manual_seed(99)
@@ -505,3 +507,57 @@ def test_hooks_are_context_managers():
         layers[1](layers[0](torch.ones(1, 3)))
         assert len(hooks) == 2 and all(isinstance(v, float) for v in hooks.stored)
     assert all(len(m._forward_hooks) == 0 for m in layers)
+
+
+class _Planted:
+    """A pickle that, when unpickled without weights_only, creates a file (a stand-in for
+    any code an attacker would run)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _bad_checkpoint(kind: str, path, marker) -> None:
+    if kind == "truncated":
+        learn = learner()
+        learn.fit(1, 0.01)
+        learn.save(path)
+        content = path.read_bytes()
+        path.write_bytes(content[: len(content) // 2])
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "garbage":
+        path.write_bytes(b"\x00\x01 this is not a checkpoint" * 40)
+    elif kind == "not_ours":
+        torch.save({"model": {}, "epoch": 0}, path)
+    elif kind == "planted_code":
+        torch.save({"format": "convkit.learner checkpoint", "version": 1, "model": _Planted(str(marker)),
+                    "epoch": 0, "fit_plan": {}}, path)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "empty", "garbage", "not_ours", "planted_code"])
+def test_a_bad_checkpoint_is_refused_moved_aside_and_the_fit_starts_afresh(kind, tmp_path):
+    path = tmp_path / "ck.pt"
+    marker = tmp_path / "code-ran"
+    _bad_checkpoint(kind, path, marker)
+    with pytest.raises(CheckpointError, match=rf"{path.name} is (not a readable|not a|an incomplete) convkit checkpoint"):
+        learner().load(path)
+    messages = []
+    learn = learner(cbs=[Checkpoint(path, resume=True, log=messages.append)])
+    learn.fit(2, 0.01)
+    assert not marker.exists(), "the checkpoint ran code"
+    assert learn.checkpoint.resumed_from is None
+    assert any("moved it to" in m and "starting this fit afresh" in m for m in messages), messages
+    assert len(list(tmp_path.glob("ck.pt.unreadable-*"))) == 1
+    assert read_checkpoint(path)["epoch"] == 1  # the new checkpoint, written after each epoch
+
+
+def test_checkpoints_hold_only_tensors_and_plain_values(tmp_path):
+    learn = learner(cbs=[ActivationStats(with_hist=True)])
+    learn.fit_one_cycle(1, 0.01)
+    learn.save(tmp_path / "ck.pt")
+    state = torch.load(tmp_path / "ck.pt", weights_only=True)  # refuses anything else
+    assert state["format"] == "convkit.learner checkpoint" and state["version"] == 1
