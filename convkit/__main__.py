@@ -4,16 +4,22 @@
                       [--dataset mnist|fashion_mnist] [--out DIR] [--quick] [--resume]
     convkit data [--dataset mnist|mnist_sample|fashion_mnist] [--data-folder DIR]
     convkit report [--out DIR]
+
+Whatever goes wrong, the command prints one line naming the problem (and the fix where there is
+one) and exits with a non-zero status, never a traceback (CONVKIT_TRACEBACK=1 shows one for an
+unexpected error); results already written are never lost.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 DEFAULT_OUT = "chapter13-out"
+CHAPTER13_EXPERIMENTS = range(1, 9)
+MAX_SEED = 2**63 - 1  # torch.manual_seed's and the loaders' generators' range
 
 
 def _int_list(text: str) -> list[int]:
@@ -26,6 +32,35 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _experiments(text: str) -> list[int]:
+    values = _int_list(text)
+    unknown = [v for v in values if v not in CHAPTER13_EXPERIMENTS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown experiment {', '.join(map(str, unknown))}: chapter 13 has experiments "
+            f"{CHAPTER13_EXPERIMENTS.start}-{CHAPTER13_EXPERIMENTS.stop - 1}"
+        )
+    return values
+
+
+def _seeds(text: str) -> list[int]:
+    values = _int_list(text)
+    bad = [v for v in values if not 0 <= v <= MAX_SEED]
+    if bad:
+        raise argparse.ArgumentTypeError(f"seed {bad[0]} is out of range: seeds go from 0 to 2**63 - 1")
+    return values
+
+
+def _threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of threads, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1 thread, got {value}")
+    return value
+
+
 def _backends(text: str) -> list[str]:
     if text == "both":
         return ["convkit", "torch"]
@@ -36,11 +71,18 @@ def _backends(text: str) -> list[str]:
     return values
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument error is one line (and the exit status 2), with where to find the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="convkit", description="convkit: our own conv2d and BatchNorm+ReLU kernels for PyTorch."
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     chapter = commands.add_parser(
         "chapter13",
@@ -52,11 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
             "columns of one report."
         ),
     )
-    chapter.add_argument("--experiments", type=_int_list, default=[1, 2, 3, 4, 5, 6, 7, 8],
+    chapter.add_argument("--experiments", type=_experiments, default=list(CHAPTER13_EXPERIMENTS),
                          help="comma-separated experiment numbers (default: 1-8)")
     chapter.add_argument("--backend", type=_backends, default=["convkit"],
                          help="convkit (our kernels, default), torch (torch's layers) or both")
-    chapter.add_argument("--seed", type=_int_list, default=[0],
+    chapter.add_argument("--seed", type=_seeds, default=[0],
                          help="seed, or comma-separated seeds to repeat every experiment (default 0)")
     chapter.add_argument("--dataset", choices=["mnist", "fashion_mnist"], default="mnist")
     chapter.add_argument("--out", type=Path, default=Path(DEFAULT_OUT),
@@ -68,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "interrupted one from its last completed epoch")
     chapter.add_argument("--data-folder", type=Path, default=None,
                          help="a local copy of the data set (IDX files or fastai's mnist_png layout)")
-    chapter.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    chapter.add_argument("--threads", type=_threads, default=None, help="torch CPU threads (at least 1)")
     chapter.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     data = commands.add_parser("data", help="fetch, verify and cache a data set, then describe it")
@@ -85,31 +127,54 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``python -m convkit`` and the ``convkit`` script; returns the exit code."""
     args = build_parser().parse_args(argv)
     from convkit import data as data_lib
+    from convkit.learner import CheckpointError
 
+    expected_errors = (data_lib.DataUnavailableError, CheckpointError, ValueError, OSError)
     try:
-        if args.command == "data":
-            dataset = data_lib.load_dataset(args.dataset, args.data_folder, verbose=True)
-            print(data_lib.describe(dataset))
-            print(f"cache: {data_lib.cache_dir()}")
-            return 0
-        if args.command == "report":
-            from convkit.experiments import chapter13
-
-            if not (args.out / "results.json").is_file():
-                print(f"convkit: no results.json in {args.out}", file=sys.stderr)
-                return 2
-            results = json.loads((args.out / "results.json").read_text())
-            chapter13.write_tables(args.out, results)
-            print(chapter13.write_report(args.out, results))
-            return 0
-        return _chapter13(args)
-    except data_lib.DataUnavailableError as error:
-        print(f"convkit: {error}", file=sys.stderr)
-        return 2
+        return _run_command(args)
     except KeyboardInterrupt:
         print("\nconvkit: interrupted. Finished experiments are in results.json; rerun the same "
               "command with --resume to continue from the last completed epoch.", file=sys.stderr)
         return 130
+    except expected_errors as error:
+        print(f"convkit: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except Exception as error:  # noqa: BLE001 - the command line never shows a traceback
+        if os.environ.get("CONVKIT_TRACEBACK") == "1":
+            raise
+        print(f"convkit: unexpected error ({type(error).__name__}: {_one_line(error)}); results "
+              "written so far are kept. Rerun with CONVKIT_TRACEBACK=1 to see where it happened.",
+              file=sys.stderr)
+        return 1
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's message, its lines joined (a multi-line message names every data source)."""
+    text = str(error).strip() or type(error).__name__
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    from convkit import data as data_lib
+
+    if args.command == "data":
+        dataset = data_lib.load_dataset(args.dataset, args.data_folder, verbose=True)
+        print(data_lib.describe(dataset))
+        print(f"cache: {data_lib.cache_dir()}")
+        return 0
+    if args.command == "report":
+        from convkit.experiments import chapter13
+
+        results_path = args.out / "results.json"
+        if not results_path.is_file():
+            print(f"convkit: no results.json in {args.out} (run `convkit chapter13 --out "
+                  f"{args.out}` first)", file=sys.stderr)
+            return 2
+        results = chapter13.load_results(results_path)
+        chapter13.write_tables(args.out, results)
+        print(chapter13.write_report(args.out, results))
+        return 0
+    return _chapter13(args)
 
 
 def _chapter13(args: argparse.Namespace) -> int:

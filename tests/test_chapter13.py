@@ -223,3 +223,97 @@ def test_report_command_rewrites_the_report(quick_run, capsys):
     assert main(["report", "--out", str(quick_run)]) == 0
     assert (quick_run / "report.md").read_text().startswith("# Chapter 13")
     assert main(["report", "--out", str(quick_run / "nowhere")]) == 2
+
+
+# ---------------------------------------------------------------------------------------
+# Every bad input is one clear line and a non-zero exit status, never a traceback, and a
+# result already written is never lost.
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["chapter13", "--experiments", "9"], "unknown experiment 9: chapter 13 has experiments 1-8"),
+    (["chapter13", "--experiments", "2,0"], "unknown experiment 0"),
+    (["chapter13", "--seed", str(2**63)], f"seed {2**63} is out of range"),
+    (["chapter13", "--seed", "-1"], "seed -1 is out of range"),
+    (["chapter13", "--threads", "0"], "expected at least 1 thread, got 0"),
+    (["chapter13", "--threads", "-3"], "expected at least 1 thread, got -3"),
+    (["chapter13", "--threads", "many"], "expected a number of threads, got 'many'"),
+])
+def test_bad_arguments_are_one_line(argv, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = _one_line_error(capsys)
+    assert expected in err and "--help" in err
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file", "/proc"])
+def test_an_unusable_output_folder_is_refused_before_any_work(where, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = {"a file": blocker, "under a file": blocker / "out", "/proc": Path("/proc/convkit-out")}[where]
+    assert main(["chapter13", "--quick", "--out", str(out), "--experiments", "1"]) == 2
+    assert f"--out {out} cannot hold the results" in _one_line_error(capsys)
+
+
+def test_results_json_as_a_folder_is_refused_before_training(tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "results.json").mkdir(parents=True)
+    assert main(["chapter13", "--quick", "--out", str(out), "--experiments", "2"]) == 2
+    assert "results.json is a folder, not a file: move it away" in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("content", [b"", b"{\"experiments\": [", b"\xff\xfe garbage", b"[1, 2, 3]",
+                                     b"{\"experiments\": [{\"id\": \"two\"}]}"])
+def test_a_corrupt_results_json_is_kept_aside_and_a_new_one_started(content, data_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CONVKIT_DATA", str(data_root))
+    monkeypatch.delenv("CONVKIT_MNIST_DIR", raising=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_bytes(content)
+    assert main(["chapter13", "--quick", "--out", str(out), "--experiments", "1", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "moved it to" in captured.out and "starting a new results.json" in captured.out
+    kept = list(out.glob("results.json.unreadable-*"))
+    assert len(kept) == 1 and kept[0].read_bytes() == content
+    assert [e["id"] for e in json.loads((out / "results.json").read_text())["experiments"]] == [1]
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"{not json", "cannot be read as JSON"),
+    (b"{\"runs\": []}", "is not a convkit results file"),
+    (b"{\"experiments\": [{\"id\": 2, \"backend\": \"convkit\", \"dataset\": \"mnist\"}]}",
+     "experiment entry 0: 'seed' is None, expected int"),
+    (b"{\"experiments\": [{\"id\": 2, \"backend\": \"convkit\", \"dataset\": \"mnist\", \"seed\": 0, \"epochs\": 3}]}",
+     "'epochs' is not a list"),
+])
+def test_report_on_a_bad_results_json_is_one_line(content, expected, tmp_path, capsys):
+    (tmp_path / "results.json").write_bytes(content)
+    assert main(["report", "--out", str(tmp_path)]) == 2
+    assert expected in _one_line_error(capsys)
+    assert (tmp_path / "results.json").read_bytes() == content  # report never moves it
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage" * 20])
+def test_resume_with_a_broken_checkpoint_starts_that_experiment_afresh(content, data_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CONVKIT_DATA", str(data_root))
+    monkeypatch.delenv("CONVKIT_MNIST_DIR", raising=False)
+    out = tmp_path / "out"
+    exp2 = next(e for e in chapter13.EXPERIMENTS if e.id == 2)
+    checkpoint = out / "mnist-convkit-seed0-quick" / "checkpoints" / f"{exp2.key}.pt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(content)
+    assert main(["chapter13", "--quick", "--out", str(out), "--experiments", "2", "--resume",
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "is not a readable convkit checkpoint" in printed and "starting this fit afresh" in printed
+    assert len(list(checkpoint.parent.glob(f"{checkpoint.name}.unreadable-*"))) == 1
+    entry = json.loads((out / "results.json").read_text())["experiments"][0]
+    assert entry["id"] == 2 and len(entry["epochs"]) == 2

@@ -29,6 +29,7 @@ from torch import nn
 import convkit
 from convkit import data as data_lib
 from convkit import plots
+from convkit.files import atomic_write_text, check_writable_folder, move_aside
 from convkit.callbacks import ActivationStats, Checkpoint
 from convkit.learner import Learner, n_params
 
@@ -524,26 +525,62 @@ def write_tables(out: Path, results: dict) -> list[Path]:
             label = f"Experiment {e['id']}" + (f" ({e['variant']})" if e.get("variant") else "")
             body = e.get("table") or e.get("error") or json.dumps(e.get("checks", {}))
             blocks.append(f"{label}: {e.get('title', '')}\n{body}\n")
-        folder = Path(out) / name
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / "tables.txt"
-        path.write_text("\n".join(blocks))
+        path = atomic_write_text(Path(out) / name / "tables.txt", "\n".join(blocks))
         written.append(path)
     return written
 
 
-def _load_results(path: Path) -> dict:
-    if path.is_file():
-        with open(path) as f:
-            return json.load(f)
-    return {"experiments": []}
+class OutputError(OSError):
+    """An output folder that cannot take the results."""
+
+
+class ResultsError(ValueError):
+    """A results.json that cannot be read or is not of the shape this module writes."""
+
+
+# The fields every experiment entry has, and their types (the report reads them).
+_ENTRY_FIELDS = {"id": int, "backend": str, "dataset": str, "seed": int}
+
+
+def validate_results(results, path: Path) -> dict:
+    """``results`` if it is ``{"experiments": [entry, ...]}`` with every entry's fields of
+    the right types (epochs a list of records, final_accuracy a number or None); else
+    ResultsError naming the first problem."""
+    if not isinstance(results, dict) or not isinstance(results.get("experiments"), list):
+        raise ResultsError(f"{path} is not a convkit results file (expected an object with an "
+                           f"\"experiments\" list)")
+    for i, entry in enumerate(results["experiments"]):
+        where = f"{path}: experiment entry {i}"
+        if not isinstance(entry, dict):
+            raise ResultsError(f"{where} is {type(entry).__name__}, expected an object")
+        for field, kind in _ENTRY_FIELDS.items():
+            value = entry.get(field)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise ResultsError(f"{where}: {field!r} is {value!r}, expected {kind.__name__}")
+        epochs = entry.get("epochs", [])
+        if not isinstance(epochs, list) or not all(isinstance(r, dict) for r in epochs):
+            raise ResultsError(f"{where}: 'epochs' is not a list of epoch records")
+        accuracy = entry.get("final_accuracy")
+        if accuracy is not None and (not isinstance(accuracy, (int, float)) or isinstance(accuracy, bool)):
+            raise ResultsError(f"{where}: 'final_accuracy' is {accuracy!r}, expected a number")
+    return results
+
+
+def load_results(path: Path) -> dict:
+    """results.json as written by :func:`run` (``{"experiments": []}`` when there is none).
+    Raises ResultsError when it cannot be read or parsed, or is not of that shape."""
+    path = Path(path)
+    if not path.exists():
+        return {"experiments": []}
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ResultsError(f"{path} cannot be read as JSON ({error})") from None
+    return validate_results(results, path)
 
 
 def _write_json(obj: dict, path: Path) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def _store(results: dict, entry: dict) -> None:
@@ -571,9 +608,19 @@ def run(config: RunConfig) -> dict:
         if exp_id not in known:
             raise ValueError(f"unknown experiment {exp_id}; chapter 13 has {sorted(known)}")
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    # Before any work: an output folder that cannot take the results would lose them after
+    # training.
+    try:
+        check_writable_folder(out, files=("results.json", "report.md"))
+    except OSError as error:
+        raise OutputError(f"--out {out} cannot hold the results: {error}") from None
     results_path = out / "results.json"
-    results = _load_results(results_path)
+    try:
+        results = load_results(results_path)
+    except ResultsError as error:
+        moved = move_aside(results_path, "unreadable")
+        log(f"convkit: {error}; moved it to {moved} and starting a new {results_path.name}")
+        results = {"experiments": []}
     datasets = _load_data(config)
     log(data_lib.describe(datasets["full"]))
     environment = _environment()
@@ -695,10 +742,8 @@ def write_report(out: Path, results: Optional[dict] = None) -> Path:
     """Write ``out/report.md`` (see :func:`render_report`); returns its path."""
     out = Path(out)
     if results is None:
-        results = _load_results(out / "results.json")
-    path = out / "report.md"
-    path.write_text(render_report(out, results))
-    return path
+        results = load_results(out / "results.json")
+    return atomic_write_text(out / "report.md", render_report(out, results))
 
 
 def render_report(out: Path, results: dict) -> str:
