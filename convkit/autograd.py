@@ -6,7 +6,9 @@ Autograd key (``csrc/autograd.cpp``), which eager mode and ``torch.compile`` use
 Function around them cost ~80 us per batch-norm training step at the chapter's batch 64,
 more than the two kernels. torch.func transforms (grad, vjp, ...) refuse C++ autograd nodes,
 so under a transform ``convkit.functional`` applies the Python Functions below instead; they
-call the same backward ops.
+call the same backward ops. They also carry the forward-mode derivatives (``jvp``: for
+torch.func.jvp, jacfwd and torch.autograd.forward_ad), computed by convkit's own ops, and
+vmap them through the ops' batching rules (``convkit.batching``).
 
 im2col and col2im are building blocks no training step calls, so their autograd is
 registered here with ``torch.library.register_autograd``.
@@ -16,8 +18,9 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
-from convkit import ops
+from convkit import batching, ops  # noqa: F401  (batching registers the ops' vmap rules)
 
 
 def _grad_or_none(grad: torch.Tensor, wanted: bool) -> Optional[torch.Tensor]:
@@ -27,10 +30,13 @@ def _grad_or_none(grad: torch.Tensor, wanted: bool) -> Optional[torch.Tensor]:
 class Conv2dFunction(torch.autograd.Function):
     """conv2d with gradients from ``convkit::conv2d_backward``, for torch.func transforms:
     the Python twin of ``Conv2dFunction`` in csrc/autograd.cpp (same saved tensors and mask).
+    Forward mode: conv2d is bilinear, so its tangent is conv(dx, w) + conv(x, dw) + db.
 
     apply(input [N, C, H, W], weight [O, C/groups, kH, kW], bias [O] or None,
           stride (2,), padding (2,), dilation (2,), groups) -> [N, O, oH, oW]
     """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(
@@ -51,8 +57,22 @@ class Conv2dFunction(torch.autograd.Function):
         # The backward op needs both tensors: each gradient reads the other operand, and
         # both give the geometry.
         ctx.save_for_backward(input, weight)
+        ctx.save_for_forward(input, weight)
         ctx.conv_args = (list(stride), list(padding), list(dilation), groups)
         ctx.has_bias = bias is not None
+
+    @staticmethod
+    def jvp(ctx: Any, input_t, weight_t, bias_t, *_) -> Optional[torch.Tensor]:
+        input, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv_args
+        tangent = None
+        if input_t is not None:
+            tangent = ops.conv2d_forward(input_t, weight, None, stride, padding, dilation, groups)
+        if weight_t is not None or bias_t is not None:
+            w_t = weight_t if weight_t is not None else torch.zeros_like(weight)
+            term = ops.conv2d_forward(input, w_t, bias_t, stride, padding, dilation, groups)
+            tangent = term if tangent is None else tangent + term
+        return tangent
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor):
@@ -86,8 +106,14 @@ class BatchNormFunction(torch.autograd.Function):
         -> (output [N, C, *], save_mean [C], save_var [C])
 
     Running statistics are only read here (eval mode); updating them is
-    ``convkit.functional.batch_norm``'s job.
+    ``convkit.functional.batch_norm``'s job. Forward mode: the input's part of the Jacobian
+    is symmetric, so its tangent is the backward op applied to the input's tangent; the
+    affine part is the normalisation with the parameters' tangents; the fused ReLU masks it
+    where the output is <= 0 (as torch's relu does). The running statistics are constants
+    (torch does not differentiate them either).
     """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(
@@ -112,7 +138,27 @@ class BatchNormFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(save_mean, save_var)
         # bias is needed only for the ReLU mask, which is recomputed from x instead of stored.
         ctx.save_for_backward(input, weight, bias if relu else None, save_mean, save_var)
+        ctx.save_for_forward(input, weight, bias, save_mean, save_var, output[0] if relu else None)
         ctx.bn_args = (bool(training), float(eps), bool(relu))
+
+    @staticmethod
+    def jvp(ctx: Any, input_t, weight_t, bias_t, *_):
+        input, weight, bias, save_mean, save_var, output = ctx.saved_tensors
+        training, eps, relu = ctx.bn_args
+        tangent = None
+        if input_t is not None:
+            tangent = ops.batch_norm_backward(input_t.contiguous(), input, weight, bias, save_mean,
+                                              save_var, training, eps, False, [True, False, False])[0]
+        if weight_t is not None or bias_t is not None:
+            if weight_t is None:
+                weight_t = torch.zeros(input.shape[1], dtype=save_mean.dtype, device=input.device)
+            # (x - mean) * invstd * dw + db: the normalisation with the batch's own statistics.
+            term = ops.batch_norm_forward(input, weight_t, bias_t, save_mean, save_var, False, eps,
+                                          False)[0]
+            tangent = term if tangent is None else tangent + term
+        if relu and tangent is not None:
+            tangent = torch.where(output <= 0, torch.zeros_like(tangent), tangent)
+        return tangent, None, None
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor, grad_mean: Any = None, grad_var: Any = None):
@@ -181,6 +227,7 @@ torch.library.register_autograd(
 
 
 def functorch_transform_active() -> bool:
-    """Inside a torch.func transform (grad, jacrev, ...), where only the Python Functions
-    above give gradients."""
-    return torch._C._are_functorch_transforms_active()
+    """Inside a torch.func transform (grad, vmap, jvp, jacrev, ...) or a forward-mode AD
+    level (torch.autograd.forward_ad), where only the Python Functions above give gradients,
+    tangents and batching."""
+    return torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0
