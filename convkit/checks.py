@@ -209,6 +209,16 @@ def check_per_channel(op: str, input: torch.Tensor, t: Optional[torch.Tensor], n
            f"input {_sizes(input)}), but got shape {_sizes(t)}")
 
 
+def check_parameter_dtype(op: str, input: torch.Tensor, t: Optional[torch.Tensor], name: str) -> None:
+    if t is None:
+        return
+    reduced = input.dtype in (torch.float16, torch.bfloat16)
+    _check(t.dtype == input.dtype or (reduced and t.dtype == torch.float32),
+           f"{op}: expected {name} of dtype {_dtype(input.dtype)}"
+           f"{' (the input' + chr(39) + 's) or Float' if reduced else ' (the input' + chr(39) + 's)'}, "
+           f"but got {_dtype(t.dtype)}")
+
+
 def check_batch_norm_input(op: str, input: torch.Tensor) -> None:
     _check(input.dim() >= 2, f"{op}: expected an input of at least 2 dimensions [N, C, ...], but "
                              f"got a {input.dim()}-D tensor of shape {_sizes(input)}")
@@ -224,6 +234,9 @@ def check_batch_norm_forward(op: str, input, weight, bias, running_mean, running
     for t, name in ((weight, "weight"), (bias, "bias"), (running_mean, "running_mean"),
                     (running_var, "running_var")):
         check_per_channel(op, input, t, name, channels)
+    for t, name in ((weight, "weight"), (bias, "bias"), (running_mean, "running_mean"),
+                    (running_var, "running_var")):
+        check_parameter_dtype(op, input, t, name)
     _check(eps >= 0, f"{op}: expected a non-negative eps, but got {eps:g}")
     _check(training or (running_mean is not None and running_var is not None),
            f"{op}: running_mean and running_var must be given in eval mode (training=False)")
@@ -242,6 +255,8 @@ def check_batch_norm_backward(op: str, grad_output, input, weight, bias, save_me
     for t, name in ((weight, "weight"), (bias, "bias"), (save_mean, "save_mean"),
                     (save_var, "save_var")):
         check_per_channel(op, input, t, name, channels)
+    check_parameter_dtype(op, input, weight, "weight")
+    check_parameter_dtype(op, input, bias, "bias")
 
 
 def check_batch_norm_update_stats(op: str, running_mean, running_var, batch_mean, batch_var,

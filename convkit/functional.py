@@ -6,6 +6,8 @@ ReLU. The arithmetic runs in convkit's kernels (``torch.ops.convkit``).
 """
 from __future__ import annotations
 
+import numbers
+import operator
 from typing import Optional, Sequence, Union
 
 import torch
@@ -16,8 +18,22 @@ from convkit import autograd, ops
 IntPair = Union[int, Sequence[int]]
 
 
+def _as_int(value) -> Optional[int]:
+    """value as an int when it is one in all but type (a NumPy integer, a 0-d integer tensor:
+    what operator.index accepts), else None; bools are not ints here (torch refuses them)."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":  # Python's or NumPy's
+        return None
+    if isinstance(value, torch.Tensor) and (value.dim() != 0 or value.dtype == torch.bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def _pair(value: IntPair, name: str, op: str = "conv2d") -> tuple[int, int]:
-    """An int or a pair of ints (a 1-element sequence counts as a pair) as a pair."""
+    """An int or a pair of ints (a 1-element sequence counts as a pair) as a pair; NumPy
+    integers and 0-d integer tensors count as ints, as in torch."""
     # The common forms first, without the general checks below (~1 us of a small conv call).
     value_type = type(value)
     if value_type is int:
@@ -25,17 +41,34 @@ def _pair(value: IntPair, name: str, op: str = "conv2d") -> tuple[int, int]:
     is_sequence_of_two = (value_type is tuple or value_type is list) and len(value) == 2
     if is_sequence_of_two and type(value[0]) is int and type(value[1]) is int:
         return tuple(value)
-    values = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
+    single = _as_int(value)
+    if single is not None:
+        return (single, single)
+    values = value
     if isinstance(values, (list, tuple)) and len(values) == 1:
         values = tuple(values) * 2
-    is_pair = (
-        isinstance(values, (list, tuple))
-        and len(values) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in values)
-    )
-    if not is_pair:
-        raise ValueError(f"{op}: expected {name} to be an int or a pair of ints, got {value!r}")
-    return tuple(values)
+    if isinstance(values, (list, tuple)) and len(values) == 2:
+        pair = (_as_int(values[0]), _as_int(values[1]))
+        if pair[0] is not None and pair[1] is not None:
+            return pair
+    raise ValueError(f"{op}: expected {name} to be an int or a pair of ints, got {value!r}")
+
+
+def _groups(groups) -> int:
+    value = _as_int(groups)
+    if value is None:
+        raise TypeError(f"conv2d: expected groups to be an int, got {groups!r} ({type(groups).__name__})")
+    return value
+
+
+def _real(value, name: str, allow_none: bool = False):
+    """A float argument as torch's batch_norm takes it: a real number (or None)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        expected = "a float or None" if allow_none else "a float"
+        raise TypeError(f"batch_norm: expected {name} to be {expected}, got {value!r} ({type(value).__name__})")
+    return float(value)
 
 
 def _same_padding(
@@ -82,6 +115,7 @@ def conv2d(
         )
     stride = _pair(stride, "stride")
     dilation = _pair(dilation, "dilation")
+    groups = groups if type(groups) is int else _groups(groups)
     unbatched = input.dim() == 3
     if unbatched:
         input = input.unsqueeze(0)
@@ -164,6 +198,14 @@ def _batch_norm(
             f"batch_norm: expected an input of at least 2 dimensions [N, C, ...], but got a "
             f"{input.dim()}-D tensor of shape {list(input.shape)}"
         )
+    momentum = _real(momentum, "momentum", allow_none=True)
+    eps = _real(eps, "eps")
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and t.requires_grad:
+            raise RuntimeError(
+                f"batch_norm: {name} requires grad, but running statistics are not "
+                "differentiable (as in torch): pass a tensor that does not require grad"
+            )
     if (running_mean is None) != (running_var is None):
         raise ValueError(
             "batch_norm: expected running_mean and running_var both given or both None, got "

@@ -18,12 +18,23 @@ from convkit import functional
 __all__ = ["Conv2d", "BatchNorm2d", "BatchNormReLU2d", "convert"]
 
 
+def _refuse_torchscript(module: nn.Module):
+    raise RuntimeError(
+        f"convkit's {type(module).__name__} cannot be compiled by torch.jit.script: its forward "
+        "calls convkit's custom ops through Python. Use torch.compile or torch.export, which "
+        "support convkit's ops (TorchScript is deprecated in torch)."
+    )
+
+
 class Conv2d(nn.Conv2d):
     """``torch.nn.Conv2d`` on convkit's im2col + GEMM kernels (all of its arguments,
     ``padding_mode`` 'zeros', 'reflect', 'replicate' and 'circular' included).
 
     input [N, C_in, H, W] or [C_in, H, W] -> [N, C_out, oH, oW] or [C_out, oH, oW].
     """
+
+    def __prepare_scriptable__(self):
+        _refuse_torchscript(self)
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
         if self.padding_mode != "zeros":
@@ -43,6 +54,9 @@ class BatchNorm2d(nn.BatchNorm2d):
     """
 
     fuse_relu = False
+
+    def __prepare_scriptable__(self):
+        _refuse_torchscript(self)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
@@ -85,6 +99,11 @@ class BatchNormReLU2d(BatchNorm2d):
     fuse_relu = True
 
 
+def _has_hooks(module: nn.Module) -> bool:
+    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return any(getattr(module, name, None) for name in hooks)
+
+
 def _convert_children(module: nn.Module) -> None:
     for child in module.children():
         _convert_children(child)
@@ -100,7 +119,10 @@ def _convert_children(module: nn.Module) -> None:
         names = list(module._modules.keys())
         for name, next_name in zip(names, names[1:]):
             current, following = module._modules[name], module._modules[next_name]
-            if type(current) is BatchNorm2d and type(following) is nn.ReLU:
+            # A hook on the ReLU would be lost with it, and one on the batch norm would see
+            # the ReLU's output: hooked pairs stay apart.
+            if (type(current) is BatchNorm2d and type(following) is nn.ReLU
+                    and not _has_hooks(current) and not _has_hooks(following)):
                 current.__class__ = BatchNormReLU2d
                 identity = nn.Identity()
                 identity.train(following.training)
@@ -112,7 +134,8 @@ def convert(module: nn.Module, inplace: bool = False) -> nn.Module:
 
     A BatchNorm2d immediately followed by a ReLU in an ``nn.Sequential`` becomes one fused
     ``BatchNormReLU2d`` and the ReLU an ``nn.Identity`` (it has no state, so the
-    ``state_dict`` keys do not change). Weights, buffers, dtype, device and train/eval mode
+    ``state_dict`` keys do not change), unless either has hooks (which fusing would lose or
+    change). Weights, buffers, dtype, device and train/eval mode
     are carried over. Works on a deep copy unless ``inplace=True``.
     """
     if not isinstance(module, nn.Module):

@@ -242,6 +242,18 @@ inline void check_per_channel(const char* op, const at::Tensor& input,
               input.sizes(), "), but got shape ", t->sizes());
 }
 
+// A batch norm's parameters and running statistics have the input's dtype, or float32 for
+// a float16/bfloat16 input (mixed precision), as torch requires.
+inline void check_parameter_dtype(const char* op, const at::Tensor& input,
+                                  const c10::optional<at::Tensor>& t, const char* name) {
+  if (!t.has_value() || !t->defined()) return;
+  const at::ScalarType type = t->scalar_type();
+  const bool reduced = input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(type == input.scalar_type() || (reduced && type == at::kFloat), op, ": expected ",
+              name, " of dtype ", input.scalar_type(),
+              reduced ? " (the input's) or Float" : " (the input's)", ", but got ", type);
+}
+
 inline void check_batch_norm_input(const char* op, const at::Tensor& input) {
   TORCH_CHECK(input.dim() >= 2, op, ": expected an input of at least 2 dimensions [N, C, ...], ",
               "but got a ", input.dim(), "-D tensor of shape ", input.sizes());
@@ -270,6 +282,10 @@ inline BatchNormShape check_batch_norm_forward(const char* op, const at::Tensor&
   check_per_channel(op, input, bias, "bias", C);
   check_per_channel(op, input, running_mean, "running_mean", C);
   check_per_channel(op, input, running_var, "running_var", C);
+  check_parameter_dtype(op, input, weight, "weight");
+  check_parameter_dtype(op, input, bias, "bias");
+  check_parameter_dtype(op, input, running_mean, "running_mean");
+  check_parameter_dtype(op, input, running_var, "running_var");
   TORCH_CHECK(eps >= 0, op, ": expected a non-negative eps, but got ", eps);
   const bool has_running = running_mean.has_value() && running_mean->defined() &&
                            running_var.has_value() && running_var->defined();
@@ -298,6 +314,8 @@ inline BatchNormShape check_batch_norm_backward(const char* op, const at::Tensor
   check_per_channel(op, input, bias, "bias", C);
   check_per_channel(op, input, save_mean, "save_mean", C);
   check_per_channel(op, input, save_var, "save_var", C);
+  check_parameter_dtype(op, input, weight, "weight");
+  check_parameter_dtype(op, input, bias, "bias");
   return {N, C, S, N * S};
 }
 
