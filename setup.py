@@ -144,6 +144,7 @@ def make_extension():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     cxx_flags = opt + ["-fopenmp", "-DCONVKIT_PYTHON_MODULE"] + march_flags()
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp")
+                     + glob.glob("csrc/cpu/conv2d/*.cpp")
                      + glob.glob("csrc/cuda_emu/*.cpp"))
     for path in emulator_include_dirs():
         cxx_flags += ["-isystem", path]

@@ -1,7 +1,7 @@
 // Conv2d geometry and the index arithmetic of im2col / col2im.
 //
 // Everything here is plain integer math in `CONVKIT_HOST_DEVICE` functions so that the
-// CPU kernels (csrc/cpu/conv2d.cpp) and the CUDA kernels (csrc/cuda/conv2d_kernels.cuh) share one
+// CPU kernels (csrc/cpu/conv2d/) and the CUDA kernels (csrc/cuda/conv2d_kernels.cuh) share one
 // definition: the CPU tests then exercise the same index math the GPU runs.
 //
 // Column layout. For a chunk of `chunk` images the column buffer is a row-major matrix

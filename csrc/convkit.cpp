@@ -9,6 +9,7 @@
 
 #include "column_buffer.h"
 #include "cpu/block_cache.h"
+#include "cpu/conv2d/path.h"
 #include "cuda_emu/routing.h"
 #include "cuda_emu/self_test.h"
 
@@ -54,6 +55,18 @@ TORCH_LIBRARY(convkit, m) {
   m.def("column_buffer_peak_bytes(bool reset=False) -> int", &convkit::column_buffer_peak_bytes);
   // The CPU block cache (csrc/cpu/block_cache.cpp), which keeps the CPU ops' large freed
   // blocks mapped for reuse: the bytes its free blocks hold, and a call that returns them all.
+  // Which CPU conv2d paths (csrc/cpu/conv2d/path.h) these arguments take, with this thread's
+  // torch.get_num_threads() and CONVKIT_COLUMN_BUDGET_MB: (forward, input gradient, weight
+  // gradient), "none" for a gradient the mask leaves out. A debugging and test aid.
+  m.def(
+      "conv2d_cpu_plan(Tensor input, Tensor weight, int[2] stride, int[2] padding, "
+      "int[2] dilation, int groups, bool[2] gradient_mask) -> (str, str, str)",
+      &convkit::cpu_conv2d::conv2d_cpu_plan);
+  // The CPU conv kernels' GEMM (csrc/cpu/gemm.h) on its own: alpha * op(a) @ op(b) + beta * c
+  // as a new tensor, a and b row-major with any leading dimension. A test aid (CPU only).
+  m.def(
+      "cpu_gemm(Tensor a, Tensor b, Tensor c, bool transpose_a, bool transpose_b, float alpha, "
+      "float beta) -> Tensor");
   m.def("cpu_cache_bytes() -> int", &convkit::cpu_cache_bytes);
   m.def("empty_cpu_cache() -> ()", &convkit::empty_cpu_cache);
   // CUDA emulation (csrc/cuda_emu/): while enabled in the calling thread, the ops above run

@@ -1,17 +1,14 @@
 """The CPU conv kernel's code paths, each forced and checked against F.conv2d.
 
-csrc/cpu/conv2d.cpp picks one of six paths per call from the layer's shape and the column
-budget: the window path (one output position per image, from an image no larger than the
-kernel: a product with the images read in place), direct convolution along output rows (first layers: few input channels, <= 16
-outputs, rows >= 8 wide; the weight gradient alone when no input gradient is wanted), the
-implicit GEMM (8-32 output channels, >= 16 positions; 33-64 on outputs narrower than 8
-with >= 4 positions; its input gradient a transposed implicit GEMM for 9-32 input channels,
-by phases of the stride, else the image path's GEMM and gather), the image path (gather table + BLAS
-on tiles of whole images), the band path (bands of output rows, [K, n] columns), and within
-it the 1x1 stride-1 case that reads the input as its columns. These
-tests pick shapes (and CONVKIT_COLUMN_BUDGET_MB) that land on each, in float64 (against
-F.conv2d to 1e-10), float32 and bfloat16 (against a float64 reference, within twice
-PyTorch's own error), with and without the input gradient.
+csrc/cpu/conv2d/path.h picks the path of each pass (forward, input gradient, weight
+gradient) from the layer's shape, dtype, thread count and the column budget: window, rows,
+implicit GEMM (and its transposed input gradient), images, shared tiles and bands. PATHS
+names a shape for each, and test_plan_of_each_named_shape asserts, through the debug op
+conv2d_cpu_plan, that the shape still takes the path its name says, so that a moved threshold
+fails here instead of silently testing another kernel. The other tests run every shape (with
+CONVKIT_COLUMN_BUDGET_MB where the name needs it) in float64 (against F.conv2d to 1e-10),
+float32 and bfloat16 (against a float64 reference, within twice PyTorch's own error), with
+and without the input gradient.
 """
 from __future__ import annotations
 
@@ -65,6 +62,34 @@ PATHS = {
     "band_path_1x1_grouped": (2, 16, 9, 9, 48, 1, 1, 0, 1, 4, "0.005"),
 }
 
+
+# The paths each PATHS shape takes in float32 (forward, input gradient, weight gradient when
+# both gradients are wanted, weight gradient alone). A rows layer's backward with an input
+# gradient is that of the implicit GEMM family; <= 8 input channels keep the images path's
+# input gradient.
+IMPLICIT = ("implicit_gemm", "transposed_implicit_gemm", "implicit_gemm", "implicit_gemm")
+IMPLICIT_FEW_INPUTS = ("implicit_gemm", "images", "implicit_gemm", "implicit_gemm")
+ROWS = ("rows", "images", "implicit_gemm", "rows")
+EXPECTED_PLANS = {
+    "rows_first_layer": ROWS,
+    "rows_two_channels_o12": ROWS,
+    "rows_dilated_stride3": ROWS,
+    "implicit_gemm_o8": IMPLICIT_FEW_INPUTS,
+    "implicit_gemm_o32": IMPLICIT,
+    "implicit_gemm_o20_dilated": IMPLICIT_FEW_INPUTS,
+    "implicit_gemm_o40_narrow": IMPLICIT,
+    "implicit_gemm_o64_2x2": IMPLICIT,
+    "transposed_input_grad_c20_dilated": IMPLICIT,
+    "transposed_input_grad_stride3_gaps": IMPLICIT,
+    "transposed_input_grad_11_images": IMPLICIT,
+}
+for _name in PATHS:
+    for _prefix, _path in (("image_path", "images"), ("window_path", "window"),
+                           ("band_path", "bands")):
+        if _name.startswith(_prefix):
+            EXPECTED_PLANS[_name] = (_path,) * 4
+EXPECTED_PLANS["image_path_shared_tiles"] = ("shared_tiles",) * 4
+EXPECTED_PLANS["image_path_shared_tiles_budget"] = ("shared_tiles",) * 4
 
 # Shapes for the CPU GEMM's edges: rows not a multiple of its 12-row panels, columns not a
 # multiple of its 32-column panels, a depth over its 256-deep blocks (K = 40 * 9 = 360), and
@@ -264,3 +289,61 @@ def test_window_path_builds_no_columns(dtype):
     torch.ops.convkit.column_buffer_peak_bytes(True)
     torch.ops.convkit.conv2d_forward(x.bfloat16(), weight.bfloat16(), bias.bfloat16(), *args)
     assert torch.ops.convkit.column_buffer_peak_bytes(False) > 0
+
+
+def _plan(spec, dtype, gradient_mask):
+    n, c, h, w, o, k, stride, padding, dilation, groups, _ = spec
+    x = torch.empty(n, c, h, w, dtype=dtype)
+    weight = torch.empty(o, c // groups, k, k, dtype=dtype)
+    return torch.ops.convkit.conv2d_cpu_plan(x, weight, [stride] * 2, [padding] * 2,
+                                             [dilation] * 2, groups, gradient_mask)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_plan_of_each_named_shape(path, monkeypatch):
+    """Each PATHS shape takes the path its name says (on two threads: shared tiles need
+    several), and an unwanted gradient is "none"."""
+    assert set(EXPECTED_PLANS) == set(PATHS)
+    spec = PATHS[path]
+    if spec[-1] is not None:
+        monkeypatch.setenv("CONVKIT_COLUMN_BUDGET_MB", spec[-1])
+    forward, input_grad, weight_grad, weight_grad_alone = EXPECTED_PLANS[path]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert _plan(spec, torch.float32, [True, True]) == (forward, input_grad, weight_grad)
+        assert _plan(spec, torch.float32, [False, True]) == (forward, "none", weight_grad_alone)
+        assert _plan(spec, torch.float32, [True, False])[:2] == (forward, input_grad)
+        assert _plan(spec, torch.float32, [False, False]) == (forward, "none", "none")
+        if forward == "shared_tiles":
+            torch.set_num_threads(1)  # one thread: the images path
+            assert _plan(spec, torch.float32, [True, True]) == ("images",) * 3
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_plan_half_types_leave_window_path(dtype):
+    """The window path needs the input in its compute type: half types take the images
+    path, which widens as it gathers."""
+    spec = PATHS["window_path_last_layer"]
+    assert _plan(spec, torch.float64, [True, True]) == ("window",) * 3
+    assert _plan(spec, dtype, [True, True]) == ("images",) * 3
+
+
+def test_plan_default_budget_moves_large_images_to_bands(monkeypatch):
+    """A budget too small for one whole image per tile sends an image-path layer to bands."""
+    spec = PATHS["image_path_gemm_o70"]
+    assert _plan(spec, torch.float32, [True, True]) == ("images",) * 3
+    monkeypatch.setenv("CONVKIT_COLUMN_BUDGET_MB", "0.001")
+    assert _plan(spec, torch.float32, [True, True]) == ("bands",) * 3
+
+
+def test_plan_checks_its_arguments():
+    x = torch.empty(2, 6, 8, 8)
+    with pytest.raises(RuntimeError, match="conv2d_cpu_plan"):
+        torch.ops.convkit.conv2d_cpu_plan(x, torch.empty(4, 5, 3, 3), [1, 1], [1, 1], [1, 1], 1,
+                                          [True, True])
+    with pytest.raises(RuntimeError, match="conv2d_cpu_plan"):
+        torch.ops.convkit.conv2d_cpu_plan(x, torch.empty(4, 6, 3, 3), [0, 1], [1, 1], [1, 1], 1,
+                                          [True, True])

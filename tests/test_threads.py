@@ -85,7 +85,7 @@ def test_first_op_of_a_thread_keeps_its_thread_count(op, restore_threads):
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
 
 
-# One shape per CPU path (csrc/cpu/conv2d.cpp: tests/test_conv2d_paths.py), and two for the
+# One shape per CPU path (csrc/cpu/conv2d/path.h; tests/test_conv2d_paths.py asserts them), and two for the
 # band path that reach it without a column budget (the budget is process-wide: one set here
 # would move the other shapes too): a single image's columns beyond a tile.
 STRESS_CASES = {name: PATHS[name] for name in (

@@ -1,4 +1,4 @@
-// The host side of conv2d on CUDA: the CUDA backend of csrc/conv2d_driver.h (which holds the
+// The host side of conv2d on CUDA: the CUDA backend of csrc/cuda/conv2d_driver.h (which holds the
 // algorithm: im2col + one GEMM per group per chunk of images, the GEMMs through at::mm, i.e.
 // cuBLAS on the current stream, honouring torch's TF32 setting) and the F.unfold/F.fold-like
 // ops. Compiled by nvcc into the CUDA kernels of the ops (conv2d.cu) and by the host compiler
@@ -15,12 +15,12 @@
 
 #include "../checks.h"
 #include "../conv2d.h"
-#include "../conv2d_driver.h"
+#include "conv2d_driver.h"
 #include "conv2d_kernels.cuh"
 
 namespace convkit::CONVKIT_CUDA_NAMESPACE {
 
-// The CUDA side of csrc/conv2d_driver.h: each step one kernel on the current stream.
+// The CUDA side of csrc/cuda/conv2d_driver.h: each step one kernel on the current stream.
 struct ConvBackend {
   static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
     return empty_device(sizes, options);

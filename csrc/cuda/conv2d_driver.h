@@ -1,7 +1,7 @@
-// The chunked im2col + GEMM conv2d driver of the CUDA backend (csrc/cuda/conv2d_ops.h). The CPU
-// used it too until its tiled kernels (csrc/cpu/conv2d.cpp, which share this file's column
-// layout and csrc/conv2d.h's index helpers) replaced it; a Backend struct keeps the device
-// specifics apart from the algorithm.
+// The chunked im2col + GEMM conv2d of the CUDA backend: the algorithm, with the device steps
+// in a Backend struct (csrc/cuda/conv2d_ops.h), so that the steps are kernels of their own and
+// the algorithm reads apart from them. The backward op's frame (mask, weight-gradient
+// accumulator, bias) is csrc/conv2d_backward_op.h, shared with the CPU.
 //
 // Per chunk of `count` images (see csrc/conv2d.h for the column layout):
 //   forward   columns[K, count*L] = im2col(input chunk)          Backend::im2col_chunk
@@ -39,9 +39,10 @@
 #include <optional>
 #include <tuple>
 
-#include "checks.h"
-#include "column_buffer.h"
-#include "conv2d.h"
+#include "../checks.h"
+#include "../column_buffer.h"
+#include "../conv2d_backward_op.h"
+#include "../conv2d.h"
 
 namespace convkit {
 
@@ -98,31 +99,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_impl(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     std::array<bool, 3> output_mask) {
-  const char* op = "convkit::conv2d_backward";
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const Conv2dGeometry g = make_conv2d_geometry(op, input, weight, stride, padding, dilation, groups);
-  check_conv2d_grad_output(op, input, grad_output, g);
-
-  const at::Tensor x = input.contiguous();
-  const at::Tensor dy = grad_output.contiguous();
-  const int64_t O = g.out_channels;
-  const int64_t K = g.column_rows();
-  const int64_t L = g.out_area();
-  const int64_t Og = O / groups;
-  const int64_t Kg = K / groups;
-  const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());
-
-  at::Tensor grad_input =
-      output_mask[0] ? Backend::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
-  // grad_weight accumulates over chunks: keep it in the accumulation type (float for
-  // bfloat16/float16) and round once at the end.
-  at::Tensor grad_weight_acc =
-      output_mask[1] ? at::zeros({O, Kg}, x.options().dtype(acc_type)) : at::Tensor();
-  at::Tensor grad_bias =
-      output_mask[2] ? Backend::empty({O}, x.options()) : at::empty({0}, x.options());
-
-  const bool need_columns_pass = (output_mask[0] || output_mask[1]) && g.batch > 0 && L > 0;
-  if (need_columns_pass) {
+  auto empty = [](at::IntArrayRef sizes, const at::TensorOptions& options) {
+    return Backend::empty(sizes, options);
+  };
+  auto columns_pass = [&](const at::Tensor& dy, const at::Tensor& x, const Conv2dGeometry& g,
+                          Conv2dGradients& grads) {
+    const int64_t O = g.out_channels;
+    const int64_t K = g.column_rows();
+    const int64_t L = g.out_area();
+    const int64_t Og = O / groups;
+    const int64_t Kg = K / groups;
+    const bool acc_is_input_type = grads.want_weight && grads.weight_acc.scalar_type() == x.scalar_type();
     const at::Tensor weight_matrix = weight.contiguous().view({O, Kg});
     const int64_t chunk = images_per_chunk(g, x.element_size());
     at::Tensor column_buffer = Backend::empty({K * chunk * L}, x.options());
@@ -136,21 +123,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_impl(
         at::Tensor grad_t = matrix_view(grad_t_buffer, O, count * L);
         Backend::gather_grad(dy.const_data_ptr<scalar_t>(), g, first, count,
                              grad_t.mutable_data_ptr<scalar_t>());
-        if (output_mask[1]) {
+        if (grads.want_weight) {
           Backend::im2col_chunk(x.const_data_ptr<scalar_t>(), g, first, count,
                                 columns.mutable_data_ptr<scalar_t>());
           for (int64_t group = 0; group < groups; ++group) {
-            at::Tensor acc_group = grad_weight_acc.narrow(0, group * Og, Og);
+            at::Tensor acc_group = grads.weight_acc.narrow(0, group * Og, Og);
             const at::Tensor grad_group = grad_t.narrow(0, group * Og, Og);
             const at::Tensor columns_group = columns.narrow(0, group * Kg, Kg);
-            if (acc_type == x.scalar_type()) {
+            if (acc_is_input_type) {
               acc_group.addmm_(grad_group, columns_group.t());
             } else {
               acc_group.add_(at::mm(grad_group, columns_group.t()));
             }
           }
         }
-        if (output_mask[0]) {
+        if (grads.want_input) {
           // The columns are no longer needed: the column gradient reuses their buffer.
           for (int64_t group = 0; group < groups; ++group) {
             at::Tensor dcolumns_group = columns.narrow(0, group * Kg, Kg);
@@ -158,24 +145,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_impl(
                        grad_t.narrow(0, group * Og, Og));
           }
           Backend::col2im_chunk(columns.const_data_ptr<scalar_t>(), g, first, count,
-                                grad_input.mutable_data_ptr<scalar_t>());
+                                grads.input.mutable_data_ptr<scalar_t>());
         }
       }
     });
-  } else if (output_mask[0]) {
-    grad_input.zero_();
-  }
-
-  if (output_mask[2] && O > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv2d_bias_grad",
+    return false;  // the bias gradient is a pass of its own
+  };
+  auto bias_grad = [](const at::Tensor& dy, const Conv2dGeometry& g, at::Tensor& grad_bias) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dy.scalar_type(), "conv2d_bias_grad",
                                     [&] {
       Backend::bias_grad(dy.const_data_ptr<scalar_t>(), g, grad_bias.mutable_data_ptr<scalar_t>());
     });
-  }
-  at::Tensor grad_weight = output_mask[1]
-                               ? grad_weight_acc.to(x.scalar_type()).view(weight.sizes())
-                               : at::empty({0}, x.options());
-  return std::make_tuple(grad_input, grad_weight, grad_bias);
+  };
+  return run_conv2d_backward(grad_output, input, weight, stride, padding, dilation, groups,
+                             output_mask, empty, columns_pass, bias_grad);
 }
 
 }  // namespace convkit

@@ -1,0 +1,83 @@
+// The conv2d_backward op's frame, one for every backend: argument checks, the output mask,
+// the weight gradient's accumulator and the bias gradient. A backend supplies only its
+// kernels:
+//   empty(sizes, options)                        an uninitialised output (the CPU's comes
+//                                                from its block cache)
+//   columns_pass(dy, x, g, grads) -> bool        the input and/or weight gradient (whichever
+//                                                grads.want_* says) into grads.input and
+//                                                grads.weight_acc; true when it also wrote
+//                                                grads.bias (a pass that reads dY anyway)
+//   bias_grad(dy, g, grads.bias)                 otherwise, the bias gradient on its own
+// Invariants the frame keeps, so that no backend can drift from torch's semantics:
+//  * an unwanted gradient is an empty tensor of shape [0] (as the schema's callers expect);
+//  * the weight gradient accumulates in the compute type (float for bfloat16/float16),
+//    starting from zeros, and is rounded to the input's dtype once, at the end;
+//  * a wanted input gradient of a batch with no output positions is zeros, a wanted bias
+//    gradient of zero channels is empty, and no kernel runs on an empty batch.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+
+#include <array>
+#include <tuple>
+
+#include "checks.h"
+#include "conv2d.h"
+
+namespace convkit {
+
+struct Conv2dGradients {
+  bool want_input = false;
+  bool want_weight = false;
+  bool want_bias = false;
+  at::Tensor input;       // [N, C, H, W] when wanted
+  at::Tensor weight_acc;  // [O, C/groups * kH * kW] in the compute type, zeros, when wanted
+  at::Tensor bias;        // [O] when wanted
+};
+
+template <typename Empty, typename ColumnsPass, typename BiasGrad>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_conv2d_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    std::array<bool, 3> output_mask, Empty empty, ColumnsPass columns_pass, BiasGrad bias_grad) {
+  const char* op = "convkit::conv2d_backward";
+  // The ATen calls the kernels make (mm, to) are implementation details: keep autograd out
+  // of them even when the caller's tensors require grad.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const Conv2dGeometry g =
+      make_conv2d_geometry(op, input, weight, stride, padding, dilation, groups);
+  check_conv2d_grad_output(op, input, grad_output, g);
+  const at::Tensor x = input.contiguous();
+  const at::Tensor dy = grad_output.contiguous();
+  const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());
+  // Each unwanted output its own tensor: outputs must not alias one another.
+  auto unwanted = [&] { return at::empty({0}, x.options()); };
+
+  Conv2dGradients grads;
+  grads.want_input = output_mask[0];
+  grads.want_weight = output_mask[1];
+  grads.want_bias = output_mask[2];
+  grads.input = grads.want_input ? empty(x.sizes(), x.options()) : unwanted();
+  if (grads.want_weight) {
+    grads.weight_acc =
+        at::zeros({g.out_channels, g.column_rows() / groups}, x.options().dtype(acc_type));
+  }
+  grads.bias = grads.want_bias ? empty({g.out_channels}, x.options()) : unwanted();
+
+  bool bias_done = false;
+  if ((grads.want_input || grads.want_weight) && g.batch > 0 && g.out_area() > 0) {
+    bias_done = columns_pass(dy, x, g, grads);
+  } else if (grads.want_input) {
+    grads.input.zero_();
+  }
+  if (grads.want_bias && g.out_channels > 0 && !bias_done) bias_grad(dy, g, grads.bias);
+  at::Tensor grad_weight =
+      grads.want_weight ? grads.weight_acc.to(x.scalar_type()).view(weight.sizes()) : unwanted();
+  return std::make_tuple(grads.input, grad_weight, grads.bias);
+}
+
+}  // namespace convkit

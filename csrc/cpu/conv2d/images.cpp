@@ -1,0 +1,76 @@
+// The images path, forward: tiles of whole images with narrow output rows (< 8, path.h).
+// Each image's column matrix is written transposed, [L, K], by the branch-free gather of
+// relayout.h (late layers have rows of 1-4 values, where the bands path's per-row
+// bookkeeping costs more than the copy); one GEMM per group per tile reads it as a
+// transposed operand. Each thread owns whole tiles (tiles.h balances the images over them).
+// Floor: the GEMM's rate at [O, K] x [K, images * L]; the gather is one pass over the
+// columns, in L2.
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "../../column_buffer.h"
+#include "../gemm.h"
+#include "../parallel.h"
+#include "kernels.h"
+#include "relayout.h"
+#include "tiles.h"
+
+namespace convkit::cpu_conv2d {
+
+template <typename scalar_t>
+void images_forward(const at::Tensor& x, const at::Tensor& weight_acc,
+                           const at::Tensor& bias_acc, const Conv2dGeometry& g,
+                           const TilePlan& p, at::Tensor& output) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t O = g.out_channels;
+  const int64_t K = g.column_rows();
+  const int64_t L = g.out_area();
+  const int64_t Og = O / g.groups;
+  const int64_t Kg = K / g.groups;
+  const int64_t image_elems = g.in_channels * g.in_area();
+  const GatherTable table = make_gather_table(g);
+  const int64_t column_elems = K * p.columns;
+  const int64_t per_thread = column_elems + O * p.columns + g.in_channels * table.plane_stride;
+  at::Tensor buffers = scratch<acc_t>(x, p.threads * per_thread);
+  record_column_buffer(p.threads * column_elems * int64_t(sizeof(acc_t)));
+
+  const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+  const acc_t* w_ptr = weight_acc.const_data_ptr<acc_t>();
+  const acc_t* bias_ptr = bias_acc.defined() ? bias_acc.const_data_ptr<acc_t>() : nullptr;
+  scalar_t* y_ptr = output.mutable_data_ptr<scalar_t>();
+  acc_t* buffer_base = buffers.mutable_data_ptr<acc_t>();
+
+  parallel_for_slots(0, p.image_groups, 1, p.threads,
+                       [&](int64_t begin, int64_t end, int64_t thread) {
+    acc_t* columns_t = buffer_base + thread * per_thread;
+    acc_t* out = columns_t + column_elems;
+    acc_t* image_copy = out + O * p.columns;
+    for (int64_t group = begin; group < end; ++group) {
+      const int64_t first = group * p.images_per_tile;
+      const int64_t count = std::min(p.images_per_tile, g.batch - first);
+      const int64_t n = count * L;
+      for (int64_t i = 0; i < count; ++i) {
+        copy_planes(x_ptr + (first + i) * image_elems, g, image_copy);
+        gather_image_columns(image_copy, g, table, columns_t + i * L * K);
+      }
+      for (int64_t grp = 0; grp < g.groups; ++grp) {
+        cpu::gemm<acc_t>(false, true, Og, n, Kg, acc_t(1), w_ptr + grp * Og * Kg, Kg,
+                         columns_t + grp * Kg, K, acc_t(0), out + grp * Og * n, n);
+      }
+      for (int64_t i = 0; i < count; ++i) {
+        for (int64_t o = 0; o < O; ++o) store_output_plane(out, n, first, i, o, g, bias_ptr, y_ptr);
+      }
+    }
+  });
+}
+
+#define CONVKIT_INSTANTIATE_IMAGES(scalar_t)                                                    \
+  template void images_forward<scalar_t>(const at::Tensor&, const at::Tensor&, const at::Tensor&, \
+                                         const Conv2dGeometry&, const TilePlan&, at::Tensor&);
+CONVKIT_FOR_EACH_CONV_TYPE(CONVKIT_INSTANTIATE_IMAGES)
+#undef CONVKIT_INSTANTIATE_IMAGES
+
+}  // namespace convkit::cpu_conv2d

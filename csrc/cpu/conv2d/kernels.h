@@ -1,0 +1,82 @@
+// The entry points of the CPU conv2d paths (path.h says which runs when), one .cpp each,
+// instantiated for the types the ops dispatch over. scalar_t is the tensors' type, acc_t =
+// at::opmath_type<scalar_t> the compute type: the weights (weight_acc, bias_acc, [O, K/groups]
+// row-major) arrive converted to it, the weight gradient accumulates in it (grad_weight_acc,
+// zeroed by the caller), and half types are widened to it as tiles are written, each result
+// rounded once.
+// Invariants of every entry point: x and dy are contiguous NCHW; batch, output area and the
+// wanted gradients are non-empty; the geometry passed make_conv2d_geometry's checks.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+
+#include "../../conv2d.h"
+#include "path.h"
+#include "tiles.h"
+
+// X(type) for every type the CPU conv ops dispatch over.
+#define CONVKIT_FOR_EACH_CONV_TYPE(X) X(float) X(double) X(c10::BFloat16) X(c10::Half)
+
+namespace convkit::cpu_conv2d {
+
+// window.cpp: float and double only (acc_t == scalar_t).
+template <typename acc_t>
+void window_forward(const at::Tensor& x, const at::Tensor& weight_acc, const at::Tensor& bias_acc,
+                    const Conv2dGeometry& g, at::Tensor& output);
+template <typename acc_t>
+void window_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight_acc,
+                     const Conv2dGeometry& g, bool need_input_grad, bool need_weight_grad,
+                     at::Tensor& grad_input, at::Tensor& grad_weight_acc);
+
+// rows.cpp. The weight gradient also writes grad_bias [O] when it is not null.
+template <typename scalar_t>
+void rows_forward(const at::Tensor& x, const at::Tensor& weight_acc, const at::Tensor& bias_acc,
+                  const Conv2dGeometry& g, int64_t threads, at::Tensor& output);
+template <typename scalar_t>
+void rows_weight_grad(const at::Tensor& dy, const at::Tensor& x, const Conv2dGeometry& g,
+                      int64_t threads, at::Tensor& grad_weight_acc, scalar_t* grad_bias);
+
+// implicit_gemm.cpp.
+template <typename scalar_t>
+void implicit_gemm_forward(const at::Tensor& x, const at::Tensor& weight_acc,
+                           const at::Tensor& bias_acc, const Conv2dGeometry& g, const TilePlan& p,
+                           at::Tensor& output);
+
+// images.cpp.
+template <typename scalar_t>
+void images_forward(const at::Tensor& x, const at::Tensor& weight_acc, const at::Tensor& bias_acc,
+                    const Conv2dGeometry& g, const TilePlan& p, at::Tensor& output);
+
+// images_backward.cpp: the backward pass of the image family (plan.weight_grad is images or
+// implicit_gemm, plan.input_grad images or transposed_implicit_gemm). Returns whether it
+// wrote grad_bias (when not null): the implicit GEMM's weight gradient sums dY on the way.
+template <typename scalar_t>
+bool image_family_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight_acc,
+                           const Conv2dGeometry& g, const ConvPlan& plan, at::Tensor& grad_input,
+                           at::Tensor& grad_weight_acc, scalar_t* grad_bias);
+
+// shared_tiles.cpp: p from plan_shared_tiles.
+template <typename scalar_t>
+void shared_tiles_forward(const at::Tensor& x, const at::Tensor& weight_acc,
+                          const at::Tensor& bias_acc, const Conv2dGeometry& g, const TilePlan& p,
+                          at::Tensor& output);
+template <typename scalar_t>
+void shared_tiles_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight_acc,
+                           const Conv2dGeometry& g, const TilePlan& p, bool need_input_grad,
+                           bool need_weight_grad, at::Tensor& grad_input,
+                           at::Tensor& grad_weight_acc);
+
+// bands.cpp: any geometry (the fallback of every other path).
+template <typename scalar_t>
+void bands_forward(const at::Tensor& x, const at::Tensor& weight_acc, const at::Tensor& bias_acc,
+                   const Conv2dGeometry& g, const TilePlan& p, at::Tensor& output);
+template <typename scalar_t>
+void bands_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight_acc,
+                    const Conv2dGeometry& g, const TilePlan& p, bool need_input_grad,
+                    bool need_weight_grad, at::Tensor& grad_input, at::Tensor& grad_weight_acc);
+
+}  // namespace convkit::cpu_conv2d

@@ -1,0 +1,300 @@
+// The CPU conv2d ops: conv2d_forward and conv2d_backward (argument checks, the weights in
+// the compute type, the path of path.h and its kernel), the bias gradient, and im2col/col2im
+// with F.unfold/F.fold's semantics. Registered for the CPU dispatch key, each routed to its
+// CUDA code under the emulator while CUDA emulation is on in the calling thread.
+// Floors, the chapter CNN at N=512, fp32 (FLOPs of the forward; the weight and input gradients
+// cost as much each; "MB" = input + output read/written once):
+//   layer           GFLOP fwd   MB fwd   columns (im2col)   path
+//   1->8, 5x5 s2      0.040       4.8       10.0 MB          rows
+//   8->16, 3x3 s2     0.058       4.8        7.2 MB          implicit_gemm
+//   16->32, 3x3 s2    0.075       2.6        4.7 MB          implicit_gemm
+//   32->64, 3x3 s2    0.075       1.3        2.4 MB          implicit_gemm (blocks of 64)
+//   64->10, 3x3 s2    0.006       0.6        1.2 MB          window (0.003 GFLOP, no columns)
+// Two cores at ~2.6 GHz doing one 16-lane fp32 FMA per cycle each give 166 GFLOP/s: forward
+// floors of 0.24-0.45 ms per layer (0.04 ms for the last), memory ~0.1 ms at 40 GB/s.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/library.h>
+
+#include <array>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <type_traits>
+
+#include "../../checks.h"
+#include "../../conv2d_backward_op.h"
+#include "../../conv2d.h"
+#include "../../cuda_emu/emulated_ops.h"
+#include "../../cuda_emu/routing.h"
+#include "../block_cache.h"
+#include "../parallel.h"
+#include "kernels.h"
+#include "path.h"
+#include "tiles.h"
+
+namespace convkit::cpu_conv2d {
+namespace {
+
+template <typename scalar_t>
+void conv2d_forward_kernel(const at::Tensor& x, const at::Tensor& weight_acc,
+                           const at::Tensor& bias_acc, const Conv2dGeometry& g,
+                           at::Tensor& output) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool same_type = std::is_same_v<scalar_t, acc_t>;
+  const ConvPlan plan = choose_forward(g, sizeof(acc_t), same_type);
+  const TilePlan& p = plan.tiles;
+  switch (plan.forward) {
+    case ConvPath::kWindow:
+      if constexpr (same_type) window_forward<acc_t>(x, weight_acc, bias_acc, g, output);
+      return;
+    case ConvPath::kRows:
+      rows_forward<scalar_t>(x, weight_acc, bias_acc, g, p.threads, output);
+      return;
+    case ConvPath::kImplicitGemm:
+      implicit_gemm_forward<scalar_t>(x, weight_acc, bias_acc, g, p, output);
+      return;
+    case ConvPath::kSharedTiles:
+      shared_tiles_forward<scalar_t>(x, weight_acc, bias_acc, g, p, output);
+      return;
+    case ConvPath::kImages:
+      images_forward<scalar_t>(x, weight_acc, bias_acc, g, p, output);
+      return;
+    case ConvPath::kBands:
+      bands_forward<scalar_t>(x, weight_acc, bias_acc, g, p, output);
+      return;
+    case ConvPath::kNone:
+    case ConvPath::kTransposedImplicitGemm:
+      break;
+  }
+  TORCH_INTERNAL_ASSERT(false, "convkit::conv2d_forward: no forward kernel for path ",
+                        path_name(plan.forward));
+}
+
+// Returns whether it also computed grad_bias (given when wanted): the rows path and the
+// implicit GEMM's weight gradient sum dY on the way.
+template <typename scalar_t>
+bool conv2d_backward_kernel(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight_acc,
+                            const Conv2dGeometry& g, bool need_input_grad, bool need_weight_grad,
+                            at::Tensor& grad_input, at::Tensor& grad_weight_acc,
+                            at::Tensor* grad_bias) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool same_type = std::is_same_v<scalar_t, acc_t>;
+  const ConvPlan plan =
+      choose_backward(g, sizeof(acc_t), same_type, need_input_grad, need_weight_grad);
+  const TilePlan& p = plan.tiles;
+  scalar_t* grad_bias_ptr =
+      grad_bias != nullptr ? grad_bias->mutable_data_ptr<scalar_t>() : nullptr;
+  // The paths come in these combinations only (choose_backward).
+  const ConvPath path = plan.weight_grad != ConvPath::kNone ? plan.weight_grad : plan.input_grad;
+  switch (path) {
+    case ConvPath::kWindow:
+      if constexpr (same_type) {
+        window_backward<acc_t>(dy, x, weight_acc, g, need_input_grad, need_weight_grad,
+                               grad_input, grad_weight_acc);
+      }
+      return false;
+    case ConvPath::kRows:
+      // A first layer in training: only the weight gradient, along output rows.
+      rows_weight_grad<scalar_t>(dy, x, g, p.threads, grad_weight_acc, grad_bias_ptr);
+      return grad_bias != nullptr;
+    case ConvPath::kSharedTiles:
+      shared_tiles_backward<scalar_t>(dy, x, weight_acc, g, p, need_input_grad, need_weight_grad,
+                                      grad_input, grad_weight_acc);
+      return false;
+    case ConvPath::kBands:
+      bands_backward<scalar_t>(dy, x, weight_acc, g, p, need_input_grad, need_weight_grad,
+                               grad_input, grad_weight_acc);
+      return false;
+    case ConvPath::kImages:
+    case ConvPath::kImplicitGemm:
+    case ConvPath::kTransposedImplicitGemm:
+      return image_family_backward<scalar_t>(dy, x, weight_acc, g, plan, grad_input,
+                                             grad_weight_acc, grad_bias_ptr);
+    case ConvPath::kNone:
+      break;
+  }
+  TORCH_INTERNAL_ASSERT(false, "convkit::conv2d_backward: no backward kernel for path ",
+                        path_name(path));
+  return false;
+}
+
+at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const char* op = "convkit::conv2d_forward";
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const Conv2dGeometry g = make_conv2d_geometry(op, input, weight, stride, padding, dilation, groups);
+  check_conv2d_bias(op, input, bias, g.out_channels);
+  const at::Tensor x = input.contiguous();
+  at::Tensor output = cached_empty({g.batch, g.out_channels, g.out_h, g.out_w}, x.options());
+  if (output.numel() == 0) return output;
+  const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());
+  // Weights and bias in the compute type, [O, K/groups] row-major: converted once per call.
+  const at::Tensor weight_acc = weight.to(acc_type).contiguous();
+  const bool has_bias = bias.has_value() && bias->defined();
+  const at::Tensor bias_acc = has_bias ? bias->to(acc_type).contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv2d_forward", [&] {
+    conv2d_forward_kernel<scalar_t>(x, weight_acc, bias_acc, g, output);
+  });
+  return output;
+}
+
+// The bias gradient: each (image, channel) plane summed in acc_t, planes in double.
+template <typename scalar_t>
+void conv2d_bias_grad(const scalar_t* dy, const Conv2dGeometry& g, scalar_t* grad_bias) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t O = g.out_channels;
+  const int64_t L = g.out_area();
+  parallel_for(0, O, grain_for(g.batch * L), [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      double sum = 0.0;
+      for (int64_t b = 0; b < g.batch; ++b) {
+        const scalar_t* src = dy + (b * O + o) * L;
+        acc_t plane = acc_t(0);
+#pragma omp simd reduction(+ : plane)
+        for (int64_t l = 0; l < L; ++l) plane += static_cast<acc_t>(src[l]);
+        sum += static_cast<double>(plane);
+      }
+      grad_bias[o] = static_cast<scalar_t>(sum);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    std::array<bool, 3> output_mask) {
+  auto empty = [](at::IntArrayRef sizes, const at::TensorOptions& options) {
+    return cached_empty(sizes, options);
+  };
+  auto columns_pass = [&](const at::Tensor& dy, const at::Tensor& x, const Conv2dGeometry& g,
+                          Conv2dGradients& grads) {
+    const at::Tensor weight_acc = weight.to(at::toOpMathType(x.scalar_type())).contiguous();
+    bool bias_done = false;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv2d_backward",
+                                    [&] {
+      bias_done = conv2d_backward_kernel<scalar_t>(dy, x, weight_acc, g, grads.want_input,
+                                                   grads.want_weight, grads.input,
+                                                   grads.weight_acc,
+                                                   grads.want_bias ? &grads.bias : nullptr);
+    });
+    return bias_done;
+  };
+  auto bias_grad = [](const at::Tensor& dy, const Conv2dGeometry& g, at::Tensor& grad_bias) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dy.scalar_type(), "conv2d_bias_grad",
+                                    [&] {
+      conv2d_bias_grad(dy.const_data_ptr<scalar_t>(), g, grad_bias.mutable_data_ptr<scalar_t>());
+    });
+  };
+  return run_conv2d_backward(grad_output, input, weight, stride, padding, dilation, groups,
+                             output_mask, empty, columns_pass, bias_grad);
+}
+
+// col2im of one image by gather (csrc/conv2d.h's col2im_gather, the index math the CUDA
+// kernel runs): each input element written once.
+template <typename scalar_t>
+void col2im_gather_image(const scalar_t* columns, const Conv2dGeometry& g, scalar_t* grad_input) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t L = g.out_area();
+  parallel_for(0, g.in_channels, grain_for(g.in_area() * g.kernel_area()),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      scalar_t* dst = grad_input + c * g.in_area();
+      for (int64_t ih = 0; ih < g.in_h; ++ih) {
+        for (int64_t iw = 0; iw < g.in_w; ++iw) {
+          dst[ih * g.in_w + iw] =
+              static_cast<scalar_t>(col2im_gather<scalar_t, acc_t>(columns, L, g, c, ih, iw));
+        }
+      }
+    }
+  });
+}
+
+// F.unfold's semantics, one element at a time through the shared helper im2col_value: the
+// reference the bands path's row-wise im2col (and the CUDA kernel) can be checked against.
+at::Tensor im2col_cpu(const at::Tensor& input, at::IntArrayRef kernel_size,
+                      at::IntArrayRef dilation, at::IntArrayRef padding, at::IntArrayRef stride) {
+  const Conv2dGeometry g =
+      make_im2col_geometry("convkit::im2col", input, kernel_size, dilation, padding, stride);
+  const at::Tensor x = input.contiguous();
+  const int64_t K = g.column_rows();
+  const int64_t L = g.out_area();
+  at::Tensor columns = cached_empty({g.batch, K, L}, x.options());
+  if (columns.numel() == 0) return columns;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "im2col_cpu", [&] {
+    const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+    scalar_t* col_ptr = columns.mutable_data_ptr<scalar_t>();
+    parallel_for(0, g.batch * K, grain_for(L), [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / K;
+        const int64_t row = task % K;
+        const scalar_t* image = x_ptr + b * g.in_channels * g.in_area();
+        scalar_t* dst = col_ptr + task * L;
+        for (int64_t pos = 0; pos < L; ++pos) dst[pos] = im2col_value(image, g, row, pos);
+      }
+    });
+  });
+  return columns;
+}
+
+// F.fold's semantics: every input element gathers the column entries copied from it.
+at::Tensor col2im_cpu(const at::Tensor& columns, at::IntArrayRef output_size,
+                      at::IntArrayRef kernel_size, at::IntArrayRef dilation,
+                      at::IntArrayRef padding, at::IntArrayRef stride) {
+  const Conv2dGeometry g = make_col2im_geometry("convkit::col2im", columns, output_size,
+                                                kernel_size, dilation, padding, stride);
+  const at::Tensor cols = columns.contiguous();
+  at::Tensor output = cached_empty({g.batch, g.in_channels, g.in_h, g.in_w}, cols.options());
+  if (output.numel() == 0) return output;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, cols.scalar_type(), "col2im_cpu", [&] {
+    const scalar_t* col_ptr = cols.const_data_ptr<scalar_t>();
+    scalar_t* out_ptr = output.mutable_data_ptr<scalar_t>();
+    const int64_t K = g.column_rows();
+    const int64_t L = g.out_area();
+    for (int64_t b = 0; b < g.batch; ++b) {
+      col2im_gather_image(col_ptr + b * K * L, g, out_ptr + b * g.in_channels * g.in_area());
+    }
+  });
+  return output;
+}
+
+}  // namespace
+
+std::tuple<std::string, std::string, std::string> conv2d_cpu_plan(
+    const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    std::array<bool, 2> gradient_mask) {
+  const Conv2dGeometry g = make_conv2d_geometry("convkit::conv2d_cpu_plan", input, weight, stride,
+                                                padding, dilation, groups);
+  const at::ScalarType acc_type = at::toOpMathType(input.scalar_type());
+  const int64_t acc_size = static_cast<int64_t>(c10::elementSize(acc_type));
+  const bool same_type = acc_type == input.scalar_type();
+  const ConvPlan forward = choose_forward(g, acc_size, same_type);
+  const ConvPlan backward =
+      choose_backward(g, acc_size, same_type, gradient_mask[0], gradient_mask[1]);
+  return {path_name(forward.forward), path_name(backward.input_grad),
+          path_name(backward.weight_grad)};
+}
+
+}  // namespace convkit::cpu_conv2d
+
+namespace convkit {
+
+// While CUDA emulation is on in the calling thread, each op runs its CUDA code on the CPU
+// instead (csrc/cuda_emu/routing.h).
+TORCH_LIBRARY_IMPL(convkit, CPU, m) {
+  using namespace cpu_conv2d;
+  m.impl("conv2d_forward",
+         &RoutedKernel<&conv2d_forward_cpu, &emulated_cuda::conv2d_forward>::call);
+  m.impl("conv2d_backward",
+         &RoutedKernel<&conv2d_backward_cpu, &emulated_cuda::conv2d_backward>::call);
+  m.impl("im2col", &RoutedKernel<&im2col_cpu, &emulated_cuda::im2col>::call);
+  m.impl("col2im", &RoutedKernel<&col2im_cpu, &emulated_cuda::col2im>::call);
+}
+
+}  // namespace convkit

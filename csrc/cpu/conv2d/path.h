@@ -1,0 +1,223 @@
+// Which algorithm the CPU conv2d runs for a layer: the one place that decides, top-down.
+//
+//   window        one output position per image, from an image no larger than the kernel
+//                 (a last layer: 2x2 -> 1x1): one GEMM over the images read in place
+//                 (window.cpp). float and double only: half types keep the image paths,
+//                 which widen as they gather.
+//   rows          first layers (<= 16 outputs, C*kH*kW <= 64 taps, output rows >= 8 wide,
+//                 groups 1): direct convolution with 16 positions of a row in the vector lanes
+//                 (rows.cpp). Forward, and the weight gradient when no input gradient is
+//                 wanted (a network's first layer).
+//   implicit_gemm 8-64 output channels on small maps (groups 1; <= 32 outputs with >= 16
+//                 positions, or <= 64 on rows narrower than 8 with >= 4 positions): output
+//                 channels in the lanes, inputs read through an offset table, no column matrix
+//                 (implicit_gemm.h/.cpp). Forward and weight gradient.
+//   transposed_implicit_gemm   the input gradient of implicit_gemm layers with 9-32 input
+//                 channels: input channels in the lanes, positions grouped by their phase
+//                 modulo the stride (transposed_input_grad.h).
+//   images        whole images per tile, narrow output rows (< 8): a branch-free gather into
+//                 transposed column matrices and our GEMM (images.cpp, images_backward.cpp);
+//                 the backward pass of the implicit GEMM family runs here too.
+//   shared_tiles  images-path layers whose weight matrix is >= 2 MiB (ResNet's 512-channel
+//                 convs) on more than one thread: one tile at a time for all threads and one
+//                 threaded GEMM sharing its packed weights (shared_tiles.cpp).
+//   bands         everything else (large images): bands of output rows of one image, their
+//                 columns copied row-wise (bands.cpp).
+// The thresholds below are where the paths were measured to win (docs/performance-notes.md);
+// tests/test_conv2d_paths.py asserts the path of each shape it names (conv2d_cpu_plan).
+// Tiles: a thread's tile holds ~384 KiB of columns (L2) but at least 384 columns, so that
+// large weight matrices are reused enough per load; CONVKIT_COLUMN_BUDGET_MB bounds all
+// threads' tiles together (down to one output row) and can move a layer from the image
+// family to the bands path (tiles.h).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <tuple>
+
+#include "../../conv2d.h"
+#include "../parallel.h"
+#include "tiles.h"
+
+namespace convkit::cpu_conv2d {
+
+enum class ConvPath : uint8_t {
+  kNone,  // the gradient is not wanted
+  kWindow,
+  kRows,
+  kImplicitGemm,
+  kTransposedImplicitGemm,
+  kImages,
+  kSharedTiles,
+  kBands,
+};
+
+inline const char* path_name(ConvPath path) {
+  switch (path) {
+    case ConvPath::kNone: return "none";
+    case ConvPath::kWindow: return "window";
+    case ConvPath::kRows: return "rows";
+    case ConvPath::kImplicitGemm: return "implicit_gemm";
+    case ConvPath::kTransposedImplicitGemm: return "transposed_implicit_gemm";
+    case ConvPath::kImages: return "images";
+    case ConvPath::kSharedTiles: return "shared_tiles";
+    case ConvPath::kBands: return "bands";
+  }
+  return "?";
+}
+
+// ---- The thresholds.
+
+// Rows: output channels in registers, taps per output position, the narrowest row.
+constexpr int64_t kMaxRowChannels = 16;
+constexpr int64_t kMaxRowTaps = 64;
+constexpr int64_t kMinRowWidth = 8;
+// Output rows at least this wide are copied as runs (the bands path's im2col, which the
+// compiler vectorises); narrower ones go through the images path's gather table.
+constexpr int64_t kMinRunWidth = 8;
+// The implicit GEMM: up to 32 output channels (blocks of 8, 16 or 32) with enough positions
+// per image to fill a step (4-16 a step; fewer would mostly compute padding), or 33-64
+// channels (blocks of 64, 4 positions a step) on rows narrower than kMinRunWidth.
+constexpr int64_t kMaxImplicitChannels = 32;
+constexpr int64_t kMinImplicitPositions = 16;
+constexpr int64_t kMaxImplicitChannelsNarrow = 64;
+constexpr int64_t kMinImplicitPositionsNarrow = 4;
+// Positions per call of the implicit GEMM's weight-gradient kernel (a chunk of whole images).
+constexpr int64_t kImplicitChunkPositions = 64;
+// The transposed implicit GEMM: 9-32 input channels (16 lanes; with <= 8 channels the images
+// path's GEMM and gather measured faster), chunks of up to 8 images.
+constexpr int64_t kMinTransposedChannels = 9;
+constexpr int64_t kMaxTransposedChannels = 32;
+constexpr int64_t kTransposedChunkImages = 8;
+// A group's weight matrix at least this large (ResNet-18's 512-channel 3x3: 9.4 MB) does not
+// stay in a core's cache next to a tile: all threads then work on one tile (shared tiles).
+constexpr int64_t kSharedTileWeightBytes = int64_t(2) << 20;
+
+// ---- The predicates: whether a path can run a layer.
+
+inline bool window_fits(const Conv2dGeometry& g) {
+  return g.out_h == 1 && g.out_w == 1 && g.in_area() <= g.kernel_area();
+}
+
+inline bool rows_fit(const Conv2dGeometry& g) {
+  return g.groups == 1 && g.out_channels <= kMaxRowChannels && g.out_w >= kMinRowWidth &&
+         g.in_channels * g.kernel_area() <= kMaxRowTaps;
+}
+
+inline bool implicit_gemm_fits(const Conv2dGeometry& g) {
+  if (g.groups != 1) return false;
+  if (g.out_channels <= kMaxImplicitChannels) return g.out_area() >= kMinImplicitPositions;
+  return g.out_channels <= kMaxImplicitChannelsNarrow && g.out_w < kMinRunWidth &&
+         g.out_area() >= kMinImplicitPositionsNarrow;
+}
+
+// Whole images per tile and narrow rows (or an implicit GEMM layer), within the gather
+// table's int32 offsets.
+inline bool image_family_fits(const Conv2dGeometry& g, const TilePlan& p) {
+  return p.whole_images() && (g.out_w < kMinRunWidth || implicit_gemm_fits(g)) &&
+         g.in_channels * (g.in_area() + 1) < std::numeric_limits<int32_t>::max();
+}
+
+inline bool transposed_input_grad_fits(const Conv2dGeometry& g) {
+  // The layout's offsets are int32: into a chunk's dY copy ((L + 1) rows of <= 64 channels
+  // per image) and its sums (area rows per image). A chunk has at most 8 images, or the
+  // weight gradient's chunk of <= kImplicitChunkPositions images when that is larger.
+  const int64_t max_chunk = std::max(kTransposedChunkImages, kImplicitChunkPositions);
+  const int64_t image_rows = std::max((g.out_area() + 1) * kMaxImplicitChannelsNarrow, g.in_area());
+  return implicit_gemm_fits(g) && g.in_channels >= kMinTransposedChannels &&
+         g.in_channels <= kMaxTransposedChannels &&
+         max_chunk * image_rows < std::numeric_limits<int32_t>::max();
+}
+
+inline bool shared_tiles_fit(const Conv2dGeometry& g, int64_t acc_size, int64_t threads) {
+  const int64_t weight_bytes =
+      g.out_channels / g.groups * (g.column_rows() / g.groups) * acc_size;
+  return threads > 1 && weight_bytes >= kSharedTileWeightBytes;
+}
+
+// ---- The choice.
+
+struct ConvPlan {
+  ConvPath forward = ConvPath::kNone;
+  ConvPath weight_grad = ConvPath::kNone;
+  ConvPath input_grad = ConvPath::kNone;
+  // On the implicit GEMM family (its weight gradient's layout shapes the images path's
+  // backward buffers even when only the input gradient is wanted).
+  bool implicit_gemm_layout = false;
+  TilePlan tiles{};  // the tiles the chosen paths run on (the shared tiles' when they run)
+};
+
+// acc_size: bytes of the compute type; same_type: the input is already of the compute type
+// (float, double), which the window path needs.
+inline ConvPlan choose_forward(const Conv2dGeometry& g, int64_t acc_size, bool same_type) {
+  ConvPlan plan;
+  const int64_t threads = team_size();
+  if (same_type && window_fits(g)) {
+    plan.forward = ConvPath::kWindow;
+    return plan;
+  }
+  plan.tiles = plan_tiles(g, acc_size, threads);
+  if (rows_fit(g)) {
+    plan.forward = ConvPath::kRows;
+  } else if (!image_family_fits(g, plan.tiles)) {
+    plan.forward = ConvPath::kBands;
+  } else if (implicit_gemm_fits(g)) {
+    plan.forward = ConvPath::kImplicitGemm;
+  } else if (shared_tiles_fit(g, acc_size, threads)) {
+    plan.forward = ConvPath::kSharedTiles;
+    plan.tiles = plan_shared_tiles(g, acc_size, threads);
+  } else {
+    plan.forward = ConvPath::kImages;
+  }
+  return plan;
+}
+
+inline ConvPlan choose_backward(const Conv2dGeometry& g, int64_t acc_size, bool same_type,
+                                bool need_input_grad, bool need_weight_grad) {
+  ConvPlan plan;
+  auto both = [&](ConvPath path) {
+    plan.input_grad = need_input_grad ? path : ConvPath::kNone;
+    plan.weight_grad = need_weight_grad ? path : ConvPath::kNone;
+  };
+  if (!need_input_grad && !need_weight_grad) return plan;
+  const int64_t threads = team_size();
+  if (same_type && window_fits(g)) {
+    both(ConvPath::kWindow);
+    return plan;
+  }
+  plan.tiles = plan_tiles(g, acc_size, threads);
+  if (rows_fit(g) && need_weight_grad && !need_input_grad) {
+    plan.weight_grad = ConvPath::kRows;
+  } else if (!image_family_fits(g, plan.tiles)) {
+    both(ConvPath::kBands);
+  } else if (!implicit_gemm_fits(g) && shared_tiles_fit(g, acc_size, threads)) {
+    both(ConvPath::kSharedTiles);
+    plan.tiles = plan_shared_tiles(g, acc_size, threads);
+  } else {
+    plan.implicit_gemm_layout = implicit_gemm_fits(g);
+    if (need_weight_grad) {
+      plan.weight_grad = plan.implicit_gemm_layout ? ConvPath::kImplicitGemm : ConvPath::kImages;
+    }
+    if (need_input_grad) {
+      plan.input_grad = transposed_input_grad_fits(g) ? ConvPath::kTransposedImplicitGemm
+                                                      : ConvPath::kImages;
+    }
+  }
+  return plan;
+}
+
+// The op convkit::conv2d_cpu_plan (ops.cpp): the names of the paths a CPU conv2d of these
+// tensors' shapes and dtype runs on this thread count, (forward, input gradient, weight
+// gradient) for the wanted gradients gradient_mask = (input, weight), "none" where a
+// gradient is not wanted. For tests and for users who read the kernels.
+std::tuple<std::string, std::string, std::string> conv2d_cpu_plan(
+    const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    std::array<bool, 2> gradient_mask);
+
+}  // namespace convkit::cpu_conv2d

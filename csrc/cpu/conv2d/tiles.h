@@ -1,0 +1,223 @@
+// How the CPU conv kernels cut their work: tiles of output columns (whole images, or bands of
+// output rows of one image), planned so that a tile's columns stay in L2 next to its output
+// and all threads' tiles together within CONVKIT_COLUMN_BUDGET_MB; and the band path's
+// row-wise im2col/col2im of a tile. Every thread owns whole tiles.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <utility>
+
+#include "../../column_buffer.h"
+#include "../../conv2d.h"
+#include "../block_cache.h"
+
+namespace convkit::cpu_conv2d {
+
+// Aim for parallel tasks of at least this many elements, so thread start-up stays small.
+constexpr int64_t kParallelGrainElements = int64_t(1) << 15;
+
+inline int64_t grain_for(int64_t elements_per_task) {
+  return std::max<int64_t>(1, kParallelGrainElements / std::max<int64_t>(elements_per_task, 1));
+}
+
+// Scratch memory of the compute type for `elems` values; callers carve per-thread slices
+// out of it (parallel_for_slots names the calling thread's slice).
+template <typename acc_t>
+at::Tensor scratch(const at::Tensor& like, int64_t elems) {
+  return cached_empty({elems}, like.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+}
+
+// A thread's column tile: small enough to stay in L2 next to the output tile (L2 is 512 KiB-
+// 2 MiB per core on current x86 server parts) ...
+constexpr int64_t kTileBytes = int64_t(384) << 10;
+// ... but at least this many columns, so that each weight the GEMM loads is used often
+// enough to hide its load: layers with large weight matrices (ResNet's 256-512 channels)
+// would otherwise stream megabytes of weights for a few dozen columns.
+constexpr int64_t kMinTileColumns = 384;
+
+// How the output columns are cut into tiles.
+struct TilePlan {
+  int64_t images_per_tile;  // whole images per tile (the image path), or 1 (the band path)
+  int64_t rows_per_tile;    // output rows per tile: out_h on the image path
+  int64_t bands;            // tiles per image: 1 on the image path
+  int64_t image_groups;     // ceil(batch / images_per_tile)
+  int64_t columns;          // most columns in one tile
+  int64_t threads;          // per-thread buffers to allocate
+  bool whole_images() const { return bands == 1; }
+};
+
+// Tiles for `threads` threads (each has its own buffers).
+inline TilePlan plan_tiles(const Conv2dGeometry& g, int64_t acc_size, int64_t threads) {
+  TilePlan p;
+  p.threads = threads;
+  const int64_t L = g.out_area();
+  const int64_t column_bytes = std::max<int64_t>(g.column_rows() * acc_size, 1);
+  // The column budget (CONVKIT_COLUMN_BUDGET_MB) bounds all threads' tiles together and
+  // wins over the preferences above.
+  const int64_t budget_columns = column_budget_bytes() / p.threads / column_bytes;
+  const int64_t preferred = std::max(kTileBytes / column_bytes, kMinTileColumns);
+  const int64_t target = std::max<int64_t>(1, std::min(preferred, budget_columns));
+  if (L <= target) {
+    // Balance: each thread gets the fewest tiles that keep a tile within the target, and the
+    // images are spread evenly over all the tiles. (Taking the largest tile that fits, 21 of
+    // 64 images for the 8->16 layer, left one thread 42 images and the other 22.)
+    const int64_t per_thread_images = (g.batch + p.threads - 1) / p.threads;
+    const int64_t target_images = std::max<int64_t>(1, target / L);
+    const int64_t tiles_per_thread = (per_thread_images + target_images - 1) / target_images;
+    const int64_t tiles = std::max<int64_t>(1, std::min(g.batch, p.threads * tiles_per_thread));
+    int64_t images = std::max<int64_t>(1, (g.batch + tiles - 1) / tiles);
+    // Then the largest tile no larger whose tile count the threads share evenly: 9 images in
+    // tiles of 2 are 5 tiles, 3 of them (6 images) on one of 2 threads; tiles of 1 give 5 and 4.
+    if (g.batch >= p.threads) {
+      while (images > 1 && ((g.batch + images - 1) / images) % p.threads != 0) --images;
+    }
+    p.images_per_tile = images;
+    p.rows_per_tile = g.out_h;
+  } else {
+    p.images_per_tile = 1;
+    p.rows_per_tile = std::max<int64_t>(1, std::min(g.out_h, target / g.out_w));
+  }
+  p.bands = (g.out_h + p.rows_per_tile - 1) / p.rows_per_tile;
+  p.image_groups = (g.batch + p.images_per_tile - 1) / p.images_per_tile;
+  p.columns = p.images_per_tile * p.rows_per_tile * g.out_w;
+  return p;
+}
+
+inline bool reads_input_as_columns(const Conv2dGeometry& g) {
+  return g.kernel_h == 1 && g.kernel_w == 1 && g.stride_h == 1 && g.stride_w == 1 &&
+         g.pad_h == 0 && g.pad_w == 0;
+}
+
+// Writes the column rows of channel c for output rows [oh_begin, oh_end) of one image into
+// dst (row r of the channel at dst + r * ld), converting to acc_t.
+template <typename scalar_t, typename acc_t>
+void im2col_band(const scalar_t* image, const Conv2dGeometry& g, int64_t c, int64_t oh_begin,
+                 int64_t oh_end, acc_t* dst, int64_t ld) {
+  const scalar_t* plane = image + c * g.in_area();
+  for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+    for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
+      acc_t* dst_row = dst + (kh * g.kernel_w + kw) * ld;
+      int64_t ow_begin = 0, ow_end = 0;
+      conv_valid_output_range(g.in_w, g.out_w, kw, g.stride_w, g.pad_w, g.dilation_w, &ow_begin,
+                              &ow_end);
+      const int64_t iw0 = conv_input_coordinate(ow_begin, kw, g.stride_w, g.pad_w, g.dilation_w);
+      for (int64_t oh = oh_begin; oh < oh_end; ++oh) {
+        acc_t* out = dst_row + (oh - oh_begin) * g.out_w;
+        const int64_t ih = conv_input_coordinate(oh, kh, g.stride_h, g.pad_h, g.dilation_h);
+        if (ih < 0 || ih >= g.in_h) {
+          std::fill(out, out + g.out_w, acc_t(0));
+          continue;
+        }
+        const scalar_t* src = plane + ih * g.in_w + iw0;
+        std::fill(out, out + ow_begin, acc_t(0));
+        const int64_t n = ow_end - ow_begin;
+        acc_t* run = out + ow_begin;
+        if (g.stride_w == 1) {
+          for (int64_t i = 0; i < n; ++i) run[i] = static_cast<acc_t>(src[i]);
+        } else if (g.stride_w == 2) {
+          for (int64_t i = 0; i < n; ++i) run[i] = static_cast<acc_t>(src[2 * i]);
+        } else {
+          for (int64_t i = 0; i < n; ++i) run[i] = static_cast<acc_t>(src[i * g.stride_w]);
+        }
+        std::fill(out + ow_end, out + g.out_w, acc_t(0));
+      }
+    }
+  }
+}
+
+// The column gradient of output rows [oh_begin, oh_end) of one image, channel c (row r at
+// src + r * ld), added into that channel's input-gradient plane: the transpose of
+// im2col_band, element by element in a fixed order.
+template <typename acc_t>
+void col2im_band_add(const acc_t* src, int64_t ld, const Conv2dGeometry& g, int64_t oh_begin,
+                     int64_t oh_end, acc_t* plane) {
+  for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+    for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
+      const acc_t* src_row = src + (kh * g.kernel_w + kw) * ld;
+      int64_t ow_begin = 0, ow_end = 0;
+      conv_valid_output_range(g.in_w, g.out_w, kw, g.stride_w, g.pad_w, g.dilation_w, &ow_begin,
+                              &ow_end);
+      const int64_t iw0 = conv_input_coordinate(ow_begin, kw, g.stride_w, g.pad_w, g.dilation_w);
+      const int64_t n = ow_end - ow_begin;
+      for (int64_t oh = oh_begin; oh < oh_end; ++oh) {
+        const int64_t ih = conv_input_coordinate(oh, kh, g.stride_h, g.pad_h, g.dilation_h);
+        if (ih < 0 || ih >= g.in_h) continue;
+        const acc_t* run = src_row + (oh - oh_begin) * g.out_w + ow_begin;
+        acc_t* dst = plane + ih * g.in_w + iw0;
+        if (g.stride_w == 1) {
+          for (int64_t i = 0; i < n; ++i) dst[i] += run[i];
+        } else {
+          for (int64_t i = 0; i < n; ++i) dst[i * g.stride_w] += run[i];
+        }
+      }
+    }
+  }
+}
+
+// One tile of the output columns: images [first, first + count), output rows [oh_begin,
+// oh_end) of each (all rows when count > 1).
+struct Tile {
+  int64_t first, count, oh_begin, oh_end;
+  int64_t columns(const Conv2dGeometry& g) const { return count * (oh_end - oh_begin) * g.out_w; }
+};
+
+// The column matrix of a tile in `buffer` ([K, n], ld n), or, for a 1x1 stride-1 conv on a
+// band of one image in the compute type, the input itself (ld = H*W). Returns the matrix
+// and its leading dimension.
+template <typename scalar_t, typename acc_t>
+std::pair<const acc_t*, int64_t> tile_columns(const scalar_t* input, const Conv2dGeometry& g,
+                                              const Tile& t, acc_t* buffer) {
+  const int64_t C = g.in_channels;
+  const int64_t L = g.out_area();
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (t.count == 1 && reads_input_as_columns(g)) {
+      return {input + t.first * C * L + t.oh_begin * g.out_w, L};
+    }
+  }
+  const int64_t n = t.columns(g);
+  const int64_t per_image = (t.oh_end - t.oh_begin) * g.out_w;
+  for (int64_t i = 0; i < t.count; ++i) {
+    const scalar_t* image = input + (t.first + i) * C * g.in_area();
+    for (int64_t c = 0; c < C; ++c) {
+      im2col_band(image, g, c, t.oh_begin, t.oh_end, buffer + c * g.kernel_area() * n + i * per_image,
+                  n);
+    }
+  }
+  return {buffer, n};
+}
+
+// The tiles of image group `group` (bands when one image per tile).
+template <typename Fn>
+void for_each_tile(const Conv2dGeometry& g, const TilePlan& p, int64_t group, Fn&& fn) {
+  const int64_t first = group * p.images_per_tile;
+  const int64_t count = std::min(p.images_per_tile, g.batch - first);
+  for (int64_t band = 0; band < p.bands; ++band) {
+    const int64_t oh_begin = band * p.rows_per_tile;
+    const int64_t oh_end = std::min(g.out_h, oh_begin + p.rows_per_tile);
+    fn(Tile{first, count, oh_begin, oh_end});
+  }
+}
+// The shared tiles' plan (one tile at a time for all threads): whole images per tile, all
+// threads' share of the column budget in one tile, cut so that the tiles are of equal size
+// (a short last tile is a thin GEMM).
+inline TilePlan plan_shared_tiles(const Conv2dGeometry& g, int64_t acc_size, int64_t threads) {
+  TilePlan p;
+  p.threads = threads;
+  const int64_t L = std::max<int64_t>(g.out_area(), 1);
+  const int64_t column_bytes = std::max<int64_t>(g.column_rows() * acc_size, 1);
+  const int64_t budget_columns = column_budget_bytes() / column_bytes;
+  const int64_t preferred = p.threads * std::max(kTileBytes / column_bytes, kMinTileColumns);
+  const int64_t target_images = std::max<int64_t>(1, std::min(preferred, budget_columns) / L);
+  const int64_t tiles = (g.batch + target_images - 1) / target_images;
+  p.images_per_tile = std::max<int64_t>(1, (g.batch + tiles - 1) / std::max<int64_t>(tiles, 1));
+  p.rows_per_tile = g.out_h;
+  p.bands = 1;
+  p.image_groups = (g.batch + p.images_per_tile - 1) / p.images_per_tile;
+  p.columns = p.images_per_tile * L;
+  return p;
+}
+
+}  // namespace convkit::cpu_conv2d
