@@ -2,6 +2,9 @@
 // the same values and, above all, the same ReLU mask in forward and backward.
 #pragma once
 
+#include <cmath>
+#include <cstdint>
+
 #include "conv2d.h"  // CONVKIT_HOST_DEVICE
 
 namespace convkit {
@@ -20,6 +23,71 @@ CONVKIT_HOST_DEVICE inline scalar_t batch_norm_output(scalar_t x, acc_t scale, a
   acc_t y = static_cast<acc_t>(x) * scale + shift;
   if (relu && y < acc_t(0)) y = acc_t(0);
   return static_cast<scalar_t>(y);
+}
+
+// 1 / sqrt(v), correctly rounded square root then division, the same on host and device.
+CONVKIT_HOST_DEVICE inline float inverse_sqrt(float v) {
+#if defined(__CUDA_ARCH__)
+  return 1.0f / sqrtf(v);
+#else
+  return 1.0f / std::sqrt(v);
+#endif
+}
+CONVKIT_HOST_DEVICE inline double inverse_sqrt(double v) {
+#if defined(__CUDA_ARCH__)
+  return 1.0 / ::sqrt(v);
+#else
+  return 1.0 / std::sqrt(v);
+#endif
+}
+
+// A channel's normalisation as the affine map of batch_norm_output: invstd = 1 / sqrt(var +
+// eps), scale = weight * invstd, shift = bias - mean * scale (weight 1 and bias 0 when the
+// layer has none). Every kernel, forward and backward, CPU and CUDA, takes its coefficients
+// from here, so the backward's recomputed ReLU mask is the forward's bit for bit.
+template <typename acc_t>
+struct ChannelAffine {
+  acc_t invstd;
+  acc_t scale;
+  acc_t shift;
+};
+
+template <typename acc_t>
+CONVKIT_HOST_DEVICE inline ChannelAffine<acc_t> channel_affine(acc_t mean, acc_t var, acc_t weight,
+                                                               acc_t bias, double eps) {
+  ChannelAffine<acc_t> affine;
+  affine.invstd = inverse_sqrt(var + static_cast<acc_t>(eps));
+  affine.scale = weight * affine.invstd;
+  affine.shift = bias - mean * affine.scale;
+  return affine;
+}
+
+// A channel's backward results from its two sums over `count` values, sum(dy') and
+// sum(dy' * (x - mean)) (dy' = dy masked by the ReLU), taken in double: grad_weight =
+// sum_dy_xmu * invstd, grad_bias = sum_dy, and batch_norm_grad_input's terms mean_dy =
+// sum_dy / count and proj = sum_dy_xmu / count * invstd^2 in training (0 in eval, where the
+// statistics are constants, and for an empty batch).
+template <typename acc_t>
+struct ChannelGradient {
+  acc_t grad_weight;
+  acc_t grad_bias;
+  acc_t mean_dy;
+  acc_t proj;
+};
+
+template <typename acc_t>
+CONVKIT_HOST_DEVICE inline ChannelGradient<acc_t> channel_gradient(double sum_dy,
+                                                                   double sum_dy_xmu,
+                                                                   int64_t count, acc_t invstd,
+                                                                   bool training) {
+  ChannelGradient<acc_t> grad;
+  grad.grad_weight = static_cast<acc_t>(sum_dy_xmu * static_cast<double>(invstd));
+  grad.grad_bias = static_cast<acc_t>(sum_dy);
+  const bool batch_statistics = training && count > 0;
+  grad.mean_dy = batch_statistics ? static_cast<acc_t>(sum_dy / double(count)) : acc_t(0);
+  grad.proj = batch_statistics ? static_cast<acc_t>(sum_dy_xmu / double(count)) * invstd * invstd
+                               : acc_t(0);
+  return grad;
 }
 
 // Whether the fused ReLU passes the gradient at x: unless its output is <= 0, as torch's

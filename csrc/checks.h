@@ -5,7 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
-#include <c10/util/Optional.h>
+#include <optional>
 
 #include <c10/util/safe_numerics.h>
 
@@ -34,26 +34,6 @@ inline int64_t checked_sum(const char* op, const char* what, int64_t a, int64_t 
   TORCH_CHECK(!c10::add_overflows(a, b, &sum), op, ": ", what, " (", a, " + ", b,
               ") overflows a 64-bit size");
   return sum;
-}
-
-// The largest MiB setting accepted: 2^42 MiB (4 EiB) in bytes still fits an int64_t.
-constexpr double kMaxMebibytes = 4398046511104.0;
-
-// A size in MiB from the environment variable `name`, as bytes: `default_bytes` when it is
-// unset or empty. Anything but a finite number (> 0, or >= 0 when `zero_allowed`) of at most
-// 2^42 MiB is an error that quotes the value and says what is expected (`expected`, e.g. "a
-// positive number of MiB"). Read at each use, so that tests and users can change the setting
-// at run time.
-inline int64_t mebibytes_from_environment(const char* name, int64_t default_bytes,
-                                          bool zero_allowed, const char* expected) {
-  const char* env = std::getenv(name);
-  if (env == nullptr || *env == '\0') return default_bytes;
-  char* end = nullptr;
-  const double mib = std::strtod(env, &end);
-  TORCH_CHECK(end != env && *end == '\0' && (zero_allowed ? mib >= 0 : mib > 0) &&
-                  mib <= kMaxMebibytes,
-              name, " must be ", expected, " (at most 2^42), but got '", env, "'");
-  return static_cast<int64_t>(mib * double(1 << 20));
 }
 
 inline void check_same_device_and_dtype(const char* op, const at::Tensor& reference,
@@ -211,7 +191,7 @@ inline Conv2dGeometry make_col2im_geometry(const char* op, const at::Tensor& col
 }
 
 inline void check_conv2d_bias(const char* op, const at::Tensor& input,
-                              const c10::optional<at::Tensor>& bias, int64_t out_channels) {
+                              const std::optional<at::Tensor>& bias, int64_t out_channels) {
   if (!bias.has_value() || !bias->defined()) return;
   check_same_device_and_dtype(op, input, "input", *bias, "bias");
   TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_channels, op,
@@ -231,7 +211,7 @@ inline void check_conv2d_grad_output(const char* op, const at::Tensor& input,
 
 // Batch norm: one value per channel in each of these optional parameters.
 inline void check_per_channel(const char* op, const at::Tensor& input,
-                              const c10::optional<at::Tensor>& t, const char* name,
+                              const std::optional<at::Tensor>& t, const char* name,
                               int64_t channels) {
   if (!t.has_value() || !t->defined()) return;
   TORCH_CHECK(t->device() == input.device(), op, ": expected ", name,
@@ -245,7 +225,7 @@ inline void check_per_channel(const char* op, const at::Tensor& input,
 // A batch norm's parameters and running statistics have the input's dtype, or float32 for
 // a float16/bfloat16 input (mixed precision), as torch requires.
 inline void check_parameter_dtype(const char* op, const at::Tensor& input,
-                                  const c10::optional<at::Tensor>& t, const char* name) {
+                                  const std::optional<at::Tensor>& t, const char* name) {
   if (!t.has_value() || !t->defined()) return;
   const at::ScalarType type = t->scalar_type();
   const bool reduced = input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16;
@@ -269,10 +249,10 @@ struct BatchNormShape {
 };
 
 inline BatchNormShape check_batch_norm_forward(const char* op, const at::Tensor& input,
-                                               const c10::optional<at::Tensor>& weight,
-                                               const c10::optional<at::Tensor>& bias,
-                                               const c10::optional<at::Tensor>& running_mean,
-                                               const c10::optional<at::Tensor>& running_var,
+                                               const std::optional<at::Tensor>& weight,
+                                               const std::optional<at::Tensor>& bias,
+                                               const std::optional<at::Tensor>& running_mean,
+                                               const std::optional<at::Tensor>& running_var,
                                                bool training, double eps) {
   check_batch_norm_input(op, input);
   const int64_t N = input.size(0);
@@ -299,8 +279,8 @@ inline BatchNormShape check_batch_norm_forward(const char* op, const at::Tensor&
 
 inline BatchNormShape check_batch_norm_backward(const char* op, const at::Tensor& grad_output,
                                                 const at::Tensor& input,
-                                                const c10::optional<at::Tensor>& weight,
-                                                const c10::optional<at::Tensor>& bias,
+                                                const std::optional<at::Tensor>& weight,
+                                                const std::optional<at::Tensor>& bias,
                                                 const at::Tensor& save_mean,
                                                 const at::Tensor& save_var) {
   check_batch_norm_input(op, input);

@@ -10,18 +10,10 @@
 #include <cstdint>
 
 #include "checks.h"
+#include "config.h"  // column_budget_bytes
 #include "conv2d.h"
 
 namespace convkit {
-
-constexpr int64_t kDefaultColumnBudgetBytes = int64_t(64) << 20;
-
-// The bound on one conv call's column buffer: CONVKIT_COLUMN_BUDGET_MB (MiB), default 64 MiB.
-inline int64_t column_budget_bytes() {
-  return std::max<int64_t>(1, mebibytes_from_environment("CONVKIT_COLUMN_BUDGET_MB",
-                                                         kDefaultColumnBudgetBytes, false,
-                                                         "a positive number of MiB"));
-}
 
 // Images per chunk: as many as fit the column budget, at least one.
 inline int64_t images_per_chunk(const Conv2dGeometry& g, int64_t element_size) {

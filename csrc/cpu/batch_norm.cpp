@@ -22,37 +22,26 @@
 //   read + write on this machine's two cores) [32,64,56,56] (25.7 MB) needs >= 1.9 / 3.2 /
 //   1.3 ms, and torch's BN then ReLU moves 5 / 7 / 4 passes for the same work. Chapter-sized
 //   tensors (0.1-3 MB) live in L2/L3, where the passes run faster than the copy figure.
-// Version 1: scalar loops, double accumulators everywhere.
-// Version 2: the backward reduction sums each plane in acc_t with the ReLU mask as a select,
-//   the planes in double: 27.1 -> 9.2 ms on [32,64,56,56] (1 thread), see BENCHMARKS.md.
-// Version 3: `omp simd` on every loop (without it the compiler keeps a float
-//   sum's order and runs one add per 4 cycles), the row layout for small maps, built for
-//   the host's vector width (-march=native): backward op [512,32,4,4] 0.20 -> 0.08 ms.
-// Version 4:
-//  * the planes' backward reduction is a kRelu-templated loop: with the relu flag tested
-//    inside, GCC had left it scalar, so the op ran at 16 GB/s on [32,64,56,56]: 4.68 ->
-//    2.86 ms (2 threads; 45 GB/s counting 5 passes, the second read of a channel from L2).
-//  * rows are walked a chunk of 256 bytes at a time with the images inner, the chunk's
-//    constants and sums in registers (v3 loaded every constant row per image: 7 loads and 2
-//    stores per vector in the backward's reduction), and the blocks' sums are totalled by
-//    vectorised loops: [64,8,14,14] forward op 29 -> 25 us, backward 46 -> 28 us (2
-//    threads; 1 thread 38 -> 29 and 67 -> 36). About 10 us of each call is the op's fixed
-//    cost (an empty [2,8,2,2] call from Python: 9.7 us forward, 6.0 us backward).
-//  * outputs of >= 16 MiB are written with non-temporal stores (float, AVX-512): a plain
-//    store reads each line before writing it. Eval [32,64,56,56] 1.77 -> 1.0 ms (51 GB/s
-//    counting 2 passes), training forward ~1.9 -> ~1.45 ms.
-//  * small tensors stay on one thread (< 32K values per thread) and per-channel tensors
-//    already in the accumulation type skip the dispatcher: a call's fixed cost 7.6 -> 6.6 us.
-// Version 5: the running-statistics update reads the forward's float/double
-//   statistics in place instead of converting them to double tensors first: 4.0 -> 1.8 us a
-//   call (C=32), once per batch-norm layer per training step.
-// Version 6 (this file): the output and the input gradient come from the CPU block cache
-//   (block_cache.cpp), which keeps freed blocks mapped instead of faulting fresh pages in at
-//   every call: [64,8,14,14] training fwd+bwd through autograd 122-129 -> 110 us (2 threads).
-#include <ATen/ATen.h>
+// Why the loops look as they do:
+//  * every loop carries `omp simd`: without it the compiler keeps a float sum's order and runs
+//    one add per 4 cycles;
+//  * the relu flag is a template parameter (kRelu), never tested inside a loop: GCC leaves such
+//    a loop scalar;
+//  * rows are walked 256 bytes at a time with the images inner, so a chunk's constants and sums
+//    stay in registers;
+//  * outputs of >= 16 MiB are written with non-temporal stores (float, AVX-512): a plain store
+//    reads each line before writing it;
+//  * tensors under 32K values per thread stay on one thread, and the output and input gradient
+//    come from the CPU block cache (block_cache.cpp): a call's fixed cost (~7 us) is then
+//    about that of the dispatcher.
+// Measurements behind these choices: docs/performance-notes.md.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #if defined(__AVX512F__)
@@ -63,6 +52,7 @@
 #include <cstdint>
 #include <array>
 #include <cmath>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -91,7 +81,7 @@ at::Tensor as_acc_contiguous(const at::Tensor& t, at::ScalarType acc_type) {
 }
 
 // Per-channel parameter in the accumulation type, or `fill` when the tensor is absent.
-at::Tensor per_channel_or(const c10::optional<at::Tensor>& t, int64_t channels,
+at::Tensor per_channel_or(const std::optional<at::Tensor>& t, int64_t channels,
                           at::ScalarType acc_type, double fill, const at::TensorOptions& options) {
   if (t.has_value() && t->defined()) return as_acc_contiguous(*t, acc_type);
   return at::full({channels}, fill, options.dtype(acc_type));
@@ -372,10 +362,10 @@ void row_backward(const scalar_t* x, const scalar_t* dy, int64_t N, int64_t C, i
   if (dx == nullptr) return;
   std::vector<acc_t> mean_dy_c(C), proj_c(C);
   for (int64_t c = 0; c < C; ++c) {
-    mean_dy_c[c] = training && count > 0 ? static_cast<acc_t>(sum_dy[c] / double(count)) : acc_t(0);
-    proj_c[c] = training && count > 0
-                    ? static_cast<acc_t>(sum_dy_xmu[c] / double(count)) * invstd_c[c] * invstd_c[c]
-                    : acc_t(0);
+    const ChannelGradient<acc_t> grad =
+        channel_gradient(sum_dy[c], sum_dy_xmu[c], count, invstd_c[c], training);
+    mean_dy_c[c] = grad.mean_dy;
+    proj_c[c] = grad.proj;
   }
   const std::vector<acc_t> mean_dy = spread(mean_dy_c.data(), C, S);
   const std::vector<acc_t> proj = spread(proj_c.data(), C, S);
@@ -404,9 +394,9 @@ void row_backward(const scalar_t* x, const scalar_t* dy, int64_t N, int64_t C, i
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
-    const at::Tensor& input, const c10::optional<at::Tensor>& weight,
-    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
-    const c10::optional<at::Tensor>& running_var, bool training, double eps, bool relu) {
+    const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, bool training, double eps, bool relu) {
   const char* op = "convkit::batch_norm_forward";
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // internal ATen calls need no autograd
   const auto [N, C, S, count] = check_batch_norm_forward(op, input, weight, bias, running_mean,
@@ -450,9 +440,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
       }
       std::vector<acc_t> scale(C), shift(C);
       for (int64_t c = 0; c < C; ++c) {
-        const acc_t invstd = acc_t(1) / std::sqrt(var_ptr[c] + static_cast<acc_t>(eps));
-        scale[c] = w_ptr[c] * invstd;
-        shift[c] = b_ptr[c] - mean_ptr[c] * scale[c];
+        const ChannelAffine<acc_t> affine =
+            channel_affine(mean_ptr[c], var_ptr[c], w_ptr[c], b_ptr[c], eps);
+        scale[c] = affine.scale;
+        shift[c] = affine.shift;
       }
       if (relu) {
         row_normalize<true>(x_ptr, N, C, S, scale.data(), shift.data(), y_ptr);
@@ -503,9 +494,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
             var_ptr[c] = static_cast<acc_t>(var);
           }
         }
-        const acc_t invstd = acc_t(1) / std::sqrt(var_ptr[c] + static_cast<acc_t>(eps));
-        const acc_t scale = w_ptr[c] * invstd;
-        const acc_t shift = b_ptr[c] - mean_ptr[c] * scale;
+        const ChannelAffine<acc_t> affine =
+            channel_affine(mean_ptr[c], var_ptr[c], w_ptr[c], b_ptr[c], eps);
+        const acc_t scale = affine.scale;
+        const acc_t shift = affine.shift;
         for (int64_t n = 0; n < N; ++n) {
           const scalar_t* src = x_ptr + (n * C + c) * S;
           scalar_t* dst = y_ptr + (n * C + c) * S;
@@ -522,8 +514,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
-    const c10::optional<at::Tensor>& bias, const at::Tensor& save_mean, const at::Tensor& save_var,
+    const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& save_mean, const at::Tensor& save_var,
     bool training, double eps, bool relu, std::array<bool, 3> output_mask) {
   const char* op = "convkit::batch_norm_backward";
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // internal ATen calls need no autograd
@@ -559,9 +551,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
     if (use_row_path(C, S)) {
       std::vector<acc_t> scale(C), shift(C), invstd(C);
       for (int64_t c = 0; c < C; ++c) {
-        invstd[c] = acc_t(1) / std::sqrt(var_ptr[c] + static_cast<acc_t>(eps));
-        scale[c] = w_ptr[c] * invstd[c];
-        shift[c] = b_ptr[c] - mean_ptr[c] * scale[c];
+        const ChannelAffine<acc_t> affine =
+            channel_affine(mean_ptr[c], var_ptr[c], w_ptr[c], b_ptr[c], eps);
+        invstd[c] = affine.invstd;
+        scale[c] = affine.scale;
+        shift[c] = affine.shift;
       }
       std::vector<double> sum_dy(C), sum_dy_xmu(C);
       if (relu) {
@@ -572,17 +566,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
                             invstd.data(), training, sum_dy.data(), sum_dy_xmu.data(), dx_ptr);
       }
       for (int64_t c = 0; c < C; ++c) {
-        gw_ptr[c] = static_cast<acc_t>(sum_dy_xmu[c] * static_cast<double>(invstd[c]));
-        gb_ptr[c] = static_cast<acc_t>(sum_dy[c]);
+        const ChannelGradient<acc_t> grad =
+            channel_gradient(sum_dy[c], sum_dy_xmu[c], count, invstd[c], training);
+        gw_ptr[c] = grad.grad_weight;
+        gb_ptr[c] = grad.grad_bias;
       }
       return;
     }
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(count, 1));
     parallel_for(0, C, grain, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        const acc_t invstd = acc_t(1) / std::sqrt(var_ptr[c] + static_cast<acc_t>(eps));
-        const acc_t scale = w_ptr[c] * invstd;
-        const acc_t shift = b_ptr[c] - mean_ptr[c] * scale;
+        const ChannelAffine<acc_t> affine =
+            channel_affine(mean_ptr[c], var_ptr[c], w_ptr[c], b_ptr[c], eps);
+        const acc_t scale = affine.scale;
+        const acc_t shift = affine.shift;
         const acc_t mu = mean_ptr[c];
         // Reduction pass: sum(dy') and sum(dy' * (x - mean)). Blocks of each plane are
         // summed in acc_t by a vectorised loop, the blocks in double.
@@ -599,15 +596,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
             sum_dy_xmu += static_cast<double>(block_dy_xmu);
           }
         }
-        gw_ptr[c] = static_cast<acc_t>(sum_dy_xmu * static_cast<double>(invstd));
-        gb_ptr[c] = static_cast<acc_t>(sum_dy);
+        const ChannelGradient<acc_t> grad =
+            channel_gradient(sum_dy, sum_dy_xmu, count, affine.invstd, training);
+        gw_ptr[c] = grad.grad_weight;
+        gb_ptr[c] = grad.grad_bias;
         if (dx_ptr == nullptr) continue;
         // Element-wise pass. Training: the mean and variance depend on x, which adds the two
         // correction terms; eval: statistics are constants.
-        const acc_t mean_dy = training && count > 0 ? static_cast<acc_t>(sum_dy / double(count)) : acc_t(0);
-        const acc_t proj = training && count > 0
-                               ? static_cast<acc_t>(sum_dy_xmu / double(count)) * invstd * invstd
-                               : acc_t(0);
+        const acc_t mean_dy = grad.mean_dy;
+        const acc_t proj = grad.proj;
         for (int64_t n = 0; n < N; ++n) {
           const scalar_t* xs = x_ptr + (n * C + c) * S;
           const scalar_t* dys = dy_ptr + (n * C + c) * S;

@@ -24,7 +24,7 @@
 // torch's CPU allocator reports its own.
 #include "block_cache.h"
 
-#include "../checks.h"
+#include "../config.h"
 
 #include <ATen/EmptyTensor.h>
 #include <c10/core/Allocator.h>
@@ -47,23 +47,6 @@ namespace {
 constexpr size_t kMinCachedBytes = size_t(64) << 10;
 constexpr size_t kHeaderBytes = 64;  // keeps the data 64-byte aligned
 constexpr size_t kPageBytes = 4096;
-constexpr int64_t kDefaultCacheBytes = int64_t(64) << 20;
-
-// CONVKIT_CPU_CACHE_MB as bytes, read on every large allocation (>= kMinCachedBytes).
-int64_t cache_limit_from_environment() {
-  return mebibytes_from_environment("CONVKIT_CPU_CACHE_MB", kDefaultCacheBytes, true,
-                                    "a non-negative number of MiB (0 turns the CPU block cache "
-                                    "off)");
-}
-
-// CONVKIT_CPU_JUNK_FILL=1: every tensor made by cached_empty, large or small, starts as 0xff
-// bytes (NaN in every floating type) instead of whatever its memory held. The tests set it, so
-// a kernel that reads an output or scratch value it has not written fails loudly, where fresh
-// pages from the system (zeros) could have hidden it.
-bool junk_fill_from_environment() {
-  const char* env = std::getenv("CONVKIT_CPU_JUNK_FILL");
-  return env != nullptr && env[0] == '1' && env[1] == '\0';
-}
 
 size_t size_class(size_t nbytes) {
   const size_t top = size_t(1) << (63 - __builtin_clzll(static_cast<unsigned long long>(nbytes)));
@@ -91,7 +74,7 @@ class BlockCache final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t nbytes) override {
     c10::DataPtr block = allocate_uninitialised(nbytes);
-    if (junk_fill_from_environment() && nbytes > 0) std::memset(block.get(), 0xff, nbytes);
+    if (cpu_junk_fill() && nbytes > 0) std::memset(block.get(), 0xff, nbytes);
     return block;
   }
 
@@ -143,7 +126,7 @@ class BlockCache final : public c10::Allocator {
 
   c10::DataPtr allocate_uninitialised(size_t nbytes) {
     if (nbytes < kMinCachedBytes) return c10::GetCPUAllocator()->allocate(nbytes);
-    const int64_t limit = cache_limit_from_environment();
+    const int64_t limit = cpu_cache_limit_bytes();
     limit_bytes_.store(limit, std::memory_order_relaxed);
     // A limit lowered since the last free takes effect now, not at the next free.
     if (cached_bytes() > limit) trim_to(limit);
@@ -211,7 +194,7 @@ class BlockCache final : public c10::Allocator {
   std::deque<FreeBlock> free_blocks_;  // oldest first
   int64_t cached_bytes_ = 0;
   std::atomic<int64_t> live_bytes_{0};  // blocks in use, by size class
-  std::atomic<int64_t> limit_bytes_{kDefaultCacheBytes};
+  std::atomic<int64_t> limit_bytes_{kDefaultCpuCacheBytes};
 };
 
 }  // namespace

@@ -28,6 +28,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "../config.h"
 #include "packed_gemm.h"
 #include "parallel.h"
 
@@ -66,13 +67,10 @@ struct BlasGemm<double> {
   }
 };
 
-// CONVKIT_CPU_GEMM: "own" (the default: the packed GEMM on AVX-512 hosts, the BLAS elsewhere)
-// or "blas"; anything else is an error, on every host.
+// Our packed GEMM where the build has it (AVX-512) and CONVKIT_CPU_GEMM does not ask for the
+// BLAS (csrc/config.h).
 inline bool use_packed_gemm() {
-  const char* env = std::getenv("CONVKIT_CPU_GEMM");
-  const bool own = env == nullptr || *env == '\0' || std::strcmp(env, "own") == 0;
-  TORCH_CHECK(own || std::strcmp(env, "blas") == 0,
-              "CONVKIT_CPU_GEMM must be \"own\" or \"blas\", got \"", env, "\"");
+  const bool own = cpu_gemm_is_own();
 #if defined(__AVX512F__)
   return own;
 #else

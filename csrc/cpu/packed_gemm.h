@@ -29,15 +29,10 @@
 // Results are deterministic: each C element is a fixed-order sum (depth blocks in order,
 // depth steps in order within a block), whatever the thread count.
 //
-// Version 1: that product on one core 72-73 ms (101-103 GFLOP/s; MKL 81 ms).
-//   In the convolutions (2 threads, fwd+bwd, own vs MKL in the same run): ResNet-18 layer4
-//   125-137 vs 128-156 ms and layer4.down 62-68 vs 64-79 (the shared tiles: one GEMM over
-//   both threads), layer3 132-142 vs 125-137 (tiles per thread: ~5% behind MKL), the chapter
-//   layers within +-5%. Measurements in BENCHMARKS.md.
-// Version 2 (this file): a last column panel of <= 16 columns runs a one-vector micro-kernel
-//   (it computed the whole 32-column panel): the chapter's 8->16 input gradient (72 columns:
-//   32 + 32 + 8) at N=512 0.70-0.72 -> 0.62-0.63 ms, 16->32 (144 = 4 * 32 + 16) 0.59 ->
-//   0.54 ms; shapes with whole panels unchanged.
+// A last column panel of <= 16 columns runs a one-vector micro-kernel instead of the whole
+// 32-column panel (the chapter's input gradients have 72 and 144 columns).
+// Floor: one core's FMA throughput; the measured rate against MKL's is in
+// docs/performance-notes.md.
 #pragma once
 
 #if defined(__AVX512F__)

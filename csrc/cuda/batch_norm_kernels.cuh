@@ -36,8 +36,6 @@ namespace convkit::CONVKIT_CUDA_NAMESPACE {
 constexpr int64_t kElementsPerThread = 16;
 constexpr int64_t kMaxSlices = 1024;
 
-__device__ inline float inverse_sqrt(float v) { return 1.0f / sqrtf(v); }
-__device__ inline double inverse_sqrt(double v) { return 1.0 / sqrt(v); }
 
 // Statistics of a set of values: Welford's count, mean and M2 of its finite values, and the sum
 // of its non-finite ones (0 when there are none; ±inf or NaN otherwise).
@@ -180,10 +178,11 @@ __global__ void coefficients_kernel(const acc_t* __restrict__ mean, const acc_t*
                                     acc_t* __restrict__ shift) {
   for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < C;
        c += int64_t(blockDim.x) * gridDim.x) {
-    const acc_t invstd = inverse_sqrt(var[c] + static_cast<acc_t>(eps));
-    const acc_t s = (weight != nullptr ? weight[c] : acc_t(1)) * invstd;
-    scale[c] = s;
-    shift[c] = (bias != nullptr ? bias[c] : acc_t(0)) - mean[c] * s;
+    const ChannelAffine<acc_t> affine =
+        channel_affine(mean[c], var[c], weight != nullptr ? weight[c] : acc_t(1),
+                       bias != nullptr ? bias[c] : acc_t(0), eps);
+    scale[c] = affine.scale;
+    shift[c] = affine.shift;
   }
 }
 
@@ -264,13 +263,12 @@ __global__ void backward_finalize_kernel(const GradSums<acc_t>* __restrict__ par
       dy += static_cast<double>(partial[c * slices + p].dy);
       dy_xmu += static_cast<double>(partial[c * slices + p].dy_xmu);
     }
-    const GradSums<acc_t> sums{static_cast<acc_t>(dy), static_cast<acc_t>(dy_xmu)};
     const acc_t invstd = inverse_sqrt(var[c] + static_cast<acc_t>(eps));
-    grad_weight[c] = sums.dy_xmu * invstd;
-    grad_bias[c] = sums.dy;
-    const bool batch_stats = training && count > 0;
-    mean_dy[c] = batch_stats ? sums.dy / static_cast<acc_t>(count) : acc_t(0);
-    proj[c] = batch_stats ? sums.dy_xmu / static_cast<acc_t>(count) * invstd * invstd : acc_t(0);
+    const ChannelGradient<acc_t> grad = channel_gradient(dy, dy_xmu, count, invstd, training);
+    grad_weight[c] = grad.grad_weight;
+    grad_bias[c] = grad.grad_bias;
+    mean_dy[c] = grad.mean_dy;
+    proj[c] = grad.proj;
   }
 }
 
