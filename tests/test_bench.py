@@ -138,14 +138,21 @@ def test_cuda_without_a_gpu_is_a_clear_error(capsys):
     assert "no CUDA device is available" in capsys.readouterr().err
 
 
-# ----------------------------------------------------------------------------- goal_floors.py
+# ------------------------------------------------------------------------- dev/goal_floors.py
 
-FLOORS_SCRIPT = ROOT / "benchmarks" / "goal_floors.py"
+FLOORS_SCRIPT = ROOT / "dev" / "goal_floors.py"
 
 
 def load_floors() -> ModuleType:
-    """goal_floors.py, which imports conv_bench from its own folder."""
+    """dev/goal_floors.py, which imports conv_bench from benchmarks/."""
     return load_script("goal_floors", FLOORS_SCRIPT)
+
+
+def test_goal_floors_uses_the_benchmarks_conv_bench():
+    # dev/ holds no copy of conv_bench.py: the floors are measured with benchmarks/' own.
+    floors = load_floors()
+    assert Path(floors.bench.__file__).resolve() == SCRIPT.resolve()
+    assert not (ROOT / "benchmarks" / "goal_floors.py").exists()
 
 
 def test_goal_floors_run_gives_consistent_rows(tmp_path):

@@ -5,8 +5,8 @@
 // tensors of a few MiB (the input gradient, the output, the GEMM's tiles) are fresh pages at
 // every call, and each first touch of a page is a page fault: 1-2 us each on the development
 // VM. The 8->16 chapter layer's fwd+bwd at batch 512 faulted 440-560 times a call and took
-// 2.2-2.5 ms against 1.5 ms with MALLOC_TOP_PAD_=64 MiB (no faults) - see BENCHMARKS.md, tenth
-// round. A process-wide malloc setting is the user's choice, not a library's; keeping our own
+// 2.2-2.5 ms against 1.5 ms with MALLOC_TOP_PAD_=64 MiB (no faults; docs/performance-notes.md).
+// A process-wide malloc setting is the user's choice, not a library's; keeping our own
 // freed blocks mapped is.
 //
 // How: blocks of >= 64 KiB are rounded up to a size class (8 per power of two, at least a

@@ -31,7 +31,10 @@ work would have to run faster than anything measured doing such work on this mac
 "needs" is the rate the work would have to run at to meet the goal, and "convkit now" the rate
 it runs at in the row (its time less the fixed part), both as shares of the best.
 
-    python benchmarks/goal_floors.py [--threads N] [--batches 64,512] [--json PATH]
+    python dev/goal_floors.py [--threads N] [--batches 64,512] [--json PATH]
+
+A development tool (dev/): the bookkeeping of issue 6's goals, not part of the user-facing
+benchmarks/.
 """
 from __future__ import annotations
 
@@ -45,8 +48,9 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import conv_bench as bench  # noqa: E402  (benchmarks/ is not a package)
+# conv_bench.py lives in benchmarks/, beside this folder (neither is a package).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import conv_bench as bench  # noqa: E402
 
 convkit = bench.convkit
 
