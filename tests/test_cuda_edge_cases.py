@@ -137,6 +137,7 @@ def test_conv2d_grid_stride_loops(target):
         torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", CUDA_TARGETS)
 def test_batch_norm_count_above_2_24(target):
     """2^24 + 10 values per channel, around 100 (a float32 sum of them would lose the
