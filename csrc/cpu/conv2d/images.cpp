@@ -22,8 +22,8 @@ namespace convkit::cpu_conv2d {
 
 template <typename scalar_t>
 void images_forward(const at::Tensor& x, const at::Tensor& weight_acc,
-                           const at::Tensor& bias_acc, const Conv2dGeometry& g,
-                           const TilePlan& p, at::Tensor& output) {
+                    const at::Tensor& bias_acc, const Conv2dGeometry& g,
+                    const TilePlan& p, at::Tensor& output) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t O = g.out_channels;
   const int64_t K = g.column_rows();

@@ -83,8 +83,8 @@ inline ImplicitGemmLayout make_implicit_gemm_layout(const Conv2dGeometry& g, con
 // Positions l0 .. l0 + Positions - 1 of one block of 16 * Vectors channels.
 template <int Vectors, int Positions>
 inline void implicit_forward_step_avx512(const float* __restrict planes, const ImplicitGemmLayout& d,
-                                       int64_t K, const float* __restrict weight_t, int64_t o0,
-                                       int64_t l0, float* __restrict out_t) {
+                                         int64_t K, const float* __restrict weight_t, int64_t o0,
+                                         int64_t l0, float* __restrict out_t) {
   __m512 acc[Positions][Vectors];
   for (int p = 0; p < Positions; ++p) {
     for (int v = 0; v < Vectors; ++v) acc[p][v] = _mm512_setzero_ps();
@@ -112,8 +112,8 @@ inline void implicit_forward_step_avx512(const float* __restrict planes, const I
 // computing padded positions (the 8->16 layer: 49 positions, 56 computed).
 template <int Vectors>
 void implicit_forward_image_avx512(const float* __restrict planes, const ImplicitGemmLayout& d,
-                                 int64_t K, int64_t L, const float* __restrict weight_t,
-                                 float* __restrict out_t) {
+                                   int64_t K, int64_t L, const float* __restrict weight_t,
+                                   float* __restrict out_t) {
   constexpr int Positions = implicit_step(16 * Vectors);
   const int64_t full = L / Positions * Positions;
   for (int64_t o0 = 0; o0 < d.padded_o; o0 += 16 * Vectors) {
@@ -131,9 +131,9 @@ void implicit_forward_image_avx512(const float* __restrict planes, const Implici
 
 template <int Vectors>
 void implicit_weight_grad_image_avx512(const float* __restrict planes, int64_t plane_stride,
-                                     int64_t images, const ImplicitGemmLayout& d, int64_t L,
-                                     const float* __restrict dy_t, int64_t dy_stride,
-                                     float* __restrict weight_grad_t) {
+                                       int64_t images, const ImplicitGemmLayout& d, int64_t L,
+                                       const float* __restrict dy_t, int64_t dy_stride,
+                                       float* __restrict weight_grad_t) {
   constexpr int Taps = implicit_step(16 * Vectors);
   for (int64_t o0 = 0; o0 < d.padded_o; o0 += 16 * Vectors) {
     for (int64_t k0 = 0; k0 < d.padded_k; k0 += Taps) {
@@ -170,7 +170,7 @@ void implicit_weight_grad_image_avx512(const float* __restrict planes, int64_t p
 
 template <typename acc_t, int Block>
 void implicit_forward_image(const acc_t* __restrict planes, const ImplicitGemmLayout& d, int64_t K,
-                          int64_t L, const acc_t* __restrict weight_t, acc_t* __restrict out_t) {
+                            int64_t L, const acc_t* __restrict weight_t, acc_t* __restrict out_t) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<acc_t, float> && Block >= 16) {
     implicit_forward_image_avx512<Block / 16>(planes, d, K, L, weight_t, out_t);
@@ -205,9 +205,9 @@ void implicit_forward_image(const acc_t* __restrict planes, const ImplicitGemmLa
 // computing them.
 template <typename acc_t, int Block>
 void implicit_weight_grad_image(const acc_t* __restrict planes, int64_t plane_stride,
-                              int64_t images, const ImplicitGemmLayout& d, int64_t L,
-                              const acc_t* __restrict dy_t, int64_t dy_stride,
-                              acc_t* __restrict weight_grad_t) {
+                                int64_t images, const ImplicitGemmLayout& d, int64_t L,
+                                const acc_t* __restrict dy_t, int64_t dy_stride,
+                                acc_t* __restrict weight_grad_t) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<acc_t, float> && Block >= 16) {
     implicit_weight_grad_image_avx512<Block / 16>(planes, plane_stride, images, d, L, dy_t,

@@ -138,9 +138,9 @@ inline void load_lanes(acc_t (&value)[kRowLanes], const scalar_t* src, int64_t l
 // out[o, oh, ow] = bias[o] + sum over taps of weight[o, tap] * input run, for one image.
 template <typename scalar_t, typename acc_t, int Channels>
 void rows_forward_image(const acc_t* __restrict phases, const Conv2dGeometry& g,
-                              const RowLayout& r, const int64_t* __restrict tap_offsets,
-                              const acc_t* __restrict weight_t, const acc_t* bias,
-                              scalar_t* __restrict out) {
+                        const RowLayout& r, const int64_t* __restrict tap_offsets,
+                        const acc_t* __restrict weight_t, const acc_t* bias,
+                        scalar_t* __restrict out) {
   const int64_t O = g.out_channels;
   const int64_t K = g.column_rows();
   const int64_t L = g.out_area();
@@ -173,9 +173,9 @@ constexpr int kRowAccumulators = 16;
 
 template <typename acc_t, int Channels>
 void rows_weight_grad_image(const acc_t* __restrict phases, const Conv2dGeometry& g,
-                                  const RowLayout& r, const int64_t* __restrict tap_offsets,
-                                  const acc_t* __restrict dy_rows,
-                                  acc_t* __restrict weight_grad_t) {
+                            const RowLayout& r, const int64_t* __restrict tap_offsets,
+                            const acc_t* __restrict dy_rows,
+                            acc_t* __restrict weight_grad_t) {
   constexpr int Taps = kRowAccumulators / Channels;
   const int64_t row_len = r.row_vectors * kRowLanes;
   const int64_t K = g.column_rows();
@@ -215,9 +215,9 @@ void rows_weight_grad_image(const acc_t* __restrict phases, const Conv2dGeometry
 // one or two a cycle); here a step loads 3 input runs and 8 dY vectors, once each, for 24
 // FMAs. Channel blocks of 16 take two passes.
 void rows_weight_grad_image_avx512(const float* __restrict phases, const Conv2dGeometry& g,
-                                         const RowLayout& r, const int64_t* __restrict tap_offsets,
-                                         const float* __restrict dy_rows, int64_t channels,
-                                         float* __restrict weight_grad_t) {
+                                   const RowLayout& r, const int64_t* __restrict tap_offsets,
+                                   const float* __restrict dy_rows, int64_t channels,
+                                   float* __restrict weight_grad_t) {
   constexpr int Taps = 3;
   constexpr int Block = 8;
   const int64_t row_len = r.row_vectors * kRowLanes;
@@ -279,8 +279,8 @@ void rows_weight_grad_image_avx512(const float* __restrict phases, const Conv2dG
 
 template <typename scalar_t>
 void rows_forward(const at::Tensor& x, const at::Tensor& weight_acc,
-                         const at::Tensor& bias_acc, const Conv2dGeometry& g, int64_t threads,
-                         at::Tensor& output) {
+                  const at::Tensor& bias_acc, const Conv2dGeometry& g, int64_t threads,
+                  at::Tensor& output) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t O = g.out_channels;
   const int64_t K = g.column_rows();
@@ -356,7 +356,7 @@ acc_t copy_dy_rows(const scalar_t* __restrict plane, const Conv2dGeometry& g, co
 // grad_bias (when given) is summed on the way: each dY plane is copied into dy_rows anyway.
 template <typename scalar_t>
 void rows_weight_grad(const at::Tensor& dy, const at::Tensor& x, const Conv2dGeometry& g,
-                             int64_t threads, at::Tensor& grad_weight_acc, scalar_t* grad_bias) {
+                      int64_t threads, at::Tensor& grad_weight_acc, scalar_t* grad_bias) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t O = g.out_channels;
   const int64_t K = g.column_rows();

@@ -22,8 +22,8 @@ namespace convkit::cpu_conv2d {
 
 template <typename scalar_t>
 void shared_tiles_forward(const at::Tensor& x, const at::Tensor& weight_acc,
-                           const at::Tensor& bias_acc, const Conv2dGeometry& g,
-                           const TilePlan& p, at::Tensor& output) {
+                          const at::Tensor& bias_acc, const Conv2dGeometry& g,
+                          const TilePlan& p, at::Tensor& output) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t O = g.out_channels;
   const int64_t K = g.column_rows();
@@ -71,9 +71,9 @@ void shared_tiles_forward(const at::Tensor& x, const at::Tensor& weight_acc,
 
 template <typename scalar_t>
 void shared_tiles_backward(const at::Tensor& dy, const at::Tensor& x,
-                            const at::Tensor& weight_acc, const Conv2dGeometry& g,
-                            const TilePlan& p, bool need_input_grad, bool need_weight_grad,
-                            at::Tensor& grad_input, at::Tensor& grad_weight_acc) {
+                           const at::Tensor& weight_acc, const Conv2dGeometry& g,
+                           const TilePlan& p, bool need_input_grad, bool need_weight_grad,
+                           at::Tensor& grad_input, at::Tensor& grad_weight_acc) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t O = g.out_channels;
   const int64_t K = g.column_rows();

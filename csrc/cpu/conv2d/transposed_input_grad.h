@@ -64,7 +64,7 @@ struct TransposedLayout {
 // of a tile) uses a prefix of each list. The chunk's dY copy has rows of padded_o channels,
 // each image's L rows and a zero row dy_stride apart.
 inline TransposedLayout make_transposed_layout(const Conv2dGeometry& g, int64_t padded_o,
-                                        int64_t dy_stride, int64_t chunk) {
+                                               int64_t dy_stride, int64_t chunk) {
   TransposedLayout t;
   t.padded_c = (g.in_channels + kTransposedLanes - 1) / kTransposedLanes * kTransposedLanes;
   const int64_t zero_row = g.out_area() * padded_o;

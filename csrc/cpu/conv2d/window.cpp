@@ -69,8 +69,8 @@ constexpr int64_t kWindowImagesPerGemm = 256;
 
 template <typename acc_t>
 void window_forward(const at::Tensor& x, const at::Tensor& weight_acc,
-                           const at::Tensor& bias_acc, const Conv2dGeometry& g,
-                           at::Tensor& output) {
+                    const at::Tensor& bias_acc, const Conv2dGeometry& g,
+                    at::Tensor& output) {
   const int64_t O = g.out_channels;
   const int64_t Og = O / g.groups;
   const int64_t D = g.in_channels / g.groups * g.in_area();
@@ -104,9 +104,9 @@ void window_forward(const at::Tensor& x, const at::Tensor& weight_acc,
 
 template <typename acc_t>
 void window_backward(const at::Tensor& dy, const at::Tensor& x,
-                            const at::Tensor& weight_acc, const Conv2dGeometry& g,
-                            bool need_input_grad, bool need_weight_grad, at::Tensor& grad_input,
-                            at::Tensor& grad_weight_acc) {
+                     const at::Tensor& weight_acc, const Conv2dGeometry& g,
+                     bool need_input_grad, bool need_weight_grad, at::Tensor& grad_input,
+                     at::Tensor& grad_weight_acc) {
   const int64_t O = g.out_channels;
   const int64_t Og = O / g.groups;
   const int64_t Cg = g.in_channels / g.groups;
