@@ -58,6 +58,7 @@ except ImportError:
     # Run from a source checkout without an install: the extension is built in place.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import convkit
+from convkit.experiments.models import simple_cnn
 
 # Entering torch.backends.mkldnn.flags() resets oneDNN's TF32 setting, which warns on every
 # entry on builds without Intel GPU support; the setting is irrelevant to float32 on CPUs.
@@ -709,29 +710,6 @@ def copy_bandwidth_gbps(mib: int, device: torch.device, clock: Clock) -> float:
 # ----------------------------------------------------------------------------- training step
 
 
-def chapter_conv(ni: int, nf: int, ks: int = 3, act: bool = True, bn: bool = True) -> nn.Sequential:
-    """The chapter's conv(ni, nf, ks, act): Conv2d(stride 2, padding ks // 2)
-    [+ BatchNorm2d] [+ ReLU]."""
-    layers: list[nn.Module] = [nn.Conv2d(ni, nf, ks, stride=2, padding=ks // 2)]
-    if bn:
-        layers.append(nn.BatchNorm2d(nf))
-    if act:
-        layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
-
-
-def chapter_cnn(bn: bool) -> nn.Sequential:
-    """The chapter's MNIST CNN: [N, 1, 28, 28] -> logits [N, 10]."""
-    return nn.Sequential(
-        chapter_conv(1, 8, ks=5, bn=bn),
-        chapter_conv(8, 16, bn=bn),
-        chapter_conv(16, 32, bn=bn),
-        chapter_conv(32, 64, bn=bn),
-        chapter_conv(64, 10, act=False, bn=bn),
-        nn.Flatten(),
-    )
-
-
 def _loss_and_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
     model.zero_grad(set_to_none=True)
     loss = F.cross_entropy(model(x), y)
@@ -771,7 +749,7 @@ def _training_step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Cal
 def bench_training_step(bn: bool, batch: int, device: torch.device, clock: Clock) -> Row:
     """One row: a training step of the chapter CNN (with or without batchnorm) at `batch`,
     convkit.nn.convert(model) against the same torch model (default and im2col convs)."""
-    torch_model = chapter_cnn(bn).to(device).train()
+    torch_model = simple_cnn(norm="batch" if bn else None).to(device).train()
     convkit_model = convkit.nn.convert(torch_model)
     x = torch.randn(batch, 1, 28, 28, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
@@ -827,7 +805,6 @@ def memory_over_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
             "column_buffer_peak_mib": column_buffer_peak_bytes() / 2**20,
             "cpu_cache_mib": (convkit.cpu_cache_bytes() / 2**20 if device.type == "cpu"
                               else None)}
-    return row
 
 
 # ----------------------------------------------------------------------------- output
@@ -975,7 +952,7 @@ def machine_line(device: torch.device, threads: int) -> str:
 # sleep) left the worker asleep at the next region in some processes and not in others:
 # eval [64,8,14,14] took 20-24 us there against 12 (PyTorch's 26-28 against 21-22), while
 # GOMP_SPINCOUNT=3000000 gave the fast timings in every process tried, OMP_WAIT_POLICY=ACTIVE
-# in 8 of 9 (BENCHMARKS.md, sixth and seventh rounds). The benchmark keeps whatever the
+# in 8 of 9 (docs/performance-notes.md, "OpenMP waiting"). The benchmark keeps whatever the
 # caller set and records it, so that runs are compared like with like.
 THREAD_ENVIRONMENT = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_PROC_BIND",
                       "OMP_PLACES", "KMP_BLOCKTIME", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")

@@ -126,10 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``python -m convkit`` and the ``convkit`` script; returns the exit code."""
     args = build_parser().parse_args(argv)
-    from convkit import data as data_lib
-    from convkit.learner import CheckpointError
+    # The trainer is imported once the arguments are parsed: --help and a bad argument answer
+    # without loading it.
+    from convkit.train.checkpoints import CheckpointError
+    from convkit.train.data import DataUnavailableError
 
-    expected_errors = (data_lib.DataUnavailableError, CheckpointError, ValueError, OSError)
+    expected_errors = (DataUnavailableError, CheckpointError, ValueError, OSError)
     try:
         return _run_command(args)
     except KeyboardInterrupt:
@@ -155,24 +157,24 @@ def _one_line(error: BaseException) -> str:
 
 
 def _run_command(args: argparse.Namespace) -> int:
-    from convkit import data as data_lib
+    from convkit.train import data
 
     if args.command == "data":
-        dataset = data_lib.load_dataset(args.dataset, args.data_folder, verbose=True)
-        print(data_lib.describe(dataset))
-        print(f"cache: {data_lib.cache_dir()}")
+        dataset = data.load_dataset(args.dataset, args.data_folder, verbose=True)
+        print(data.describe(dataset))
+        print(f"cache: {data.cache_dir()}")
         return 0
     if args.command == "report":
-        from convkit.experiments import chapter13
+        from convkit.experiments import report, results
 
         results_path = args.out / "results.json"
         if not results_path.is_file():
             print(f"convkit: no results.json in {args.out} (run `convkit chapter13 --out "
                   f"{args.out}` first)", file=sys.stderr)
             return 2
-        results = chapter13.load_results(results_path)
-        chapter13.write_tables(args.out, results)
-        print(chapter13.write_report(args.out, results))
+        loaded = results.load_results(results_path)
+        results.write_tables(args.out, loaded)
+        print(report.write_report(args.out, loaded))
         return 0
     return _chapter13(args)
 
@@ -180,11 +182,11 @@ def _run_command(args: argparse.Namespace) -> int:
 def _chapter13(args: argparse.Namespace) -> int:
     import torch
 
-    from convkit.experiments import chapter13
+    from convkit.experiments import runner
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    config = chapter13.RunConfig(
+    config = runner.RunConfig(
         experiments=args.experiments,
         backends=args.backend,
         seeds=args.seed,
@@ -196,7 +198,7 @@ def _chapter13(args: argparse.Namespace) -> int:
         progress=False if args.no_progress else None,
         log=lambda line: print(line, flush=True),
     )
-    chapter13.run(config)
+    runner.run(config)
     print(f"\nreport: {args.out / 'report.md'}\nresults: {args.out / 'results.json'}")
     return 0
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import convkit
+from convkit.experiments import models
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "conv_bench.py"
@@ -52,6 +53,7 @@ def keep_threads():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_quick_tiny_run_writes_json_and_plot(tmp_path):
     pytest.importorskip("matplotlib")
     json_path = tmp_path / "bench.json"
@@ -107,6 +109,7 @@ def test_wrong_conv_is_reported_and_not_timed(monkeypatch):
         assert row.to_json()["ratio"] is None
 
 
+@pytest.mark.slow
 def test_failed_validation_makes_main_exit_nonzero(monkeypatch, tmp_path, keep_threads):
     bench = load_bench()
 
@@ -138,6 +141,11 @@ def test_cuda_without_a_gpu_is_a_clear_error(capsys):
     assert "no CUDA device is available" in capsys.readouterr().err
 
 
+def test_the_training_step_times_the_chapters_own_cnn():
+    # One definition of the chapter's CNN: the one the experiments train.
+    assert load_bench().simple_cnn is models.simple_cnn
+
+
 # ------------------------------------------------------------------------- dev/goal_floors.py
 
 FLOORS_SCRIPT = ROOT / "dev" / "goal_floors.py"
@@ -155,6 +163,7 @@ def test_goal_floors_uses_the_benchmarks_conv_bench():
     assert not (ROOT / "benchmarks" / "goal_floors.py").exists()
 
 
+@pytest.mark.slow
 def test_goal_floors_run_gives_consistent_rows(tmp_path):
     json_path = tmp_path / "floors.json"
     result = subprocess.run(

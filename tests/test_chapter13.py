@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from convkit import data
 from convkit.__main__ import main
-from convkit.experiments import chapter13
+from convkit.experiments import chapter13, models, runner
+from convkit.train.callbacks import Checkpoint
+from convkit.train.data import cache, sources
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -43,7 +44,7 @@ def synthetic_mnist(n_train: int, n_test: int, seed: int = 0):
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("convkit-data")
-    data.save_cache("mnist", *synthetic_mnist(700, 700), source="synthetic test data", root=root)
+    cache.save_cache("mnist", *synthetic_mnist(700, 700), source="synthetic test data", root=root)
     return root
 
 
@@ -63,6 +64,7 @@ def quick_run(data_root, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_quick_run_writes_results_json(quick_run):
     results = json.loads((quick_run / "results.json").read_text())
     entries = results["experiments"]
@@ -84,6 +86,7 @@ def test_quick_run_writes_results_json(quick_run):
     assert "Expected more than 1 value per channel when training" in by_id[(8, "bn-batch-size-1")]["error"]
 
 
+@pytest.mark.slow
 def test_quick_run_figures_exist_and_are_pngs(quick_run):
     folder = quick_run / "mnist-convkit-seed0-quick"
     expected = [
@@ -103,6 +106,7 @@ def test_quick_run_figures_exist_and_are_pngs(quick_run):
             assert Path(figure).stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_quick_run_prints_the_tables_and_writes_the_report(quick_run):
     stdout = (quick_run / "stdout.txt").read_text()
     assert "Total params: 6,722" in stdout
@@ -116,6 +120,7 @@ def test_quick_run_prints_the_tables_and_writes_the_report(quick_run):
     assert "Experiment 7: BatchNorm" in tables and "Expected more than 1 value" in tables
 
 
+@pytest.mark.slow
 def test_torch_backend_fills_the_other_column_and_resume_skips(quick_run, data_root, monkeypatch, capsys):
     monkeypatch.setenv("CONVKIT_DATA", str(data_root))
     threads = torch.get_num_threads()
@@ -144,8 +149,8 @@ def test_torch_backend_fills_the_other_column_and_resume_skips(quick_run, data_r
 def test_missing_data_is_a_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CONVKIT_DATA", str(tmp_path / "empty"))
     monkeypatch.delenv("CONVKIT_MNIST_DIR", raising=False)
-    monkeypatch.setattr(data, "_download", lambda url, timeout: (_ for _ in ()).throw(OSError("offline")))
-    monkeypatch.setattr(data, "pip_download", lambda r, t: (_ for _ in ()).throw(RuntimeError("no PyPI")))
+    monkeypatch.setattr(sources, "_download", lambda url, timeout: (_ for _ in ()).throw(OSError("offline")))
+    monkeypatch.setattr(sources, "pip_download", lambda r, t: (_ for _ in ()).throw(RuntimeError("no PyPI")))
     code = main(["chapter13", "--quick", "--out", str(tmp_path / "out"), "--experiments", "2"])
     assert code == 2
     err = capsys.readouterr().err
@@ -158,29 +163,28 @@ def test_command_line_arguments_are_checked(capsys):
     with pytest.raises(SystemExit):
         main(["chapter13", "--experiments", "two"])
     with pytest.raises(ValueError, match="unknown experiment 9"):
-        chapter13.run(chapter13.RunConfig(experiments=[9]))
+        runner.run(runner.RunConfig(experiments=[9]))
 
 
 def test_models_match_the_chapter():
-    assert sum(p.numel() for p in chapter13.sample_cnn().parameters()) == 6722
+    assert sum(p.numel() for p in models.sample_cnn().parameters()) == 6722
     x = torch.zeros(2, 1, 28, 28)
     for norm in (None, "batch", "group", "layer"):
-        model = chapter13.simple_cnn(norm=norm)
+        model = models.simple_cnn(norm=norm)
         assert model(x).shape == (2, 10)
-    bn = chapter13.simple_cnn(norm="batch")
+    bn = models.simple_cnn(norm="batch")
     hooked = [m for m in bn.modules() if list(m.parameters(recurse=False))]
     # color_dim(-4) of the BatchNorm model is the fourth convolution, as in the book.
     assert hooked[-4] is bn[3][0]
-    plain = chapter13.simple_cnn()
+    plain = models.simple_cnn()
     hooked = [m for m in plain.modules() if list(m.parameters(recurse=False))]
     assert hooked[-2] is plain[3][0]
 
 
+@pytest.mark.slow
 def test_an_interrupted_command_resumes_to_the_same_result(quick_run, data_root, tmp_path, monkeypatch):
     """Ctrl-C after epoch 1 of experiment 7, then the same command with --resume: the run
     continues from epoch 2 and ends where the uninterrupted run (quick_run) ended."""
-    from convkit.callbacks import Checkpoint
-
     monkeypatch.setenv("CONVKIT_DATA", str(data_root))
     original = Checkpoint.after_epoch
 
@@ -218,6 +222,7 @@ def test_data_command_describes_the_cached_set(data_root, monkeypatch, capsys):
     assert "mnist_sample: 140 train / 140 valid images" in out and str(data_root) in out
 
 
+@pytest.mark.slow
 def test_report_command_rewrites_the_report(quick_run, capsys):
     (quick_run / "report.md").unlink()
     assert main(["report", "--out", str(quick_run)]) == 0

@@ -12,22 +12,15 @@ import torch.nn.functional as F
 from torch import nn
 
 import convkit
-from convkit import data, schedules
-from convkit.callbacks import ActivationStats, Checkpoint, Hook, Hooks, ParamScheduler, ProgressBar
-from convkit.learner import (
-    EVENTS,
-    Adam,
-    Callback,
-    CancelBatchException,
-    CancelFitException,
-    CancelTrainException,
-    CheckpointError,
-    Learner,
-    accuracy,
-    format_table,
-    param_groups,
-    read_checkpoint,
-)
+from convkit.experiments.models import sample_cnn
+from convkit.train import data, schedules
+from convkit.train.callbacks import ActivationStats, Checkpoint, ParamScheduler, ProgressBar
+from convkit.train.checkpoints import CheckpointError, read_checkpoint
+from convkit.train.events import EVENTS, Callback, CancelBatchException, CancelFitException, CancelTrainException
+from convkit.train.formatting import format_table
+from convkit.train.hooks import Hook, Hooks
+from convkit.train.learner import Learner, accuracy
+from convkit.train.optimiser import Adam, param_groups
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -365,8 +358,6 @@ def test_hooks_are_removed_even_when_fit_crashes():
 
 
 def test_summary_counts_the_chapters_6722_parameters():
-    from convkit.experiments.chapter13 import sample_cnn
-
     ds = data.Dataset("s", torch.zeros(64, 28, 28, dtype=torch.uint8), torch.zeros(64, dtype=torch.long),
                       torch.zeros(64, 28, 28, dtype=torch.uint8), torch.zeros(64, dtype=torch.long), ["3", "7"])
     learn = Learner(data.make_dataloaders(ds, 64), convkit.nn.convert(sample_cnn()), logger=None)

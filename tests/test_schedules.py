@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from convkit import schedules
+from convkit.train import schedules
 
 POSITIONS = [0.0, 0.1, 0.25, 0.3, 0.5, 0.77, 0.999, 1.0]
 

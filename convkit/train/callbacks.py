@@ -1,83 +1,35 @@
-"""Callbacks for :class:`convkit.learner.Learner`: Recorder, ProgressBar, ParamScheduler,
-ActivationStats, Checkpoint, and the forward-hook context managers they use."""
+"""The callbacks of :class:`convkit.train.learner.Learner`: Recorder, ProgressBar,
+ParamScheduler, ActivationStats, Checkpoint."""
 from __future__ import annotations
 
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, TextIO, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, TextIO, Union
 
 import torch
 from torch import nn
 
-from convkit.files import move_aside
-from convkit.learner import (Callback, CheckpointError, format_row, format_table, format_time,
-                             get_hyper, read_checkpoint, set_hyper)
-from convkit.schedules import Schedule
+from convkit.train import plots
+from convkit.train.checkpoints import CheckpointError, read_checkpoint
+from convkit.train.events import Callback
+from convkit.train.files import move_aside
+from convkit.train.formatting import format_row, format_table, format_time
+from convkit.train.hooks import Hooks
+from convkit.train.optimiser import get_hyper, set_hyper
+from convkit.train.schedules import Schedule
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = [
-    "Hook",
-    "Hooks",
     "Recorder",
     "ProgressBar",
     "ParamScheduler",
     "ActivationStats",
     "Checkpoint",
 ]
-
-
-# ---------------------------------------------------------------------------------------
-# Hooks
-
-
-class Hook:
-    """A forward hook on ``module`` that keeps ``fn(module, input, output)`` in ``stored``.
-    A context manager: the hook is removed on exit (or by :meth:`remove`)."""
-
-    def __init__(self, module: nn.Module, fn: Callable[[nn.Module, tuple, Any], Any]) -> None:
-        self.fn = fn
-        self.stored: Any = None
-        self.handle = module.register_forward_hook(self._hook)
-
-    def _hook(self, module: nn.Module, inputs: tuple, output: Any) -> None:
-        self.stored = self.fn(module, inputs, output)
-
-    def remove(self) -> None:
-        if self.handle is not None:
-            self.handle.remove()
-            self.handle = None
-
-    def __enter__(self) -> "Hook":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-
-class Hooks:
-    """One :class:`Hook` per module, all with ``fn``; ``stored`` lists their results in the
-    modules' order. A context manager."""
-
-    def __init__(self, modules: Sequence[nn.Module], fn: Callable[[nn.Module, tuple, Any], Any]) -> None:
-        self.hooks = [Hook(m, fn) for m in modules]
-
-    @property
-    def stored(self) -> list:
-        return [h.stored for h in self.hooks]
-
-    def __len__(self) -> int:
-        return len(self.hooks)
-
-    def remove(self) -> None:
-        for h in self.hooks:
-            h.remove()
-
-    def __enter__(self) -> "Hooks":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
 
 
 # ---------------------------------------------------------------------------------------
@@ -196,16 +148,12 @@ class Recorder(Callback):
         for key, value in state.items():
             setattr(self, key, value)
 
-    def plot_loss(self, skip_start: int = 5, with_valid: bool = True):
+    def plot_loss(self, skip_start: int = 5, with_valid: bool = True) -> Figure:
         """Smoothed training loss per batch (and validation loss at each epoch's end)."""
-        from convkit import plots
-
         return plots.plot_loss(self, skip_start=skip_start, with_valid=with_valid)
 
-    def plot_sched(self):
+    def plot_sched(self) -> Figure:
         """Learning rate and momentum per training batch."""
-        from convkit import plots
-
         return plots.plot_sched(self)
 
 
@@ -418,16 +366,12 @@ class ActivationStats(Callback):
             return torch.zeros(self.bins, 0)
         return torch.stack(rows).t().float().log1p()
 
-    def plot_layer_stats(self, idx: int):
+    def plot_layer_stats(self, idx: int) -> Figure:
         """Mean, std and % near zero over the training batches of hooked module ``idx``."""
-        from convkit import plots
-
         return plots.plot_layer_stats(self, idx)
 
-    def color_dim(self, idx: int, figsize: tuple[float, float] = (10, 5)):
+    def color_dim(self, idx: int, figsize: tuple[float, float] = (10, 5)) -> Figure:
         """The "colorful dimension": histograms (log1p) stacked over batches, bins upwards."""
-        from convkit import plots
-
         return plots.color_dim(self, idx, figsize=figsize)
 
     def state_dict(self) -> dict:
@@ -456,7 +400,7 @@ class Checkpoint(Callback):
     epochs and hyper-parameters), ``fit`` restores it and continues with the next epoch;
     the result equals an uninterrupted run. A checkpoint of a different fit is ignored
     (and overwritten), with a message. A file that is not a readable convkit checkpoint
-    (truncated, empty, garbage, someone else's: see ``learner.read_checkpoint``, which never
+    (truncated, empty, garbage, someone else's: see :func:`convkit.train.checkpoints.read_checkpoint`, which never
     runs code from it) is moved aside, with a message, and the fit starts afresh.
     """
 

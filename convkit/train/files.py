@@ -29,6 +29,8 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
 
 
 def atomic_write_text(path: PathLike, text: str) -> Path:
+    """:func:`atomic_write` of ``text``; returns the path."""
+
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
             f.write(text)

@@ -1,14 +1,19 @@
-"""Every figure convkit draws, with matplotlib's object API (``Figure``, no pyplot state), so
-plots work headless and never open windows. Each function returns the Figure; :func:`save`
-writes it as PNG."""
+"""Every figure the trainer and the experiments draw, with matplotlib's object API
+(``Figure``, no pyplot state), so plots work headless and never open windows. Each function
+returns the Figure; :func:`save` writes it as PNG.
+
+matplotlib is imported when the first figure is made, not with this module: the callbacks
+import it, and a training run that draws nothing never pays for matplotlib."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import torch
-from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = [
     "save",
@@ -22,6 +27,12 @@ __all__ = [
 ]
 
 
+def _figure(**kwargs: Any) -> Figure:
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
+
+
 def save(fig: Figure, path: Union[str, os.PathLike], dpi: int = 100) -> Path:
     """Write ``fig`` as a PNG (creating the folder); returns the path."""
     path = Path(path)
@@ -33,7 +44,7 @@ def save(fig: Figure, path: Union[str, os.PathLike], dpi: int = 100) -> Path:
 def plot_loss(recorder, skip_start: int = 5, with_valid: bool = True, title: str = "") -> Figure:
     """Smoothed training loss per batch (from batch ``skip_start``) and the validation loss
     at the end of each epoch, against the number of training batches."""
-    fig = Figure(figsize=(6, 4), layout="constrained")
+    fig = _figure(figsize=(6, 4), layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
     losses = recorder.losses
     start = min(skip_start, max(len(losses) - 1, 0))
@@ -51,7 +62,7 @@ def plot_loss(recorder, skip_start: int = 5, with_valid: bool = True, title: str
 
 def plot_sched(recorder, title: str = "") -> Figure:
     """Learning rate and momentum per training batch, side by side."""
-    fig = Figure(figsize=(12, 4), layout="constrained")
+    fig = _figure(figsize=(12, 4), layout="constrained")
     for i, (name, values) in enumerate((("lr", recorder.lrs), ("mom", recorder.moms))):
         ax = fig.add_subplot(1, 2, i + 1)
         ax.plot(values)
@@ -66,7 +77,7 @@ def plot_layer_stats(stats, idx: int, title: str = "") -> Figure:
     """Three panels for hooked module ``idx`` of an ActivationStats: mean, std and % of
     activations near zero, per training batch."""
     values = stats.layer_stats(idx)
-    fig = Figure(figsize=(12, 3.4), layout="constrained")
+    fig = _figure(figsize=(12, 3.4), layout="constrained")
     panels = (("mean", values[:, 0]), ("std", values[:, 1]), ("% near zero", values[:, 2] * 100))
     for i, (name, series) in enumerate(panels):
         ax = fig.add_subplot(1, 3, i + 1)
@@ -80,7 +91,7 @@ def plot_layer_stats(stats, idx: int, title: str = "") -> Figure:
 def color_dim(stats, idx: int, figsize: tuple[float, float] = (10, 5), title: str = "") -> Figure:
     """The "colorful dimension" of hooked module ``idx``: one column per training batch, the
     40 histogram bins of [0, 10] upwards (origin lower), colour = log1p(count)."""
-    fig = Figure(figsize=figsize, layout="constrained")
+    fig = _figure(figsize=figsize, layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
     ax.imshow(stats.hist(idx).numpy(), origin="lower", aspect="auto", cmap="viridis")
     ax.axis("off")
@@ -96,7 +107,7 @@ def show_images(
     n = len(images)
     ncols = max(1, min(ncols, n))
     nrows = (n + ncols - 1) // ncols
-    fig = Figure(figsize=(size * ncols, size * nrows + (0.4 if suptitle else 0)), layout="constrained")
+    fig = _figure(figsize=(size * ncols, size * nrows + (0.4 if suptitle else 0)), layout="constrained")
     for i, image in enumerate(images):
         ax = fig.add_subplot(nrows, ncols, i + 1)
         ax.imshow(torch.as_tensor(image).detach().float().numpy(), cmap=cmap)

@@ -1,31 +1,13 @@
-"""A small trainer with fastai's semantics (no fastai): Learner, the callback protocol,
-fastai's Adam, ``fit`` / ``fit_one_cycle``, checkpoints.
+"""The Learner: trains any ``nn.Module`` with fastai's semantics (no fastai): ``fit`` /
+``fit_one_cycle``, validation, checkpoints (``save`` / ``load``) and ``summary``.
 
-The training loop calls these events on every callback, sorted by ``order``::
-
-    before_fit
-      before_epoch
-        before_train
-          before_batch  after_pred  after_loss  before_backward  after_step  after_batch
-        after_train
-        before_validate
-          before_batch  after_pred  after_loss  after_batch
-        after_validate
-      after_epoch
-    after_fit
-
-A callback stops part of the loop by raising one of the ``Cancel*Exception``; the matching
-``after_cancel_<part>`` event runs, then ``after_<part>`` as usual. Whatever happens (a
-crash, Ctrl-C), every callback's ``teardown`` runs when ``fit`` ends, so hooks never leak.
-
-The Learner works with any ``nn.Module``; ``convkit.nn.convert(model)`` moves a torch
-model onto convkit's kernels, so the same loop trains both for side-by-side runs.
+The loop and the events it calls on the callbacks are described in
+:mod:`convkit.train.events`. ``convkit.nn.convert(model)`` moves a torch model onto
+convkit's kernels, so the same loop trains both for side-by-side runs.
 """
 from __future__ import annotations
 
-import math
 import os
-import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
@@ -33,226 +15,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convkit import schedules
-from convkit.files import atomic_write
-
-__all__ = [
-    "Adam",
-    "Callback",
-    "CancelBatchException",
-    "CancelTrainException",
-    "CancelValidException",
-    "CancelEpochException",
-    "CancelFitException",
-    "Learner",
-    "accuracy",
-    "EVENTS",
-    "param_groups",
-    "set_hyper",
-    "get_hyper",
-    "format_table",
-]
-
-EVENTS = (
-    "before_fit", "before_epoch", "before_train", "before_batch", "after_pred", "after_loss",
-    "before_backward", "after_step", "after_batch", "after_train", "before_validate",
-    "after_validate", "after_epoch", "after_fit",
+from convkit.train import schedules
+from convkit.train.callbacks import ParamScheduler, ProgressBar, Recorder
+from convkit.train.checkpoints import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, read_checkpoint, write_checkpoint
+from convkit.train.events import (
+    INNER_LOOP_EVENTS,
+    Callback,
+    CancelBatchException,
+    CancelEpochException,
+    CancelFitException,
+    CancelTrainException,
+    CancelValidException,
 )
+from convkit.train.hooks import Hooks
+from convkit.train.optimiser import Adam, param_groups, set_hyper
 
-# The per-batch events, which a callback's run_train / run_valid can switch off.
-_INNER_LOOP = frozenset({
-    "before_batch", "after_pred", "after_loss", "before_backward", "after_step",
-    "after_cancel_batch", "after_batch",
-})
-
-
-class CancelBatchException(Exception):
-    """Skip the rest of this batch (``after_cancel_batch``, then ``after_batch``)."""
-
-
-class CancelTrainException(Exception):
-    """Skip the rest of this epoch's training phase."""
-
-
-class CancelValidException(Exception):
-    """Skip the rest of this epoch's validation phase."""
-
-
-class CancelEpochException(Exception):
-    """Skip the rest of this epoch."""
-
-
-class CancelFitException(Exception):
-    """Stop training (``after_cancel_fit``, then ``after_fit``)."""
-
-
-def _snake_case(name: str) -> str:
-    # "ActivationStats" -> "activation_stats": how a Learner exposes its callbacks.
-    name = re.sub(r"(.)([A-Z][a-z]+)", r"\1_\2", name)
-    return re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower()
-
-
-class Callback:
-    """Base class: override any event in ``EVENTS`` (methods without arguments; the state
-    lives on ``self.learn``). Lower ``order`` runs first. ``run_train`` / ``run_valid``
-    False: the callback sleeps through that phase's events.
-
-    A callback with state worth keeping across an interruption implements ``state_dict``
-    and ``load_state_dict``; checkpoints store it. ``teardown`` always runs when fit ends.
-    """
-
-    order: int = 0
-    run_train: bool = True
-    run_valid: bool = True
-    learn: "Learner"
-
-    @property
-    def name(self) -> str:
-        """The attribute the Learner exposes this callback as (``learn.recorder``)."""
-        return _snake_case(type(self).__name__)
-
-    def state_dict(self) -> Optional[dict]:
-        return None
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-    def teardown(self) -> None:
-        pass
-
-    def __repr__(self) -> str:
-        return type(self).__name__
-
-
-# ---------------------------------------------------------------------------------------
-# Optimiser
-
-
-def _is_norm_layer(module: nn.Module) -> bool:
-    norm_types = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
-    return isinstance(module, norm_types)
-
-
-def param_groups(model: nn.Module, wd: float) -> list[dict]:
-    """Two parameter groups as fastai's defaults make them (``bn_wd=False``): weight decay
-    ``wd`` on weights, none on normalisation layers' parameters nor on any bias."""
-    decay, no_decay = [], []
-    seen = set()
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            if _is_norm_layer(module) or name == "bias":
-                no_decay.append(p)
-            else:
-                decay.append(p)
-    groups = []
-    if decay:
-        groups.append({"params": decay, "wd": wd, "do_wd": True})
-    if no_decay:
-        groups.append({"params": no_decay, "wd": 0.0, "do_wd": False})
-    return groups
-
-
-class Adam(torch.optim.Optimizer):
-    """fastai's Adam: decoupled weight decay (``p *= 1 - lr * wd`` before the step, as
-    AdamW), ``grad_avg = mom * grad_avg + (1 - mom) * grad``, ``sqr_avg = sqr_mom * sqr_avg +
-    (1 - sqr_mom) * grad**2``, both bias-corrected, ``eps`` added after the square root:
-
-        p -= lr * (grad_avg / (1 - mom**t)) / (sqrt(sqr_avg / (1 - sqr_mom**t)) + eps)
-
-    Hyper-parameters per group: lr, mom, sqr_mom, eps, wd. With constant ``mom`` this is
-    ``torch.optim.AdamW(betas=(mom, sqr_mom), eps=eps, weight_decay=wd)``; the 1cycle
-    schedule changes ``mom`` every batch, and the bias correction uses the current one.
-    """
-
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float = 1e-3,
-        mom: float = 0.9,
-        sqr_mom: float = 0.99,
-        eps: float = 1e-5,
-        wd: float = 0.01,
-    ) -> None:
-        if lr < 0 or eps < 0 or wd < 0:
-            raise ValueError(f"Adam: lr, eps and wd must be >= 0, got {lr}, {eps}, {wd}")
-        super().__init__(params, dict(lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd))
-
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, mom, sqr_mom = group["lr"], group["mom"], group["sqr_mom"]
-            eps, wd = group["eps"], group["wd"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["grad_avg"] = torch.zeros_like(p)
-                    state["sqr_avg"] = torch.zeros_like(p)
-                if wd != 0:
-                    p.mul_(1 - lr * wd)
-                state["step"] += 1
-                step = state["step"]
-                grad_avg, sqr_avg = state["grad_avg"], state["sqr_avg"]
-                grad_avg.mul_(mom).add_(grad, alpha=1 - mom)
-                sqr_avg.mul_(sqr_mom).addcmul_(grad, grad, value=1 - sqr_mom)
-                debias1 = 1 - mom ** step
-                debias2 = 1 - sqr_mom ** step
-                denom = (sqr_avg / debias2).sqrt_().add_(eps)
-                p.addcdiv_(grad_avg, denom, value=-lr / debias1)
-        return loss
-
-    def set_hyper(self, name: str, value: float) -> None:
-        """Set hyper-parameter ``name`` on every group (``wd`` only where weight decay applies)."""
-        set_hyper(self, name, value)
-
-
-def set_hyper(opt: torch.optim.Optimizer, name: str, value: float) -> None:
-    """Set ``name`` ('lr', 'mom', 'wd', ...) on every parameter group of any optimiser.
-
-    'mom' is fastai's name; torch's optimisers call it ``betas[0]`` (Adam, AdamW) or
-    ``momentum`` (SGD, RMSprop), so schedules work with those too. 'wd' is left alone on
-    groups made without weight decay.
-    """
-    for group in opt.param_groups:
-        if name == "wd" and not group.get("do_wd", True):
-            continue
-        if name == "wd" and "wd" not in group and "weight_decay" in group:
-            group["weight_decay"] = value
-        elif name == "mom" and "mom" not in group and "betas" in group:
-            group["betas"] = (value, group["betas"][1])
-        elif name == "mom" and "mom" not in group and "momentum" in group:
-            group["momentum"] = value
-        else:
-            group[name] = value
-
-
-def get_hyper(opt: torch.optim.Optimizer, name: str, group: int = -1) -> float:
-    """The value of ``name`` in one parameter group (the same aliases as :func:`set_hyper`);
-    nan when the optimiser has no such hyper-parameter."""
-    g = opt.param_groups[group]
-    if name in g:
-        return float(g[name])
-    if name == "mom" and "betas" in g:
-        return float(g["betas"][0])
-    if name == "mom" and "momentum" in g:
-        return float(g["momentum"])
-    if name == "wd" and "weight_decay" in g:
-        return float(g["weight_decay"])
-    return float("nan")
-
-
-# ---------------------------------------------------------------------------------------
-# Metrics
+__all__ = ["Learner", "accuracy", "n_params"]
 
 
 def accuracy(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -260,45 +38,9 @@ def accuracy(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred.argmax(dim=-1) == target).float().mean()
 
 
-def _metric_name(metric: Callable) -> str:
-    return getattr(metric, "__name__", type(metric).__name__)
-
-
-# What Learner.save writes beside the state: files without it are not ours.
-CHECKPOINT_FORMAT = "convkit.learner checkpoint"
-CHECKPOINT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A file that is not a readable convkit checkpoint (truncated, empty, not a torch file,
-    someone else's, or one holding more than tensors and plain values)."""
-
-
-def read_checkpoint(path: Union[str, os.PathLike]) -> dict:
-    """A checkpoint written by :meth:`Learner.save`, loaded with ``weights_only=True``: only
-    tensors and plain Python values are rebuilt, so a planted file cannot run code. Raises
-    CheckpointError naming the file and what is wrong with it."""
-    path = Path(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - whatever torch.load raises, the file is not usable
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path} is not a readable convkit checkpoint ({reason[:200]})") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a convkit checkpoint (it has no {CHECKPOINT_FORMAT!r} mark)")
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(
-            f"{path} is a convkit checkpoint of version {state.get('version')!r}; this convkit reads "
-            f"version {CHECKPOINT_VERSION}"
-        )
-    missing = [key for key in ("model", "epoch", "fit_plan") if key not in state]
-    if missing:
-        raise CheckpointError(f"{path} is an incomplete convkit checkpoint (no {', '.join(missing)})")
-    return state
-
-
-# ---------------------------------------------------------------------------------------
-# Learner
+def n_params(model: nn.Module) -> int:
+    """The number of parameters of ``model``."""
+    return sum(p.numel() for p in model.parameters())
 
 
 class Learner:
@@ -327,9 +69,6 @@ class Learner:
         logger: Optional[Callable[[str], None]] = print,
         progress: Optional[bool] = None,
     ) -> None:
-        # Imported here: callbacks.py builds on this module.
-        from convkit.callbacks import ProgressBar, Recorder
-
         self.dls = dls
         self.model = model
         self.loss_func = loss_func
@@ -360,10 +99,12 @@ class Learner:
         self.cbs.append(cb)
 
     def add_cbs(self, cbs: Iterable[Callback]) -> None:
+        """:meth:`add_cb` each of ``cbs``."""
         for cb in cbs:
             self.add_cb(cb)
 
     def remove_cb(self, cb: Callback) -> None:
+        """Detach ``cb`` (and its ``learn.<snake_name>`` attribute)."""
         self.cbs.remove(cb)
         if getattr(self, cb.name, None) is cb:
             delattr(self, cb.name)
@@ -374,7 +115,7 @@ class Learner:
 
     def __call__(self, event: str) -> None:
         """Run ``event`` on every callback that wants it, in order."""
-        inner = event in _INNER_LOOP
+        inner = event in INNER_LOOP_EVENTS
         for cb in self._sorted_cbs():
             method = getattr(cb, event, None)
             if method is None:
@@ -521,8 +262,6 @@ class Learner:
     ) -> None:
         """1cycle: lr from lr_max/div up to lr_max over ``pct_start`` of the batches, then down
         to lr_max/div_final, momentum the opposite way through ``moms``; cosine halves."""
-        from convkit.callbacks import ParamScheduler
-
         lr_max = self.lr if lr_max is None else lr_max
         moms = self.moms if moms is None else tuple(moms)
         scheds = {
@@ -585,8 +324,7 @@ class Learner:
         interrupted save leaves the previous checkpoint). Only tensors and plain Python values
         are stored, so :func:`read_checkpoint` can load it with ``weights_only=True``. Returns
         the path."""
-        state = self.state_dict(with_opt)
-        return atomic_write(path, lambda tmp: torch.save(state, tmp))
+        return write_checkpoint(path, self.state_dict(with_opt))
 
     def load(self, path: Union[str, os.PathLike], with_opt: bool = True) -> dict:
         """Restore a checkpoint written by :meth:`save` (read by :func:`read_checkpoint`:
@@ -610,8 +348,6 @@ class Learner:
     def summary(self, xb: Optional[torch.Tensor] = None) -> str:
         """Every leaf layer's output shape and parameter count for one batch (the first
         validation batch unless ``xb`` is given), and the totals, as fastai prints them."""
-        from convkit.callbacks import Hooks
-
         if xb is None:
             xb = next(iter(self.dls.valid))[0]
         xb = xb.to(self._model_device())
@@ -661,39 +397,3 @@ class Learner:
         ]
         lines += [f"  - {cb!r}" for cb in self._sorted_cbs()]
         return "\n".join(lines)
-
-
-def n_params(model: nn.Module) -> int:
-    """The number of parameters of ``model``."""
-    return sum(p.numel() for p in model.parameters())
-
-
-def format_time(seconds: float) -> str:
-    """mm:ss, as fastai prints epoch times."""
-    seconds = int(round(seconds))
-    return f"{seconds // 60:02d}:{seconds % 60:02d}"
-
-
-def format_table(names: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """The epoch table as fastai prints it on a console: a header, then one row per epoch
-    (floats with 6 decimals, times as mm:ss)."""
-    widths = [max(len(n), 9) + 1 for n in names]
-    lines = ["".join(f"{n:<{w}}" for n, w in zip(names, widths)).rstrip()]
-    for row in rows:
-        lines.append(format_row(names, row))
-    return "\n".join(lines)
-
-
-def format_row(names: Sequence[str], row: Sequence[Any]) -> str:
-    """One line of :func:`format_table`."""
-    widths = [max(len(n), 9) + 1 for n in names]
-    cells = []
-    for name, value, width in zip(names, row, widths):
-        if name == "time":
-            text = format_time(value)
-        elif isinstance(value, float):
-            text = "nan" if math.isnan(value) else f"{value:.6f}"
-        else:
-            text = str(value)
-        cells.append(f"{text:<{width}}")
-    return "".join(cells).rstrip()
