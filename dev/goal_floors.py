@@ -2,7 +2,8 @@
 how fast each row could be at best on this machine, and whether its goal lies above that
 floor.
 
-The goals checked, each measured with conv_bench.py's own callables and clock:
+The goals checked, each measured with the benchmark's own callables and clock
+(benchmarks/bench_measure.py, bench_timing.py):
   2b  a chapter conv layer's forward+backward, as in training, at most 1/5 of the time of
       PyTorch's im2col path (F.conv2d with oneDNN and NNPACK off: slow_conv2d);
   3a  fused BatchNorm+ReLU, training forward+backward, at most 1/2 of the time of
@@ -48,16 +49,19 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-# conv_bench.py lives in benchmarks/, beside this folder (neither is a package).
+# The benchmark's modules live in benchmarks/, beside this folder (neither is a package).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import conv_bench as bench  # noqa: E402
+import bench_cases as cases  # noqa: E402
+import bench_measure as measure  # noqa: E402
+import bench_timing as timing  # noqa: E402
 
-convkit = bench.convkit
+convkit = measure.convkit
+timing.ignore_onednn_tf32_warning()
 
 GOAL_2B_FACTOR = 5.0  # >= 5x faster than the im2col path
 GOAL_3A_FACTOR = 2.0  # >= 2x faster than F.batch_norm + F.relu
-# Fused BatchNorm+ReLU, training forward+backward: tensor passes (see conv_bench).
-BN_PASSES = bench.BN_TENSOR_PASSES["train forward+backward"]
+# Fused BatchNorm+ReLU, training forward+backward: tensor passes (see bench_cases).
+BN_PASSES = cases.BN_TENSOR_PASSES["train forward+backward"]
 # The tiny batch-norm call that gives the fixed part: two images (training needs more than
 # one value per channel), 2x2 planes.
 BN_TINY_BATCH, BN_TINY_SIZE = 2, 2
@@ -117,7 +121,7 @@ class FloorRow:
         return record
 
 
-def gemm_gflops(clock: bench.Clock, sizes: Sequence[int]) -> float:
+def gemm_gflops(clock: timing.Clock, sizes: Sequence[int]) -> float:
     """The best GFLOP/s of torch.mm on square float matrices of the given sizes."""
     best = 0.0
     for size in sizes:
@@ -128,20 +132,20 @@ def gemm_gflops(clock: bench.Clock, sizes: Sequence[int]) -> float:
     return best
 
 
-def conv_floor_row(case: bench.ConvCase, clock: bench.Clock, best_gflops: float) -> FloorRow:
+def conv_floor_row(case: cases.ConvCase, clock: timing.Clock, best_gflops: float) -> FloorRow:
     """Goal 2b for one chapter layer: the row and its one-image twin, ours and slow_conv2d."""
     device = torch.device("cpu")
     tiny_case = dataclasses.replace(case, batch=1)
     fns = []
     for each in (case, tiny_case):
-        x, w, b, dy = bench._conv_tensors(each, device)
-        error = bench.validate_conv(each, x, w, b, dy)
+        x, w, b, dy = measure._conv_tensors(each, device)
+        error = measure.validate_conv(each, x, w, b, dy)
         if error is not None:
             raise RuntimeError(f"{each.label}: convkit's result is wrong ({error}); not timed")
-        ours = bench._conv_timed_fn("forward+backward", convkit.conv2d, each, x, w, b, dy)
-        with bench.im2col_backend(device):
-            im2col = bench._conv_timed_fn("forward+backward", F.conv2d, each, x, w, b, dy)
-        fns += [ours, bench._inside_im2col_backend(device, im2col)]
+        ours = measure._conv_timed_fn("forward+backward", convkit.conv2d, each, x, w, b, dy)
+        with timing.im2col_backend(device):
+            im2col = measure._conv_timed_fn("forward+backward", F.conv2d, each, x, w, b, dy)
+        fns += [ours, timing._inside_im2col_backend(device, im2col)]
     ours_ms, im2col_ms, tiny_ours_ms, tiny_im2col_ms = clock.compare(fns)
     forwards = 3 if case.input_grad else 2
     work_gflop = case.forward_flops() * forwards * (case.batch - 1) / case.batch / 1e9
@@ -157,22 +161,22 @@ def _pass_gbps(bytes_moved: float, ms: float, tiny_ms: float) -> float:
     return bytes_moved / (extra_ms * 1e-3) / 1e9 if extra_ms > 0 else 0.0
 
 
-def batch_norm_floor_row(case: bench.BatchNormCase, clock: bench.Clock) -> FloorRow:
+def batch_norm_floor_row(case: cases.BatchNormCase, clock: timing.Clock) -> FloorRow:
     """Goal 3a for one activation shape: the row and its tiny twin, ours and PyTorch's pair,
     and a copy and a sum of tensors of both sizes for the best rate."""
     device = torch.device("cpu")
     channels = case.shape[1]
-    tiny_case = bench.BatchNormCase(case.label + " (tiny)",
+    tiny_case = cases.BatchNormCase(case.label + " (tiny)",
                                     (BN_TINY_BATCH, channels, BN_TINY_SIZE, BN_TINY_SIZE))
     fns: list[Callable[[], object]] = []
     sources = []
     for each in (case, tiny_case):
-        t = bench._bn_tensors(each, device)
-        error = bench.validate_batch_norm(t)
+        t = measure._bn_tensors(each, device)
+        error = measure.validate_batch_norm(t)
         if error is not None:
             raise RuntimeError(f"{each.label}: convkit's result is wrong ({error}); not timed")
-        fns += [bench._bn_timed_fn("train forward+backward", bench._convkit_batch_norm_relu, t),
-                bench._bn_timed_fn("train forward+backward", bench._torch_batch_norm_relu, t)]
+        fns += [measure._bn_timed_fn("train forward+backward", measure._convkit_batch_norm_relu, t),
+                measure._bn_timed_fn("train forward+backward", measure._torch_batch_norm_relu, t)]
         sources.append(t["x"])
     copies = [torch.empty_like(source) for source in sources]
     for source, copy in zip(sources, copies):
@@ -259,9 +263,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    clock = bench.Clock(torch.device("cpu"), args.threads, args.min_run_time)
-    print(bench.machine_line(torch.device("cpu"), args.threads))
-    print(bench.thread_environment_line())
+    clock = timing.Clock(torch.device("cpu"), args.threads, args.min_run_time)
+    print(timing.machine_line(torch.device("cpu"), args.threads))
+    print(timing.thread_environment_line())
     best_gflops = gemm_gflops(clock, args.gemm_sizes)
     print(f"best GEMM rate: torch.mm on {args.gemm_sizes} square float matrices, "
           f"{best_gflops:.0f} GFLOP/s")
@@ -269,12 +273,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"[{BN_TINY_BATCH}, C, {BN_TINY_SIZE}, {BN_TINY_SIZE}] (batch norm)\n")
     rows: list[FloorRow] = []
     for batch in args.batches:
-        for case in bench.chapter_conv_cases(batch):
+        for case in cases.chapter_conv_cases(batch):
             rows.append(conv_floor_row(case, clock, best_gflops))
-    # conv_bench's chapter batch-norm cases at these batches, without its ResNet-sized ones.
-    chapter_only = dataclasses.replace(bench.FULL, bn_chapter_batches=tuple(args.batches),
+    # The benchmark's chapter batch-norm cases at these batches, without its ResNet-sized ones.
+    chapter_only = dataclasses.replace(cases.FULL, bn_chapter_batches=tuple(args.batches),
                                        bn_large_channels=())
-    for case in bench.batch_norm_cases(chapter_only):
+    for case in cases.batch_norm_cases(chapter_only):
         rows.append(batch_norm_floor_row(case, clock))
     conv_best = raise_best_rates(rows)
     if conv_best > best_gflops:

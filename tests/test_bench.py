@@ -20,7 +20,8 @@ import convkit
 from convkit.experiments import models
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "benchmarks" / "conv_bench.py"
+BENCHMARKS = ROOT / "benchmarks"
+SCRIPT = BENCHMARKS / "conv_bench.py"
 REQUIRED_KEYS = {"name", "shape", "pass", "ms_convkit", "ms_torch", "ms_torch_im2col", "ratio"}
 
 
@@ -36,6 +37,14 @@ def load_script(name: str, path: Path) -> ModuleType:
 
 def load_bench() -> ModuleType:
     return load_script("conv_bench", SCRIPT)
+
+
+def bench_module(name: str) -> ModuleType:
+    """One of the modules conv_bench.py imports from beside it (bench_cases, bench_measure,
+    bench_timing), the instance the script uses: the script is loaded first, which puts
+    benchmarks/ on sys.path and sets the warning filter a run has."""
+    load_bench()
+    return importlib.import_module(name)
 
 
 def conv2d_off_by_a_little(input, weight, bias=None, stride=1, padding=0, dilation=1,
@@ -95,12 +104,13 @@ def test_quick_tiny_run_writes_json_and_plot(tmp_path):
 
 
 def test_wrong_conv_is_reported_and_not_timed(monkeypatch):
-    bench = load_bench()
+    cases, measure, timing = (bench_module(name)
+                              for name in ("bench_cases", "bench_measure", "bench_timing"))
 
     monkeypatch.setattr(convkit, "conv2d", conv2d_off_by_a_little)
-    case = bench.ConvCase("tiny", 2, 3, 4, 8, 8, 3, padding=1, bias=True)
-    clock = bench.Clock(torch.device("cpu"), torch.get_num_threads(), min_run_time=0.001)
-    rows = bench.bench_conv_case(case, "conv", torch.device("cpu"), clock)
+    case = cases.ConvCase("tiny", 2, 3, 4, 8, 8, 3, padding=1, bias=True)
+    clock = timing.Clock(torch.device("cpu"), torch.get_num_threads(), min_run_time=0.001)
+    rows = measure.bench_conv_case(case, "conv", torch.device("cpu"), clock)
     assert len(rows) == 3
     for row in rows:
         assert row.passed is False
@@ -143,7 +153,7 @@ def test_cuda_without_a_gpu_is_a_clear_error(capsys):
 
 def test_the_training_step_times_the_chapters_own_cnn():
     # One definition of the chapter's CNN: the one the experiments train.
-    assert load_bench().simple_cnn is models.simple_cnn
+    assert bench_module("bench_measure").simple_cnn is models.simple_cnn
 
 
 # ------------------------------------------------------------------------- dev/goal_floors.py
@@ -156,11 +166,13 @@ def load_floors() -> ModuleType:
     return load_script("goal_floors", FLOORS_SCRIPT)
 
 
-def test_goal_floors_uses_the_benchmarks_conv_bench():
-    # dev/ holds no copy of conv_bench.py: the floors are measured with benchmarks/' own.
+def test_goal_floors_uses_the_benchmarks_modules():
+    # dev/ holds no copy of the benchmark's code: the floors are measured with benchmarks/' own.
     floors = load_floors()
-    assert Path(floors.bench.__file__).resolve() == SCRIPT.resolve()
-    assert not (ROOT / "benchmarks" / "goal_floors.py").exists()
+    for module in (floors.cases, floors.measure, floors.timing):
+        assert Path(module.__file__).resolve().parent == BENCHMARKS.resolve()
+    assert not list((ROOT / "dev").glob("*bench*.py"))
+    assert not (BENCHMARKS / "goal_floors.py").exists()
 
 
 @pytest.mark.slow
@@ -174,8 +186,7 @@ def test_goal_floors_run_gives_consistent_rows(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "| goal | row |" in result.stdout
     rows = json.loads(json_path.read_text())
-    bench = load_bench()
-    cases = {case.label: case for case in bench.chapter_conv_cases(32)}
+    cases = {case.label: case for case in bench_module("bench_cases").chapter_conv_cases(32)}
     assert [row["goal"] for row in rows] == ["2b"] * 5 + ["3a"] * 4
     for row in rows:
         factor = 5.0 if row["goal"] == "2b" else 2.0
@@ -225,8 +236,8 @@ def test_goal_floors_refuses_a_wrong_kernel(monkeypatch):
     floors = load_floors()
 
     monkeypatch.setattr(convkit, "conv2d", conv2d_off_by_a_little)
-    case = floors.bench.chapter_conv_cases(4)[2]
-    clock = floors.bench.Clock(torch.device("cpu"), 1, min_run_time=0.001)
+    case = floors.cases.chapter_conv_cases(4)[2]
+    clock = floors.timing.Clock(torch.device("cpu"), 1, min_run_time=0.001)
     with pytest.raises(RuntimeError, match="wrong"):
         floors.conv_floor_row(case, clock, best_gflops=100.0)
 
