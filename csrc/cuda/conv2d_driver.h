@@ -1,7 +1,7 @@
 // The chunked im2col + GEMM conv2d of the CUDA backend: the algorithm, with the device steps
 // in a Backend struct (csrc/cuda/conv2d_ops.h), so that the steps are kernels of their own and
-// the algorithm reads apart from them. The backward op's frame (mask, weight-gradient
-// accumulator, bias) is csrc/conv2d_backward_op.h, shared with the CPU.
+// the algorithm reads apart from them. The ops' frames (checks, outputs, the backward's mask,
+// weight-gradient accumulator and bias) are csrc/conv2d_op_frame.h, shared with the CPU.
 //
 // Per chunk of `count` images (see csrc/conv2d.h for the column layout):
 //   forward   columns[K, count*L] = im2col(input chunk)          Backend::im2col_chunk
@@ -41,7 +41,7 @@
 
 #include "../checks.h"
 #include "../column_buffer.h"
-#include "../conv2d_backward_op.h"
+#include "../conv2d_op_frame.h"
 #include "../conv2d.h"
 
 namespace convkit {
@@ -50,48 +50,44 @@ template <typename Backend>
 at::Tensor conv2d_forward_impl(const at::Tensor& input, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  const char* op = "convkit::conv2d_forward";
-  // The ATen calls below (mm) are implementation details: keep autograd out of them even
-  // when the caller's tensors require grad.
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const Conv2dGeometry g = make_conv2d_geometry(op, input, weight, stride, padding, dilation, groups);
-  check_conv2d_bias(op, input, bias, g.out_channels);
-
-  const at::Tensor x = input.contiguous();
-  at::Tensor output = Backend::empty({g.batch, g.out_channels, g.out_h, g.out_w}, x.options());
-  if (output.numel() == 0) return output;
-
-  const int64_t O = g.out_channels;
-  const int64_t K = g.column_rows();
-  const int64_t L = g.out_area();
-  const int64_t Og = O / groups;
-  const int64_t Kg = K / groups;
-  const at::Tensor weight_matrix = weight.contiguous().view({O, Kg});
-  const bool has_bias = bias.has_value() && bias->defined();
-  const at::Tensor bias_c = has_bias ? bias->contiguous() : at::Tensor();
-  const int64_t chunk = images_per_chunk(g, x.element_size());
-  at::Tensor column_buffer = Backend::empty({K * chunk * L}, x.options());
-  record_column_buffer(column_buffer.nbytes());
-  at::Tensor out_t_buffer = Backend::empty({O * chunk * L}, x.options());
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv2d_forward", [&] {
-    const scalar_t* bias_ptr = has_bias ? bias_c.const_data_ptr<scalar_t>() : nullptr;
-    for (int64_t first = 0; first < g.batch; first += chunk) {
-      const int64_t count = std::min(chunk, g.batch - first);
-      at::Tensor columns = matrix_view(column_buffer, K, count * L);
-      at::Tensor out_t = matrix_view(out_t_buffer, O, count * L);
-      Backend::im2col_chunk(x.const_data_ptr<scalar_t>(), g, first, count,
-                            columns.mutable_data_ptr<scalar_t>());
-      for (int64_t group = 0; group < groups; ++group) {
-        at::Tensor out_group = out_t.narrow(0, group * Og, Og);
-        at::mm_out(out_group, weight_matrix.narrow(0, group * Og, Og),
-                   columns.narrow(0, group * Kg, Kg));
+  auto empty = [](at::IntArrayRef sizes, const at::TensorOptions& options) {
+    return Backend::empty(sizes, options);
+  };
+  auto forward = [&](const at::Tensor& x, const at::Tensor& bias_or_undefined,
+                     const Conv2dGeometry& g, at::Tensor& output) {
+    const int64_t O = g.out_channels;
+    const int64_t K = g.column_rows();
+    const int64_t L = g.out_area();
+    const int64_t Og = O / groups;
+    const int64_t Kg = K / groups;
+    const at::Tensor weight_matrix = weight.contiguous().view({O, Kg});
+    const bool has_bias = bias_or_undefined.defined();
+    const at::Tensor bias_c = has_bias ? bias_or_undefined.contiguous() : at::Tensor();
+    const int64_t chunk = images_per_chunk(g, x.element_size());
+    at::Tensor column_buffer = Backend::empty({K * chunk * L}, x.options());
+    record_column_buffer(column_buffer.nbytes());
+    at::Tensor out_t_buffer = Backend::empty({O * chunk * L}, x.options());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv2d_forward",
+                                    [&] {
+      const scalar_t* bias_ptr = has_bias ? bias_c.const_data_ptr<scalar_t>() : nullptr;
+      for (int64_t first = 0; first < g.batch; first += chunk) {
+        const int64_t count = std::min(chunk, g.batch - first);
+        at::Tensor columns = matrix_view(column_buffer, K, count * L);
+        at::Tensor out_t = matrix_view(out_t_buffer, O, count * L);
+        Backend::im2col_chunk(x.const_data_ptr<scalar_t>(), g, first, count,
+                              columns.mutable_data_ptr<scalar_t>());
+        for (int64_t group = 0; group < groups; ++group) {
+          at::Tensor out_group = out_t.narrow(0, group * Og, Og);
+          at::mm_out(out_group, weight_matrix.narrow(0, group * Og, Og),
+                     columns.narrow(0, group * Kg, Kg));
+        }
+        Backend::scatter_output(out_t.const_data_ptr<scalar_t>(), bias_ptr, g, first, count,
+                                output.mutable_data_ptr<scalar_t>());
       }
-      Backend::scatter_output(out_t.const_data_ptr<scalar_t>(), bias_ptr, g, first, count,
-                              output.mutable_data_ptr<scalar_t>());
-    }
-  });
-  return output;
+    });
+  };
+  return run_conv2d_forward(input, weight, bias, stride, padding, dilation, groups, empty,
+                            forward);
 }
 
 template <typename Backend>

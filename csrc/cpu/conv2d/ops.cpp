@@ -27,7 +27,7 @@
 #include <type_traits>
 
 #include "../../checks.h"
-#include "../../conv2d_backward_op.h"
+#include "../../conv2d_op_frame.h"
 #include "../../conv2d.h"
 #include "../../cuda_emu/emulated_ops.h"
 #include "../../cuda_emu/routing.h"
@@ -126,22 +126,24 @@ bool conv2d_backward_kernel(const at::Tensor& dy, const at::Tensor& x, const at:
 at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
                               const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  const char* op = "convkit::conv2d_forward";
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const Conv2dGeometry g = make_conv2d_geometry(op, input, weight, stride, padding, dilation, groups);
-  check_conv2d_bias(op, input, bias, g.out_channels);
-  const at::Tensor x = input.contiguous();
-  at::Tensor output = cached_empty({g.batch, g.out_channels, g.out_h, g.out_w}, x.options());
-  if (output.numel() == 0) return output;
-  const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());
-  // Weights and bias in the compute type, [O, K/groups] row-major: converted once per call.
-  const at::Tensor weight_acc = weight.to(acc_type).contiguous();
-  const bool has_bias = bias.has_value() && bias->defined();
-  const at::Tensor bias_acc = has_bias ? bias->to(acc_type).contiguous() : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv2d_forward", [&] {
-    conv2d_forward_kernel<scalar_t>(x, weight_acc, bias_acc, g, output);
-  });
-  return output;
+  auto empty = [](at::IntArrayRef sizes, const at::TensorOptions& options) {
+    return cached_empty(sizes, options);
+  };
+  auto forward = [&](const at::Tensor& x, const at::Tensor& bias_or_undefined,
+                     const Conv2dGeometry& g, at::Tensor& output) {
+    const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());
+    // Weights and bias in the compute type, [O, K/groups] row-major: converted once per call.
+    const at::Tensor weight_acc = weight.to(acc_type).contiguous();
+    const at::Tensor bias_acc = bias_or_undefined.defined()
+                                    ? bias_or_undefined.to(acc_type).contiguous()
+                                    : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv2d_forward",
+                                    [&] {
+      conv2d_forward_kernel<scalar_t>(x, weight_acc, bias_acc, g, output);
+    });
+  };
+  return run_conv2d_forward(input, weight, bias, stride, padding, dilation, groups, empty,
+                            forward);
 }
 
 // The bias gradient: each (image, channel) plane summed in acc_t, planes in double.

@@ -1,19 +1,21 @@
-// The conv2d_backward op's frame, one for every backend: argument checks, the output mask,
-// the weight gradient's accumulator and the bias gradient. A backend supplies only its
-// kernels:
+// The conv2d ops' frames, one for every backend: argument checks, the output and, for the
+// backward, the output mask, the weight gradient's accumulator and the bias gradient. A
+// backend supplies only its kernels:
 //   empty(sizes, options)                        an uninitialised output (the CPU's comes
 //                                                from its block cache)
+//   forward(x, bias, g, output)                  the convolution into output (never empty);
+//                                                bias undefined when the layer has none
 //   columns_pass(dy, x, g, grads) -> bool        the input and/or weight gradient (whichever
 //                                                grads.want_* says) into grads.input and
 //                                                grads.weight_acc; true when it also wrote
 //                                                grads.bias (a pass that reads dY anyway)
 //   bias_grad(dy, g, grads.bias)                 otherwise, the bias gradient on its own
-// Invariants the frame keeps, so that no backend can drift from torch's semantics:
+// Invariants the frames keep, so that no backend can drift from torch's semantics:
 //  * an unwanted gradient is an empty tensor of shape [0] (as the schema's callers expect);
 //  * the weight gradient accumulates in the compute type (float for bfloat16/float16),
 //    starting from zeros, and is rounded to the input's dtype once, at the end;
-//  * a wanted input gradient of a batch with no output positions is zeros, a wanted bias
-//    gradient of zero channels is empty, and no kernel runs on an empty batch.
+//  * no kernel runs on an empty output or batch: a wanted input gradient of a batch with no
+//    output positions is zeros, a wanted bias gradient of zero channels is empty.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -23,6 +25,7 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <array>
+#include <optional>
 #include <tuple>
 
 #include "checks.h"
@@ -38,6 +41,26 @@ struct Conv2dGradients {
   at::Tensor weight_acc;  // [O, C/groups * kH * kW] in the compute type, zeros, when wanted
   at::Tensor bias;        // [O] when wanted
 };
+
+template <typename Empty, typename Forward>
+at::Tensor run_conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                              Empty empty, Forward forward) {
+  const char* op = "convkit::conv2d_forward";
+  // The ATen calls the kernels make (mm, to) are implementation details: keep autograd out
+  // of them even when the caller's tensors require grad.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const Conv2dGeometry g =
+      make_conv2d_geometry(op, input, weight, stride, padding, dilation, groups);
+  check_conv2d_bias(op, input, bias, g.out_channels);
+  const at::Tensor x = input.contiguous();
+  at::Tensor output = empty({g.batch, g.out_channels, g.out_h, g.out_w}, x.options());
+  if (output.numel() == 0) return output;
+  const bool has_bias = bias.has_value() && bias->defined();
+  forward(x, has_bias ? *bias : at::Tensor(), g, output);
+  return output;
+}
 
 template <typename Empty, typename ColumnsPass, typename BiasGrad>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_conv2d_backward(
