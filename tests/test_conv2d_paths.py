@@ -347,3 +347,6 @@ def test_plan_checks_its_arguments():
     with pytest.raises(RuntimeError, match="conv2d_cpu_plan"):
         torch.ops.convkit.conv2d_cpu_plan(x, torch.empty(4, 6, 3, 3), [0, 1], [1, 1], [1, 1], 1,
                                           [True, True])
+    with pytest.raises(RuntimeError, match="conv2d_cpu_plan: expected CPU tensors"):
+        torch.ops.convkit.conv2d_cpu_plan(x.to("meta"), torch.empty(4, 6, 3, 3, device="meta"),
+                                          [1, 1], [1, 1], [1, 1], 1, [True, True])

@@ -271,6 +271,11 @@ std::tuple<std::string, std::string, std::string> conv2d_cpu_plan(
     const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     std::array<bool, 2> gradient_mask) {
+  // The plan is that of the CPU kernels: a tensor elsewhere would get an answer about code it
+  // does not run.
+  TORCH_CHECK(input.device().is_cpu() && weight.device().is_cpu(),
+              "convkit::conv2d_cpu_plan: expected CPU tensors (it reports the CPU kernels' "
+              "paths), but got input on ", input.device(), " and weight on ", weight.device());
   const Conv2dGeometry g = make_conv2d_geometry("convkit::conv2d_cpu_plan", input, weight, stride,
                                                 padding, dilation, groups);
   const at::ScalarType acc_type = at::toOpMathType(input.scalar_type());
