@@ -276,3 +276,30 @@ def check_batch_norm_update_stats(op: str, running_mean, running_var, batch_mean
                "got an expanded tensor (stride 0)")
         check_floating(op, t, "running statistics")
     _check(count >= 0, f"{op}: expected a non-negative count, but got {count}")
+
+
+def check_batch_norm_combine_stats(op: str, mean, var, count: Sequence[int]) -> None:
+    _check(mean.dim() == 2,
+           f"{op}: expected mean of shape [processes, channels], but got {_sizes(mean)}")
+    check_floating(op, mean, "mean")
+    check_same_device_and_dtype(op, mean, "mean", var, "var")
+    _check(tuple(var.shape) == tuple(mean.shape),
+           f"{op}: expected var of mean's shape {_sizes(mean)}, but got {_sizes(var)}")
+    _check(len(count) == mean.shape[0],
+           f"{op}: expected one count per process ({mean.shape[0]}), but got {len(count)}")
+    for rank, n in enumerate(count):
+        _check(n >= 0, f"{op}: expected non-negative counts, but got {n} for process {rank}")
+
+
+def check_batch_norm_backward_elemt(op: str, input, sum_dy, sum_dy_xmu, count: int) -> None:
+    channels = input.shape[1]
+    for t, name in ((sum_dy, "sum_dy"), (sum_dy_xmu, "sum_dy_xmu")):
+        _check(t.device == input.device, f"{op}: expected {name} on the same device as input "
+                                         f"({input.device}), but got {t.device}")
+        _check(t.dtype == torch.float64 and t.dim() == 1 and t.numel() == channels,
+               f"{op}: expected {name} to be a 1-D float64 tensor of {channels} elements, but got "
+               f"{_dtype(t.dtype)} of shape {_sizes(t)}")
+    local_count = input.numel() // channels
+    _check(count >= local_count,
+           f"{op}: expected count (values per channel over all processes) of at least this "
+           f"process's {local_count}, but got {count}")

@@ -33,6 +33,10 @@ _col2im = _ops.col2im.default
 _batch_norm_forward = _ops.batch_norm_forward.default
 _batch_norm_backward = _ops.batch_norm_backward.default
 _batch_norm_update_stats = _ops.batch_norm_update_stats.default
+_batch_norm_stats = _ops.batch_norm_stats.default
+_batch_norm_combine_stats = _ops.batch_norm_combine_stats.default
+_batch_norm_backward_reduce = _ops.batch_norm_backward_reduce.default
+_batch_norm_backward_elemt = _ops.batch_norm_backward_elemt.default
 
 
 def conv2d_forward(
@@ -133,6 +137,54 @@ def batch_norm_update_stats(
     _batch_norm_update_stats(running_mean, running_var, batch_mean, batch_var, momentum, count)
 
 
+def batch_norm_stats(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, C, *] -> this process's (mean [C], biased var [C]) in float64; 0 and 0 for an empty
+    batch."""
+    return _batch_norm_stats(input)
+
+
+def batch_norm_combine_stats(
+    mean: torch.Tensor, var: torch.Tensor, count: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The statistics of W processes, mean and var [W, C] with count[r] values per channel in
+    process r -> their combined (mean [C], biased var [C])."""
+    return _batch_norm_combine_stats(mean, var, count)
+
+
+def batch_norm_backward_reduce(
+    grad_output: torch.Tensor,
+    input: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    eps: float,
+    relu: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This process's (sum_dy [C], sum_dy_xmu [C]) in float64 and (grad_weight, grad_bias)."""
+    return _batch_norm_backward_reduce(grad_output, input, mean, var, weight, bias, eps, relu)
+
+
+def batch_norm_backward_elemt(
+    grad_output: torch.Tensor,
+    input: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    sum_dy: torch.Tensor,
+    sum_dy_xmu: torch.Tensor,
+    count: int,
+    eps: float,
+    relu: bool,
+) -> torch.Tensor:
+    """grad_input [N, C, *] from the sums over all processes, which hold ``count`` values per
+    channel."""
+    return _batch_norm_backward_elemt(
+        grad_output, input, mean, var, weight, bias, sum_dy, sum_dy_xmu, count, eps, relu
+    )
+
+
 def cpu_cache_bytes() -> int:
     """Bytes the CPU block cache holds in freed blocks, kept mapped for the CPU ops' next large
     outputs and scratch buffers: at most ``CONVKIT_CPU_CACHE_MB`` MiB (default 64; 0 turns the
@@ -221,3 +273,42 @@ def _batch_norm_update_stats_fake(running_mean, running_var, batch_mean, batch_v
     checks.check_batch_norm_update_stats("convkit::batch_norm_update_stats", running_mean,
                                          running_var, batch_mean, batch_var, count)
     return None
+
+
+@torch.library.register_fake("convkit::batch_norm_stats")
+def _batch_norm_stats_fake(input):
+    checks.check_batch_norm_input("convkit::batch_norm_stats", input)
+    channels = input.shape[1]
+    return (input.new_empty((channels,), dtype=torch.float64),
+            input.new_empty((channels,), dtype=torch.float64))
+
+
+@torch.library.register_fake("convkit::batch_norm_combine_stats")
+def _batch_norm_combine_stats_fake(mean, var, count):
+    checks.check_batch_norm_combine_stats("convkit::batch_norm_combine_stats", mean, var, count)
+    return mean.new_empty((mean.shape[1],)), mean.new_empty((mean.shape[1],))
+
+
+@torch.library.register_fake("convkit::batch_norm_backward_reduce")
+def _batch_norm_backward_reduce_fake(grad_output, input, mean, var, weight, bias, eps, relu):
+    checks.check_batch_norm_backward("convkit::batch_norm_backward_reduce", grad_output, input,
+                                     weight, bias, mean, var)
+    channels = input.shape[1]
+    weight_dtype = weight.dtype if weight is not None else input.dtype
+    bias_dtype = bias.dtype if bias is not None else input.dtype
+    return (
+        input.new_empty((channels,), dtype=torch.float64),
+        input.new_empty((channels,), dtype=torch.float64),
+        input.new_empty((channels,), dtype=weight_dtype),
+        input.new_empty((channels,), dtype=bias_dtype),
+    )
+
+
+@torch.library.register_fake("convkit::batch_norm_backward_elemt")
+def _batch_norm_backward_elemt_fake(
+    grad_output, input, mean, var, weight, bias, sum_dy, sum_dy_xmu, count, eps, relu
+):
+    op = "convkit::batch_norm_backward_elemt"
+    checks.check_batch_norm_backward(op, grad_output, input, weight, bias, mean, var)
+    checks.check_batch_norm_backward_elemt(op, input, sum_dy, sum_dy_xmu, count)
+    return input.new_empty(input.shape)

@@ -122,6 +122,42 @@ CONVKIT_HOST_DEVICE inline double variance_from_moments(double mean_square, doub
   return var < 0.0 ? 0.0 : var;
 }
 
+// The statistics of one channel over several processes (synchronised batch norm) from each
+// one's count, mean and biased variance, by the two-pass form of Chan's merge, in double:
+// mean = sum(n_r * mean_r) / n, var = sum(n_r * (var_r + (mean_r - mean)^2)) / n. Every term
+// is a product of non-negative factors, so nothing cancels (sum(x) and sum(x^2) would lose
+// the variance in rounding when |mean| >> std). A process with no values contributes nothing,
+// whatever its statistics; none at all gives 0 and 0. A NaN, or a ±inf mean, in a process
+// with values makes the mean NaN or ±inf and the variance NaN, as one batch would.
+// mean_r = mean[r * step], var_r = var[r * step], n_r = count[r].
+struct CombinedStatistics {
+  double mean;
+  double var;
+};
+
+template <typename stat_t>
+CONVKIT_HOST_DEVICE inline CombinedStatistics combine_statistics(const stat_t* mean,
+                                                                 const stat_t* var,
+                                                                 const int64_t* count,
+                                                                 int64_t processes, int64_t step) {
+  int64_t total = 0;
+  double weighted_mean = 0.0;
+  for (int64_t r = 0; r < processes; ++r) {
+    if (count[r] == 0) continue;
+    total += count[r];
+    weighted_mean += double(count[r]) * static_cast<double>(mean[r * step]);
+  }
+  if (total == 0) return {0.0, 0.0};
+  const double combined_mean = weighted_mean / double(total);
+  double m2 = 0.0;
+  for (int64_t r = 0; r < processes; ++r) {
+    if (count[r] == 0) continue;
+    const double deviation = static_cast<double>(mean[r * step]) - combined_mean;
+    m2 += double(count[r]) * (static_cast<double>(var[r * step]) + deviation * deviation);
+  }
+  return {combined_mean, m2 / double(total)};
+}
+
 // The running variance takes the batch variance unbiased: count / (count - 1), 1 for count 1.
 CONVKIT_HOST_DEVICE inline double running_var_unbias(int64_t count) {
   return count > 1 ? double(count) / double(count - 1) : 1.0;

@@ -10,6 +10,7 @@
 #include <c10/util/safe_numerics.h>
 
 #include <cstdint>
+#include <utility>
 #include <cstdlib>
 #include <initializer_list>
 
@@ -318,6 +319,43 @@ inline void check_batch_norm_update_stats(const char* op, const at::Tensor& runn
     check_floating(op, *t, "running statistics");
   }
   TORCH_CHECK(count >= 0, op, ": expected a non-negative count, but got ", count);
+}
+
+// Synchronised batch norm's ops (convkit.nn.SyncBatchNorm): the statistics of W processes,
+// mean and var [W, C] of one floating dtype, with one count (values per channel) per process.
+inline void check_batch_norm_combine_stats(const char* op, const at::Tensor& mean,
+                                           const at::Tensor& var, at::IntArrayRef count) {
+  TORCH_CHECK(mean.dim() == 2, op, ": expected mean of shape [processes, channels], but got ",
+              mean.sizes());
+  check_floating(op, mean, "mean");
+  check_same_device_and_dtype(op, mean, "mean", var, "var");
+  TORCH_CHECK(var.sizes() == mean.sizes(), op, ": expected var of mean's shape ", mean.sizes(),
+              ", but got ", var.sizes());
+  TORCH_CHECK(static_cast<int64_t>(count.size()) == mean.size(0), op, ": expected one count per ",
+              "process (", mean.size(0), "), but got ", count.size());
+  for (size_t r = 0; r < count.size(); ++r) {
+    TORCH_CHECK(count[r] >= 0, op, ": expected non-negative counts, but got ", count[r],
+                " for process ", r);
+  }
+}
+
+// The backward's element-wise pass of a synchronised batch norm: the sums over every process
+// (float64, one per channel) and their count, which holds at least this process's values.
+inline void check_batch_norm_backward_elemt(const char* op, const at::Tensor& input,
+                                            const at::Tensor& sum_dy,
+                                            const at::Tensor& sum_dy_xmu, int64_t count,
+                                            int64_t local_count) {
+  const int64_t C = input.size(1);
+  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&sum_dy, "sum_dy"},
+                                {&sum_dy_xmu, "sum_dy_xmu"}}) {
+    TORCH_CHECK(t->device() == input.device(), op, ": expected ", name,
+                " on the same device as input (", input.device(), "), but got ", t->device());
+    TORCH_CHECK(t->scalar_type() == at::kDouble && t->dim() == 1 && t->numel() == C, op,
+                ": expected ", name, " to be a 1-D float64 tensor of ", C, " elements, but got ",
+                t->scalar_type(), " of shape ", t->sizes());
+  }
+  TORCH_CHECK(count >= local_count, op, ": expected count (values per channel over all ",
+              "processes) of at least this process's ", local_count, ", but got ", count);
 }
 
 }  // namespace convkit

@@ -50,6 +50,29 @@ TORCH_LIBRARY(convkit, m) {
   m.def(
       "batch_norm_update_stats(Tensor(a!) running_mean, Tensor(b!) running_var, "
       "Tensor batch_mean, Tensor batch_var, float momentum, int count) -> ()");
+  // Synchronised batch norm's building blocks (convkit.nn.SyncBatchNorm; the collectives
+  // between them are Python's). Statistics are mean and biased variance, not sum and sum of
+  // squares, which cancel when |mean| >> std, and float64 for any input until combined: a
+  // float32 mean would round by |mean| * 6e-8 on each process before the merge.
+  // This process's statistics over N * S values per channel (0 and 0 for an empty batch).
+  m.def("batch_norm_stats(Tensor input) -> (Tensor mean, Tensor var)");
+  // The statistics of W processes, mean and var [W, C], with count[r] values per channel in
+  // process r, merged in double (csrc/batch_norm.h, combine_statistics) -> mean, var [C] of
+  // the same dtype.
+  m.def(
+      "batch_norm_combine_stats(Tensor mean, Tensor var, int[] count) "
+      "-> (Tensor mean, Tensor var)");
+  // This process's sum(dy') and sum(dy' * (x - mean)) (float64 [C]; dy' = dy masked by the
+  // ReLU recomputed from x), and its grad_weight and grad_bias.
+  m.def(
+      "batch_norm_backward_reduce(Tensor grad_output, Tensor input, Tensor mean, Tensor var, "
+      "Tensor? weight, Tensor? bias, float eps, bool relu) "
+      "-> (Tensor sum_dy, Tensor sum_dy_xmu, Tensor grad_weight, Tensor grad_bias)");
+  // grad_input from the sums over all processes and `count`, their values per channel.
+  m.def(
+      "batch_norm_backward_elemt(Tensor grad_output, Tensor input, Tensor mean, Tensor var, "
+      "Tensor? weight, Tensor? bias, Tensor sum_dy, Tensor sum_dy_xmu, int count, float eps, "
+      "bool relu) -> Tensor");
   // Bytes of the largest conv column buffer since the last reset (all threads' tiles
   // together): what CONVKIT_COLUMN_BUDGET_MB bounds. Device-independent bookkeeping.
   m.def("column_buffer_peak_bytes(bool reset=False) -> int", &convkit::column_buffer_peak_bytes);

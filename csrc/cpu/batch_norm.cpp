@@ -132,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
           std::fill(mean_ptr, mean_ptr + C, acc_t(0));
           std::fill(var_ptr, var_ptr + C, acc_t(0));
         } else {
-          row_statistics(x_ptr, N, C, S, mean_ptr, var_ptr);
+          row_statistics<scalar_t, acc_t>(x_ptr, N, C, S, mean_ptr, var_ptr);
         }
       }
       std::vector<acc_t> scale(C), shift(C);
@@ -164,30 +164,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
             mean_ptr[c] = acc_t(0);
             var_ptr[c] = acc_t(0);
           } else {
-            // Sums of (x - shift) and its square, shift = the channel's first value (keeps
-            // the variance accurate when the mean is large): blocks of up to kSumBlock values
-            // summed in acc_t by a vectorised reduction, the blocks in double.
-            const acc_t shift_acc = statistics_shift(static_cast<acc_t>(x_ptr[c * S]));
-            const double shift = static_cast<double>(shift_acc);
-            double sum = 0.0, sum_sq = 0.0;
-            for (int64_t n = 0; n < N; ++n) {
-              const scalar_t* plane = x_ptr + (n * C + c) * S;
-              for (int64_t s0 = 0; s0 < S; s0 += kSumBlock) {
-                const int64_t len = std::min(kSumBlock, S - s0);
-                acc_t block_sum = acc_t(0), block_sum_sq = acc_t(0);
-                _Pragma("omp simd reduction(+ : block_sum, block_sum_sq)")
-                for (int64_t s = s0; s < s0 + len; ++s) {
-                  const acc_t d = static_cast<acc_t>(plane[s]) - shift_acc;
-                  block_sum += d;
-                  block_sum_sq += d * d;
-                }
-                sum += static_cast<double>(block_sum);
-                sum_sq += static_cast<double>(block_sum_sq);
-              }
-            }
-            const double mean_shifted = sum / double(count);
-            const double var = variance_from_moments(sum_sq / double(count), mean_shifted);
-            mean_ptr[c] = static_cast<acc_t>(shift + mean_shifted);
+            const auto [mean, var] = plane_statistics<scalar_t, acc_t>(x_ptr, N, C, S, c);
+            mean_ptr[c] = static_cast<acc_t>(mean);
             var_ptr[c] = static_cast<acc_t>(var);
           }
         }
@@ -278,21 +256,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
         const acc_t scale = affine.scale;
         const acc_t shift = affine.shift;
         const acc_t mu = mean_ptr[c];
-        // Reduction pass: sum(dy') and sum(dy' * (x - mean)). Blocks of each plane are
-        // summed in acc_t by a vectorised loop, the blocks in double.
-        double sum_dy = 0.0, sum_dy_xmu = 0.0;
-        for (int64_t n = 0; n < N; ++n) {
-          const scalar_t* xs = x_ptr + (n * C + c) * S;
-          const scalar_t* dys = dy_ptr + (n * C + c) * S;
-          for (int64_t s0 = 0; s0 < S; s0 += kSumBlock) {
-            const int64_t len = std::min(kSumBlock, S - s0);
-            const auto [block_dy, block_dy_xmu] =
-                relu ? masked_gradient_sums<true>(xs + s0, dys + s0, len, scale, shift, mu)
-                     : masked_gradient_sums<false>(xs + s0, dys + s0, len, scale, shift, mu);
-            sum_dy += static_cast<double>(block_dy);
-            sum_dy_xmu += static_cast<double>(block_dy_xmu);
-          }
-        }
+        // Reduction pass: sum(dy') and sum(dy' * (x - mean)).
+        const auto [sum_dy, sum_dy_xmu] =
+            relu ? plane_gradient_sums<true>(x_ptr, dy_ptr, N, C, S, c, scale, shift, mu)
+                 : plane_gradient_sums<false>(x_ptr, dy_ptr, N, C, S, c, scale, shift, mu);
         const ChannelGradient<acc_t> grad =
             channel_gradient(sum_dy, sum_dy_xmu, count, affine.invstd, training);
         gw_ptr[c] = grad.grad_weight;

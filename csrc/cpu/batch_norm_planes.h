@@ -4,6 +4,7 @@
 // vectorised loop; the ReLU is a template parameter, never a flag tested inside a loop.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <utility>
 
@@ -42,6 +43,57 @@ std::pair<acc_t, acc_t> masked_gradient_sums(const scalar_t* __restrict x,
     const acc_t g = relu_masked_gradient<kRelu>(x[s], dy[s], scale, shift);
     sum_dy += g;
     sum_dy_xmu += g * (static_cast<acc_t>(x[s]) - mean);
+  }
+  return {sum_dy, sum_dy_xmu};
+}
+
+// Channel c's mean and biased variance over its N planes of S values of x [N, C, S] (count =
+// N * S > 0), in double: sums of (x - shift) and its square, shift = the channel's first value
+// (keeps the variance accurate when the mean is large), in blocks of up to kSumBlock values
+// summed in acc_t by a vectorised reduction, the blocks in double.
+template <typename scalar_t, typename acc_t>
+std::pair<double, double> plane_statistics(const scalar_t* x, int64_t N, int64_t C, int64_t S,
+                                           int64_t c) {
+  const acc_t shift_acc = statistics_shift(static_cast<acc_t>(x[c * S]));
+  const double shift = static_cast<double>(shift_acc);
+  double sum = 0.0, sum_sq = 0.0;
+  for (int64_t n = 0; n < N; ++n) {
+    const scalar_t* plane = x + (n * C + c) * S;
+    for (int64_t s0 = 0; s0 < S; s0 += kSumBlock) {
+      const int64_t len = std::min(kSumBlock, S - s0);
+      acc_t block_sum = acc_t(0), block_sum_sq = acc_t(0);
+      _Pragma("omp simd reduction(+ : block_sum, block_sum_sq)")
+      for (int64_t s = s0; s < s0 + len; ++s) {
+        const acc_t d = static_cast<acc_t>(plane[s]) - shift_acc;
+        block_sum += d;
+        block_sum_sq += d * d;
+      }
+      sum += static_cast<double>(block_sum);
+      sum_sq += static_cast<double>(block_sum_sq);
+    }
+  }
+  const double count = double(N) * double(S);
+  const double mean_shifted = sum / count;
+  return {shift + mean_shifted, variance_from_moments(sum_sq / count, mean_shifted)};
+}
+
+// Channel c's sum(dy') and sum(dy' * (x - mean)) over its N planes, in double (blocks of each
+// plane summed in acc_t by masked_gradient_sums).
+template <bool kRelu, typename scalar_t, typename acc_t>
+std::pair<double, double> plane_gradient_sums(const scalar_t* x, const scalar_t* dy, int64_t N,
+                                              int64_t C, int64_t S, int64_t c, acc_t scale,
+                                              acc_t shift, acc_t mean) {
+  double sum_dy = 0.0, sum_dy_xmu = 0.0;
+  for (int64_t n = 0; n < N; ++n) {
+    const scalar_t* xs = x + (n * C + c) * S;
+    const scalar_t* dys = dy + (n * C + c) * S;
+    for (int64_t s0 = 0; s0 < S; s0 += kSumBlock) {
+      const int64_t len = std::min(kSumBlock, S - s0);
+      const auto [block_dy, block_dy_xmu] =
+          masked_gradient_sums<kRelu>(xs + s0, dys + s0, len, scale, shift, mean);
+      sum_dy += static_cast<double>(block_dy);
+      sum_dy_xmu += static_cast<double>(block_dy_xmu);
+    }
   }
   return {sum_dy, sum_dy_xmu};
 }

@@ -118,8 +118,11 @@ void for_each_block(int64_t N, int64_t R, Body&& body) {
   });
 }
 
-template <typename scalar_t, typename acc_t>
-void row_statistics(const scalar_t* x, int64_t N, int64_t C, int64_t S, acc_t* mean, acc_t* var) {
+// mean[c] and the biased variance var[c] of each channel, summed in acc_t per block and in
+// double across blocks, stored as stat_t (acc_t for the forward, double for batch_norm_stats).
+template <typename scalar_t, typename acc_t, typename stat_t>
+void row_statistics(const scalar_t* x, int64_t N, int64_t C, int64_t S, stat_t* mean,
+                    stat_t* var) {
   constexpr int64_t W = kChunk<acc_t>;
   const int64_t R = C * S;
   const int64_t count = N * S;
@@ -149,8 +152,8 @@ void row_statistics(const scalar_t* x, int64_t N, int64_t C, int64_t S, acc_t* m
   }, sum.data(), sum_sq.data());
   for (int64_t c = 0; c < C; ++c) {
     const double mean_shifted = sum[c] / double(count);
-    mean[c] = static_cast<acc_t>(static_cast<double>(shift_c[c]) + mean_shifted);
-    var[c] = static_cast<acc_t>(variance_from_moments(sum_sq[c] / double(count), mean_shifted));
+    mean[c] = static_cast<stat_t>(static_cast<double>(shift_c[c]) + mean_shifted);
+    var[c] = static_cast<stat_t>(variance_from_moments(sum_sq[c] / double(count), mean_shifted));
   }
 }
 
@@ -176,25 +179,29 @@ void row_normalize(const scalar_t* x, int64_t N, int64_t C, int64_t S, const acc
   });
 }
 
-// Backward on rows: per-channel sum(dy') and sum(dy' * (x - mean)) into sum_dy/sum_dy_xmu,
-// then (when dx != nullptr) the element-wise pass.
+// The per-column rows of a channel's backward coefficients (scale, shift, mean of each
+// channel spread over its S columns), built once per call and shared by both backward passes.
+template <typename acc_t>
+struct BackwardRows {
+  std::vector<acc_t> scale, shift, mean;
+  BackwardRows(const acc_t* scale_c, const acc_t* shift_c, const acc_t* mean_c, int64_t C,
+               int64_t S)
+      : scale(spread(scale_c, C, S)), shift(spread(shift_c, C, S)), mean(spread(mean_c, C, S)) {}
+};
+
+// Backward's reduction on rows: per-channel sum(dy') and sum(dy' * (x - mean)), in double.
 template <bool kRelu, typename scalar_t, typename acc_t>
-void row_backward(const scalar_t* x, const scalar_t* dy, int64_t N, int64_t C, int64_t S,
-                  const acc_t* scale_c, const acc_t* shift_c, const acc_t* mean_c,
-                  const acc_t* invstd_c, bool training, double* sum_dy, double* sum_dy_xmu,
-                  scalar_t* dx) {
+void row_gradient_sums(const scalar_t* x, const scalar_t* dy, int64_t N, int64_t C, int64_t S,
+                       const BackwardRows<acc_t>& coefficients, double* sum_dy,
+                       double* sum_dy_xmu) {
   constexpr int64_t W = kChunk<acc_t>;
   const int64_t R = C * S;
-  const int64_t count = N * S;
-  const std::vector<acc_t> scale = spread(scale_c, C, S);
-  const std::vector<acc_t> shift = spread(shift_c, C, S);
-  const std::vector<acc_t> mean = spread(mean_c, C, S);
   row_reduce<acc_t>(N, C, S, [&](int64_t first, int64_t end, acc_t* rows) {
     for_each_chunk<acc_t>(R, [&](int64_t j0, auto width) {
       acc_t sums[W] = {}, products[W] = {}, a[W], b[W], mu[W];
-      load_chunk(a, scale, j0, width);
-      load_chunk(b, shift, j0, width);
-      load_chunk(mu, mean, j0, width);
+      load_chunk(a, coefficients.scale, j0, width);
+      load_chunk(b, coefficients.shift, j0, width);
+      load_chunk(mu, coefficients.mean, j0, width);
       for (int64_t n = first; n < end; ++n) {
         const scalar_t* __restrict xs = x + n * R + j0;
         const scalar_t* __restrict dys = dy + n * R + j0;
@@ -211,22 +218,24 @@ void row_backward(const scalar_t* x, const scalar_t* dy, int64_t N, int64_t C, i
       }
     });
   }, sum_dy, sum_dy_xmu);
-  if (dx == nullptr) return;
-  std::vector<acc_t> mean_dy_c(C), proj_c(C);
-  for (int64_t c = 0; c < C; ++c) {
-    const ChannelGradient<acc_t> grad =
-        channel_gradient(sum_dy[c], sum_dy_xmu[c], count, invstd_c[c], training);
-    mean_dy_c[c] = grad.mean_dy;
-    proj_c[c] = grad.proj;
-  }
-  const std::vector<acc_t> mean_dy = spread(mean_dy_c.data(), C, S);
-  const std::vector<acc_t> proj = spread(proj_c.data(), C, S);
+}
+
+// Backward's element-wise pass on rows: dx from the per-channel terms of channel_gradient
+// (mean_dy_c, proj_c) and the coefficients' rows.
+template <bool kRelu, typename scalar_t, typename acc_t>
+void row_grad_input(const scalar_t* x, const scalar_t* dy, int64_t N, int64_t C, int64_t S,
+                    const BackwardRows<acc_t>& coefficients, const acc_t* mean_dy_c,
+                    const acc_t* proj_c, bool training, scalar_t* dx) {
+  constexpr int64_t W = kChunk<acc_t>;
+  const int64_t R = C * S;
+  const std::vector<acc_t> mean_dy = spread(mean_dy_c, C, S);
+  const std::vector<acc_t> proj = spread(proj_c, C, S);
   for_each_block(N, R, [&](int64_t first, int64_t end) {
     for_each_chunk<acc_t>(R, [&](int64_t j0, auto width) {
       acc_t a[W], b[W], mu[W], mdy[W], pr[W];
-      load_chunk(a, scale, j0, width);
-      load_chunk(b, shift, j0, width);
-      load_chunk(mu, mean, j0, width);
+      load_chunk(a, coefficients.scale, j0, width);
+      load_chunk(b, coefficients.shift, j0, width);
+      load_chunk(mu, coefficients.mean, j0, width);
       load_chunk(mdy, mean_dy, j0, width);
       load_chunk(pr, proj, j0, width);
       for (int64_t n = first; n < end; ++n) {
@@ -243,6 +252,28 @@ void row_backward(const scalar_t* x, const scalar_t* dy, int64_t N, int64_t C, i
       }
     });
   });
+}
+
+// Backward on rows: per-channel sum(dy') and sum(dy' * (x - mean)) into sum_dy/sum_dy_xmu,
+// then (when dx != nullptr) the element-wise pass.
+template <bool kRelu, typename scalar_t, typename acc_t>
+void row_backward(const scalar_t* x, const scalar_t* dy, int64_t N, int64_t C, int64_t S,
+                  const acc_t* scale_c, const acc_t* shift_c, const acc_t* mean_c,
+                  const acc_t* invstd_c, bool training, double* sum_dy, double* sum_dy_xmu,
+                  scalar_t* dx) {
+  const BackwardRows<acc_t> coefficients(scale_c, shift_c, mean_c, C, S);
+  row_gradient_sums<kRelu>(x, dy, N, C, S, coefficients, sum_dy, sum_dy_xmu);
+  if (dx == nullptr) return;
+  const int64_t count = N * S;
+  std::vector<acc_t> mean_dy_c(C), proj_c(C);
+  for (int64_t c = 0; c < C; ++c) {
+    const ChannelGradient<acc_t> grad =
+        channel_gradient(sum_dy[c], sum_dy_xmu[c], count, invstd_c[c], training);
+    mean_dy_c[c] = grad.mean_dy;
+    proj_c[c] = grad.proj;
+  }
+  row_grad_input<kRelu>(x, dy, N, C, S, coefficients, mean_dy_c.data(), proj_c.data(), training,
+                        dx);
 }
 
 }  // namespace convkit::cpu_batch_norm

@@ -11,10 +11,11 @@
 // global memory and a one-thread-per-channel kernel merges the slices in a fixed order
 // (deterministic, no atomics). Channels are on gridDim.x, so any C fits.
 //   forward, training  partial_stats_kernel (Welford count/mean/M2 per thread of the finite
-//                      values, merged with Chan's formula, int64 counts exact at any size; the
-//                      non-finite values summed apart, so that a channel with an inf gets the
-//                      mean ±inf and the variance NaN, and one with a NaN NaN, as torch's
-//                      batch norm on the CPU gives) -> finalize_stats_kernel
+//                      values about the channel's first value, merged with Chan's formula,
+//                      int64 counts exact at any size; the non-finite values summed apart, so
+//                      that a channel with an inf gets the mean ±inf and the variance NaN, and
+//                      one with a NaN NaN, as torch's batch norm on the CPU gives)
+//                      -> finalize_stats_kernel
 //                      -> coefficients_kernel (scale, shift) -> apply_kernel (y = x * scale +
 //                      shift (+ ReLU)), vectorised by 4 when S % 4 == 0 and x, y are aligned.
 //   forward, eval      coefficients_kernel from the running statistics -> apply_kernel.
@@ -125,7 +126,17 @@ __device__ inline T channel_group_reduce(T value, int tpc, SharedArray<T, kWarps
   return total;
 }
 
-// partial[c * slices + slice] = Welford statistics of channel c's values in the slice.
+// The value channel c's statistics are taken about: its first value (statistics_shift, as the
+// CPU kernels). Welford's mean in float rounds by |mean| * 6e-8 at every update, which for a
+// large mean showed in the variance (|mean| = 5000 std: 2e-3 relative); about the shift the
+// values are of the order of the std. Needs count > 0.
+template <typename scalar_t, typename acc_t>
+__device__ inline acc_t channel_shift(const scalar_t* __restrict__ x, int64_t S, int64_t c) {
+  return statistics_shift(static_cast<acc_t>(x[c * S]));
+}
+
+// partial[c * slices + slice] = Welford statistics of channel c's values in the slice, taken
+// about channel_shift.
 template <typename scalar_t, typename acc_t>
 __global__ void partial_stats_kernel(const scalar_t* __restrict__ x, int64_t N, int64_t C,
                                      int64_t S, int threads_per_channel, int64_t per_slice,
@@ -137,9 +148,10 @@ __global__ void partial_stats_kernel(const scalar_t* __restrict__ x, int64_t N, 
   const int64_t end = begin + per_slice < N * S ? begin + per_slice : N * S;
   Welford<acc_t> w{0, acc_t(0), acc_t(0), acc_t(0)};
   if (c < C) {
+    const acc_t shift = channel_shift<scalar_t, acc_t>(x, S, c);
     for (int64_t j = begin + rank; j < end; j += threads_per_channel) {
       const int64_t n = j / S;
-      welford_add(w, static_cast<acc_t>(x[(n * C + c) * S + (j - n * S)]));
+      welford_add(w, static_cast<acc_t>(x[(n * C + c) * S + (j - n * S)]) - shift);
     }
   }
   w = channel_group_reduce(w, threads_per_channel, scratch,
@@ -151,10 +163,13 @@ __global__ void partial_stats_kernel(const scalar_t* __restrict__ x, int64_t N, 
 // slices are merged one after another, so in double: in float, the error of up to 1024
 // sequential merges (~sqrt(slices) ulps) would show in the variance of large batches. A
 // non-finite value in the channel makes the mean their sum (±inf, or NaN) and the variance NaN.
-template <typename acc_t>
-__global__ void finalize_stats_kernel(const Welford<acc_t>* __restrict__ partial, int64_t C,
-                                      int64_t slices, acc_t* __restrict__ mean,
-                                      acc_t* __restrict__ var) {
+// The partial statistics are about channel_shift (read again from x when count > 0), added
+// back in double. Stored as stat_t: acc_t for the forward, double for batch_norm_stats.
+template <typename scalar_t, typename acc_t, typename stat_t = acc_t>
+__global__ void finalize_stats_kernel(const Welford<acc_t>* __restrict__ partial,
+                                      const scalar_t* __restrict__ x, int64_t S, int64_t count,
+                                      int64_t C, int64_t slices, stat_t* __restrict__ mean,
+                                      stat_t* __restrict__ var) {
   for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < C;
        c += int64_t(blockDim.x) * gridDim.x) {
     Welford<double> w{0, 0.0, 0.0, 0.0};
@@ -164,8 +179,10 @@ __global__ void finalize_stats_kernel(const Welford<acc_t>* __restrict__ partial
                                            double(part.nonfinite)});
     }
     const bool finite = w.nonfinite == 0.0;
-    mean[c] = static_cast<acc_t>(finite ? w.mean : w.nonfinite);
-    var[c] = static_cast<acc_t>(!finite ? w.nonfinite - w.nonfinite  // NaN
+    const double shift = count > 0 ? static_cast<double>(channel_shift<scalar_t, acc_t>(x, S, c))
+                                   : 0.0;
+    mean[c] = static_cast<stat_t>(finite ? shift + w.mean : w.nonfinite);
+    var[c] = static_cast<stat_t>(!finite ? w.nonfinite - w.nonfinite  // NaN
                                         : w.count > 0 ? w.m2 / static_cast<double>(w.count) : 0.0);
   }
 }

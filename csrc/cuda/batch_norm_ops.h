@@ -118,10 +118,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
       } else {
         partial.zero_();
       }
-      launch<finalize_stats_kernel<acc_t>>(blocks_for(C), kThreads, 0,
-                                           static_cast<const Welford<acc_t>*>(partial_ptr), C,
-                                           plan.slices, save_mean.mutable_data_ptr<acc_t>(),
-                                           save_var.mutable_data_ptr<acc_t>());
+      launch<finalize_stats_kernel<scalar_t, acc_t>>(
+          blocks_for(C), kThreads, 0, static_cast<const Welford<acc_t>*>(partial_ptr),
+          x.const_data_ptr<scalar_t>(), S, count, C, plan.slices,
+          save_mean.mutable_data_ptr<acc_t>(), save_var.mutable_data_ptr<acc_t>());
     }
     acc_t* scale = coefficients.mutable_data_ptr<acc_t>();
     acc_t* shift = scale + C;

@@ -35,4 +35,18 @@ void batch_norm_update_stats(const at::Tensor& running_mean, const at::Tensor& r
                              const at::Tensor& batch_mean, const at::Tensor& batch_var,
                              double momentum, int64_t count);
 
+std::tuple<at::Tensor, at::Tensor> batch_norm_stats(const at::Tensor& input);
+std::tuple<at::Tensor, at::Tensor> batch_norm_combine_stats(const at::Tensor& mean,
+                                                            const at::Tensor& var,
+                                                            at::IntArrayRef count);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_reduce(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
+    const at::Tensor& var, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, bool relu);
+at::Tensor batch_norm_backward_elemt(const at::Tensor& grad_output, const at::Tensor& input,
+                                     const at::Tensor& mean, const at::Tensor& var,
+                                     const std::optional<at::Tensor>& weight,
+                                     const std::optional<at::Tensor>& bias,
+                                     const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu,
+                                     int64_t count, double eps, bool relu);
 }  // namespace convkit::emulated_cuda
