@@ -8,14 +8,18 @@ Only the arithmetic differs.
 from __future__ import annotations
 
 import copy
+from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from convkit import functional
+from convkit.sync_batch_norm import sync_batch_norm
 
-__all__ = ["Conv2d", "BatchNorm2d", "BatchNormReLU2d", "convert"]
+__all__ = ["Conv2d", "BatchNorm2d", "BatchNormReLU2d", "SyncBatchNorm", "SyncBatchNormReLU2d",
+           "convert"]
 
 
 def _refuse_torchscript(module: nn.Module):
@@ -60,33 +64,38 @@ class BatchNorm2d(nn.BatchNorm2d):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
-        # The same bookkeeping as torch's _BatchNorm.forward, so both behave identically.
-        if self.momentum is None:
-            exponential_average_factor = 0.0
-        else:
-            exponential_average_factor = self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                exponential_average_factor = 1.0 / float(self.num_batches_tracked)
-            else:
-                exponential_average_factor = self.momentum
-        if self.training:
-            bn_training = True
-        else:
-            bn_training = (self.running_mean is None) and (self.running_var is None)
-        use_running = not self.training or self.track_running_stats
         kernel = functional.batch_norm_relu if self.fuse_relu else functional.batch_norm
-        return kernel(
-            input,
-            self.running_mean if use_running else None,
-            self.running_var if use_running else None,
-            self.weight,
-            self.bias,
-            bn_training,
-            exponential_average_factor,
-            self.eps,
-        )
+        return kernel(input, *_local_arguments(self))
+
+
+def _local_arguments(module: nn.modules.batchnorm._BatchNorm) -> tuple:
+    """(running_mean, running_var, weight, bias, training, momentum, eps) of a batch-norm
+    module's forward, with the same bookkeeping as torch's ``_BatchNorm.forward`` (counting
+    batches, the cumulative average when momentum is None), so both behave identically."""
+    if module.momentum is None:
+        exponential_average_factor = 0.0
+    else:
+        exponential_average_factor = module.momentum
+    if module.training and module.track_running_stats and module.num_batches_tracked is not None:
+        module.num_batches_tracked.add_(1)
+        if module.momentum is None:
+            exponential_average_factor = 1.0 / float(module.num_batches_tracked)
+        else:
+            exponential_average_factor = module.momentum
+    if module.training:
+        bn_training = True
+    else:
+        bn_training = (module.running_mean is None) and (module.running_var is None)
+    use_running = not module.training or module.track_running_stats
+    return (
+        module.running_mean if use_running else None,
+        module.running_var if use_running else None,
+        module.weight,
+        module.bias,
+        bn_training,
+        exponential_average_factor,
+        module.eps,
+    )
 
 
 class BatchNormReLU2d(BatchNorm2d):
@@ -97,6 +106,118 @@ class BatchNormReLU2d(BatchNorm2d):
     """
 
     fuse_relu = True
+
+
+class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """``torch.nn.SyncBatchNorm`` on convkit's kernels, on the CPU (gloo) as well as CUDA
+    (nccl); torch's refuses CPU tensors. Same constructor (``process_group`` included),
+    parameters, buffers and ``state_dict`` keys as torch's.
+
+    input [N, C, *] -> [N, C, *]. In training, with ``torch.distributed`` initialised and more
+    than one process in the group (``process_group``, else the default group), normalises with
+    the statistics of every process's batch, weighted by their sizes, and updates the running
+    statistics with them, identically on every process (see ``convkit.sync_batch_norm``).
+    Otherwise, as torch's, it is a local batch norm: in eval, and when not distributed or alone
+    in its group.
+
+    It is not a subclass of ``torch.nn.SyncBatchNorm``: DistributedDataParallel refuses those
+    on the CPU ("SyncBatchNorm layers only work with GPU modules").
+    """
+
+    fuse_relu = False
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, process_group=None,
+                 device=None, dtype=None, **kwargs) -> None:
+        # kwargs: what torch's batch norm takes beyond these in this torch (bias=, 2.14).
+        super().__init__(num_features, eps, momentum, affine, track_running_stats,
+                         device=device, dtype=dtype, **kwargs)
+        self.process_group = process_group
+
+    def __prepare_scriptable__(self):
+        _refuse_torchscript(self)
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def _check_non_zero_input_channels(self, input: torch.Tensor) -> None:
+        if input.size(1) == 0:
+            raise ValueError("SyncBatchNorm number of input channels should be non-zero")
+
+    def _group_and_size(self):
+        """The process group to synchronise over and its size, or (None, 1) to run locally."""
+        if not (dist.is_available() and dist.is_initialized()):
+            if self.process_group is not None:
+                raise RuntimeError(
+                    f"{type(self).__name__} was given a process_group, but torch.distributed is "
+                    "not initialised (or was destroyed): call torch.distributed."
+                    "init_process_group first, or set process_group=None to normalise locally"
+                )
+            return None, 1
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        if dist.get_rank(group) < 0:
+            raise RuntimeError(
+                f"{type(self).__name__}: this process (global rank {dist.get_rank()}) is not a "
+                "member of the layer's process_group"
+            )
+        return group, dist.get_world_size(group)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        self._check_non_zero_input_channels(input)
+        arguments = _local_arguments(self)
+        running_mean, running_var, weight, bias, bn_training, momentum, eps = arguments
+        if bn_training and self.training:
+            group, world_size = self._group_and_size()
+            if world_size > 1:
+                return sync_batch_norm(input, running_mean, running_var, weight, bias, momentum,
+                                       eps, self.fuse_relu, group, world_size)
+        kernel = functional.batch_norm_relu if self.fuse_relu else functional.batch_norm
+        return kernel(input, *arguments)
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
+        """``module`` with every batch norm of an exact torch or convkit type (BatchNorm1d/2d/3d,
+        torch's SyncBatchNorm, convkit's BatchNorm2d) turned into a convkit ``SyncBatchNorm``, and
+        convkit's BatchNormReLU2d into ``SyncBatchNormReLU2d``, in place (their parameters,
+        buffers, hooks and mode are kept); a batch norm given as ``module`` itself is converted
+        and returned. Subclasses, which may change forward, are left alone."""
+        _to_sync(module, process_group)
+        for child in module.modules():
+            _to_sync(child, process_group)
+        return module
+
+
+class SyncBatchNormReLU2d(SyncBatchNorm):
+    """``relu(SyncBatchNorm(x))`` in one fused kernel, for [N, C, H, W] input. Same arguments,
+    parameters, buffers and ``state_dict`` keys as ``torch.nn.SyncBatchNorm``."""
+
+    fuse_relu = True
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+
+
+_SYNC_OF = {
+    nn.BatchNorm1d: SyncBatchNorm,
+    nn.BatchNorm2d: SyncBatchNorm,
+    nn.BatchNorm3d: SyncBatchNorm,
+    nn.SyncBatchNorm: SyncBatchNorm,
+    BatchNorm2d: SyncBatchNorm,
+    BatchNormReLU2d: SyncBatchNormReLU2d,
+}
+
+
+def _to_sync(module: nn.Module, process_group) -> None:
+    """Swaps an exact batch-norm type for its synchronised counterpart, in place."""
+    target = _SYNC_OF.get(type(module))
+    if target is not None:
+        module.__class__ = target
+        module.process_group = process_group
+    elif isinstance(module, SyncBatchNorm) and process_group is not None:
+        module.process_group = process_group
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -129,14 +250,18 @@ def _convert_children(module: nn.Module) -> None:
                 module._modules[next_name] = identity
 
 
-def convert(module: nn.Module, inplace: bool = False) -> nn.Module:
+def convert(module: nn.Module, inplace: bool = False, sync_batchnorm: bool = False,
+            process_group=None) -> nn.Module:
     """The model with every ``nn.Conv2d`` and ``nn.BatchNorm2d`` running on convkit.
 
     A BatchNorm2d immediately followed by a ReLU in an ``nn.Sequential`` becomes one fused
     ``BatchNormReLU2d`` and the ReLU an ``nn.Identity`` (it has no state, so the
     ``state_dict`` keys do not change), unless either has hooks (which fusing would lose or
-    change). Weights, buffers, dtype, device and train/eval mode
-    are carried over. Works on a deep copy unless ``inplace=True``.
+    change). With ``sync_batchnorm=True`` the batch norms become ``SyncBatchNorm`` and
+    ``SyncBatchNormReLU2d`` instead (``SyncBatchNorm.convert_sync_batchnorm``), synchronised
+    over ``process_group`` (default: the whole world) when trained under torch.distributed.
+    Weights, buffers, dtype, device and train/eval mode are carried over. Works on a deep copy
+    unless ``inplace=True``.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"convert: expected an nn.Module, got {type(module).__name__}")
@@ -146,4 +271,6 @@ def convert(module: nn.Module, inplace: bool = False) -> nn.Module:
     elif type(model) is nn.BatchNorm2d:
         model.__class__ = BatchNorm2d
     _convert_children(model)
+    if sync_batchnorm:
+        SyncBatchNorm.convert_sync_batchnorm(model, process_group)
     return model

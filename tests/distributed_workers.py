@@ -1,0 +1,148 @@
+"""What each spawned process of the distributed tests runs (distributed_harness.run_ranks);
+importable by the spawned processes, so kept apart from the test modules."""
+from __future__ import annotations
+
+import copy
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+import convkit
+from convkit.sync_batch_norm import SyncBatchNormError
+
+
+def global_tensors(case: dict, seed: int) -> dict:
+    """The whole batch of a case, the same on every process: x, dy [sum(local), C, *], weight,
+    bias [C]."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (sum(case["local_batches"]), case["channels"], *case["spatial"])
+    dtype = case["dtype"]
+    x = torch.randn(shape, generator=generator, dtype=torch.float64) * 2 + case["shift"]
+    dy = torch.randn(shape, generator=generator, dtype=torch.float64)
+    weight = torch.rand(case["channels"], generator=generator, dtype=torch.float64) + 0.5
+    bias = torch.randn(case["channels"], generator=generator, dtype=torch.float64)
+    return {"x": x.to(dtype), "dy": dy.to(dtype), "weight": weight.to(dtype),
+            "bias": bias.to(dtype)}
+
+
+def local_slice(case: dict, rank: int) -> slice:
+    start = sum(case["local_batches"][:rank])
+    return slice(start, start + case["local_batches"][rank])
+
+
+def make_layer(case: dict) -> torch.nn.Module:
+    kind = convkit.nn.SyncBatchNormReLU2d if case["relu"] else convkit.nn.SyncBatchNorm
+    layer = kind(case["channels"], momentum=case["momentum"], affine=case["affine"],
+                 track_running_stats=case["track"], dtype=case["dtype"])
+    return layer
+
+
+def sync_bn_worker(rank: int, world_size: int, cases: list[dict], steps: int,
+                   emulated: bool) -> list[dict]:
+    """Each case: `steps` training steps of a synchronised layer on this rank's part of the
+    batch (fresh x and dy each step), then one eval forward; everything a test compares. With
+    `emulated`, convkit's ops run their CUDA code under the emulator."""
+    if emulated:
+        with convkit.emulated_cuda(seed=rank):
+            calls = convkit.cuda_emulation.emulation_state().calls
+            results = sync_bn_worker(rank, world_size, cases, steps, False)
+            assert convkit.cuda_emulation.emulation_state().calls > calls
+        return results
+    results = []
+    for case in cases:
+        layer = make_layer(case)
+        record: dict = {"outputs": [], "grad_inputs": [], "grad_weights": [], "grad_biases": []}
+        for step in range(steps):
+            tensors = global_tensors(case, seed=1000 * step + 7)
+            part = local_slice(case, rank)
+            if case["affine"]:
+                with torch.no_grad():
+                    layer.weight.copy_(tensors["weight"])
+                    layer.bias.copy_(tensors["bias"])
+                layer.weight.grad = None
+                layer.bias.grad = None
+            x = tensors["x"][part].clone().requires_grad_(True)
+            y = layer(x)
+            y.backward(tensors["dy"][part])
+            record["outputs"].append(y.detach())
+            record["grad_inputs"].append(x.grad)
+            if case["affine"]:
+                record["grad_weights"].append(layer.weight.grad.clone())
+                record["grad_biases"].append(layer.bias.grad.clone())
+        if case["track"]:
+            record["running_mean"] = layer.running_mean.clone()
+            record["running_var"] = layer.running_var.clone()
+            record["num_batches_tracked"] = int(layer.num_batches_tracked)
+            layer.eval()
+            tensors = global_tensors(case, seed=99)
+            record["eval_output"] = layer(tensors["x"][local_slice(case, rank)]).detach()
+        results.append(record)
+    return results
+
+
+def ddp_steps_worker(rank: int, world_size: int, model: torch.nn.Module, x: torch.Tensor,
+                     y: torch.Tensor, steps: int, lr: float) -> dict:
+    """`steps` SGD steps of DistributedDataParallel(model) on this rank's equal share of each
+    global batch x[step], y[step]; the final state_dict."""
+    model = copy.deepcopy(model)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    optimiser = torch.optim.SGD(ddp.parameters(), lr=lr, momentum=0.9)
+    share = x.shape[1] // world_size
+    losses = []
+    for step in range(steps):
+        part = slice(rank * share, (rank + 1) * share)
+        loss = torch.nn.functional.cross_entropy(ddp(x[step, part]), y[step, part])
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(float(loss.detach()))
+    return {"state": model.state_dict(), "losses": losses}
+
+
+def bad_cases_worker(rank: int, world_size: int) -> dict:
+    """The disagreements every rank must report alike, then a rank that dies mid-training."""
+    found: dict = {}
+
+    def attempt(name: str, run) -> None:
+        try:
+            run()
+            found[name] = None
+        except SyncBatchNormError as error:
+            found[name] = str(error)
+
+    channels = 3 + rank  # rank 1 has one channel more
+    attempt("channels", lambda: convkit.nn.SyncBatchNorm(channels)(torch.randn(4, channels, 2, 2)))
+    dtype = torch.float64 if rank == 0 else torch.float32
+    attempt("dtype", lambda: convkit.nn.SyncBatchNorm(3, dtype=dtype)(
+        torch.randn(4, 3, 2, 2, dtype=dtype)))
+    # One value per channel over both ranks: rank 0 holds [1, 3], rank 1 an empty batch.
+    batch = 1 if rank == 0 else 0
+    attempt("one_value", lambda: convkit.nn.SyncBatchNorm(3)(torch.randn(batch, 3)))
+    # The group still works after those errors: a good step.
+    convkit.nn.SyncBatchNorm(3)(torch.randn(2, 3, 2, 2)).sum().backward()
+    dist.barrier()
+    # Rank 1 dies; rank 0's next synchronised forward must fail, not hang.
+    if rank == 1:
+        os._exit(3)
+    time.sleep(0.5)
+    start = time.monotonic()
+    try:
+        for _ in range(50):  # every collective until the dead peer is noticed
+            convkit.nn.SyncBatchNorm(3)(torch.randn(2, 3, 2, 2))
+        found["dead_rank"] = None
+    except RuntimeError as error:
+        found["dead_rank"] = f"{type(error).__name__}: {error}"
+    found["dead_rank_seconds"] = time.monotonic() - start
+    return found
+
+
+def local_fallback_worker(rank: int, world_size: int) -> dict:
+    """A group of one process: SyncBatchNorm runs the local kernel."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    sync = convkit.nn.SyncBatchNormReLU2d(3, dtype=torch.float64)
+    local = convkit.nn.BatchNormReLU2d(3, dtype=torch.float64)
+    return {"sync": sync(x).detach(), "local": local(x).detach(),
+            "sync_running_var": sync.running_var, "local_running_var": local.running_var}
