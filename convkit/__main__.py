@@ -4,6 +4,7 @@
                       [--dataset mnist|fashion_mnist] [--out DIR] [--quick] [--resume]
     convkit data [--dataset mnist|mnist_sample|fashion_mnist] [--data-folder DIR]
     convkit report [--out DIR]
+    torchrun --nproc-per-node 2 -m convkit chapter13 ...   (data-parallel: convkit.train.distributed)
 
 Whatever goes wrong, the command prints one line naming the problem (and the fix where there is
 one) and exits with a non-zero status, never a traceback (CONVKIT_TRACEBACK=1 shows one for an
@@ -184,8 +185,12 @@ def _chapter13(args: argparse.Namespace) -> int:
 
     from convkit.experiments import runner
 
+    from convkit.train import distributed
+
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    # Under torchrun (WORLD_SIZE > 1): join its process group; the Learner trains data-parallel.
+    distributed.init_from_environment("cpu")
     config = runner.RunConfig(
         experiments=args.experiments,
         backends=args.backend,
@@ -198,8 +203,14 @@ def _chapter13(args: argparse.Namespace) -> int:
         progress=False if args.no_progress else None,
         log=lambda line: print(line, flush=True),
     )
-    runner.run(config)
-    print(f"\nreport: {args.out / 'report.md'}\nresults: {args.out / 'results.json'}")
+    main_process = distributed.is_main()
+    try:
+        runner.run(config)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if main_process:
+        print(f"\nreport: {args.out / 'report.md'}\nresults: {args.out / 'results.json'}")
     return 0
 
 

@@ -24,6 +24,7 @@ from convkit.train import plots
 from convkit.train.callbacks import ActivationStats, Checkpoint
 from convkit.train.data.datasets import Dataset
 from convkit.train.data.loaders import make_dataloaders
+from convkit.train.distributed import is_main
 from convkit.train.learner import Learner, n_params
 
 __all__ = [
@@ -257,6 +258,8 @@ def run_edges(
     log(f"  by hand vs conv2d: max |diff| {checks['hand_vs_conv2d_max_abs_diff']:.1e}; batch "
         f"output {checks['output_shape']}, max |diff| vs float64 {checks['batch_max_abs_diff_vs_float64']:.1e}")
     figures = []
+    if not is_main():  # under torchrun rank 0 draws
+        return {"epochs": [], "checks": checks, "figures": figures}
     fig = plots.plot_edge_maps(im3, by_hand, names, suptitle=f"edge kernels on a '3' by hand ({backend})")
     figures.append(plots.save(fig, folder / f"{exp.key}_edges_digit.png"))
     fig = plots.plot_feature_batch(xb, features, names, n_images=4,
@@ -271,7 +274,8 @@ def run_batch_size_one(exp: Experiment, backend: str, full: Dataset, log: Callab
     convkit, with the same message) raises."""
     model = on_backend(exp.model(), backend)
     dls = make_dataloaders(full.subset(4, 4), batch_size=1, normalize=True)
-    learn = Learner(dls, model, logger=None, progress=False)
+    # One process's own batch of 1, also under torchrun: it is about one batch's statistics.
+    learn = Learner(dls, model, logger=None, progress=False, distributed=False)
     error = None
     try:
         learn.fit(1, exp.lr)
@@ -306,7 +310,23 @@ def run_training(
 
     recorder = learn.recorder
     records = recorder.records()
-    figures = []
+    figures: list[str] = []
+    processes = learn.dist.world_size if learn.dist is not None else 1
+    summary = {
+        "epochs": records,
+        "table": recorder.table(),
+        "batch_size": batch_size,
+        "n_params": n_params(model),
+        "final_accuracy": records[-1]["accuracy"] if records else None,
+        "seconds_per_epoch": (sum(r["seconds"] for r in records) / len(records)
+                              if records else None),
+        "resumed_at_epoch": checkpoint.resumed_from,
+        "figures": figures,
+    }
+    if processes > 1:
+        summary["batch_size_per_process"] = batch_size // processes
+    if not is_main():  # under torchrun rank 0 draws
+        return summary
 
     def save(fig, name: str) -> None:
         figures.append(str(plots.save(fig, folder / f"{exp.key}_{name}.png")))
@@ -323,14 +343,4 @@ def run_training(
         for idx in exp.color_dims:
             save(plots.color_dim(stats, idx, title=f"color_dim({idx}): {stats.names[idx]} - {tag}"),
                  f"color_dim_{idx}")
-    seconds = [r["seconds"] for r in records]
-    return {
-        "epochs": records,
-        "table": recorder.table(),
-        "batch_size": batch_size,
-        "n_params": n_params(model),
-        "final_accuracy": records[-1]["accuracy"] if records else None,
-        "seconds_per_epoch": sum(seconds) / len(seconds) if seconds else None,
-        "resumed_at_epoch": checkpoint.resumed_from,
-        "figures": figures,
-    }
+    return summary

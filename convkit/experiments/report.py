@@ -183,7 +183,11 @@ def render_report(out: Path, results: dict) -> str:
                 for i, table in enumerate(spec.published_tables):
                     lines += [f"Published ({i + 1}):", "", "```", table, "```", ""]
             for e in sorted(tables, key=lambda e: (e["backend"], e["seed"])):
-                lines += [f"{e['backend']}, seed {e['seed']}, batch size {e.get('batch_size')}:", "", "```", e["table"], "```", ""]
+                batch = f"batch size {e.get('batch_size')}"
+                if e.get("processes"):
+                    batch += (f" ({e['processes']} processes x {e.get('batch_size_per_process')},"
+                              " data-parallel)")
+                lines += [f"{e['backend']}, seed {e['seed']}, {batch}:", "", "```", e["table"], "```", ""]
 
         lines += ["### Figures", ""]
         for e in sorted(group, key=lambda e: (e["id"], e.get("variant", ""), e["backend"], e["seed"])):

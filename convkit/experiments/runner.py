@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
+import torch.distributed
 
 import convkit
 from convkit.experiments.chapter13 import EXPERIMENTS, Experiment, run_batch_size_one, run_edges, run_training
@@ -41,6 +42,7 @@ from convkit.train.data.datasets import (
     load_mnist,
     load_mnist_sample,
 )
+from convkit.train.distributed import barrier, is_main
 from convkit.train.files import check_writable_folder, move_aside
 
 __all__ = ["RunConfig", "OutputError", "run", "run_dir"]
@@ -69,7 +71,17 @@ QUICK_MAX_BATCH = 64
 
 
 def _load_data(config: RunConfig) -> dict[str, Dataset]:
-    """The two data sets the experiments use: "full" and its two-class "sample"."""
+    """The two data sets the experiments use: "full" and its two-class "sample". Under
+    torchrun rank 0 fetches and caches them first, then the others read the cache."""
+    if not is_main():
+        barrier()
+    datasets = _fetch_data(config)
+    if is_main():
+        barrier()
+    return datasets
+
+
+def _fetch_data(config: RunConfig) -> dict[str, Dataset]:
     if config.dataset == "mnist":
         full = load_mnist(config.data_folder, verbose=True)
         sample = load_mnist_sample(full)
@@ -128,6 +140,10 @@ def _release_memory() -> None:
             pass  # not glibc (musl, ...): nothing to trim
 
 
+def _silent(line: str) -> None:
+    """The log of the processes other than rank 0."""
+
+
 class OutputError(OSError):
     """An output folder that cannot take the results."""
 
@@ -140,7 +156,9 @@ def run(config: RunConfig) -> dict:
     what it finished; with ``config.resume`` those experiments are skipped and the one
     interrupted continues from its last completed epoch (its checkpoint).
     """
-    log = config.log
+    main = is_main()
+    # Under torchrun only rank 0 prints and writes; every process trains.
+    log = config.log if main else _silent
     for backend in config.backends:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
@@ -151,27 +169,39 @@ def run(config: RunConfig) -> dict:
     out = Path(config.out)
     # Before any work: an output folder that cannot take the results would lose them after
     # training.
-    try:
-        check_writable_folder(out, files=("results.json", "report.md"))
-    except OSError as error:
-        raise OutputError(f"--out {out} cannot hold the results: {error}") from None
+    if main:
+        try:
+            check_writable_folder(out, files=("results.json", "report.md"))
+        except OSError as error:
+            raise OutputError(f"--out {out} cannot hold the results: {error}") from None
     results_path = out / "results.json"
+    if not main:
+        barrier()  # rank 0 has read (or moved aside) results.json: --resume skips alike
     try:
         results = load_results(results_path)
     except ResultsError as error:
-        moved = move_aside(results_path, "unreadable")
-        log(f"convkit: {error}; moved it to {moved} and starting a new {results_path.name}")
+        if main:
+            moved = move_aside(results_path, "unreadable")
+            log(f"convkit: {error}; moved it to {moved} and starting a new {results_path.name}")
         results = {"experiments": []}
+    if main:
+        barrier()
     datasets = _load_data(config)
     log(describe(datasets["full"]))
     environment = _environment()
+    processes = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if processes > 1:
+        environment["processes"] = processes
+        log(f"data-parallel on {processes} processes ({torch.distributed.get_backend()}): each "
+            "training batch is split evenly between them")
     results["environment"] = environment
     done = {entry_key(e) for e in results["experiments"]}
 
     for seed in config.seeds:
         for backend in config.backends:
             folder = run_dir(config, backend, seed)
-            folder.mkdir(parents=True, exist_ok=True)
+            if main:
+                folder.mkdir(parents=True, exist_ok=True)
             for exp in EXPERIMENTS:
                 if exp.id not in config.experiments:
                     continue
@@ -198,10 +228,13 @@ def run(config: RunConfig) -> dict:
                 entry.update(title=exp.title, data=dataset.name, published=exp.published,
                              wall_seconds=time.perf_counter() - start, threads=torch.get_num_threads())
                 entry.update(body)
+                if processes > 1:
+                    entry["processes"] = processes
                 store_entry(results, entry)
-                write_results(results, results_path)
-                # Figures and tables go into the report as soon as they exist.
-                write_report(out, results)
-                write_tables(out, results)
+                if main:
+                    write_results(results, results_path)
+                    # Figures and tables go into the report as soon as they exist.
+                    write_report(out, results)
+                    write_tables(out, results)
                 _release_memory()
     return results

@@ -13,6 +13,7 @@ from torch import nn
 
 from convkit.train import plots
 from convkit.train.checkpoints import CheckpointError, read_checkpoint
+from convkit.train.distributed import barrier
 from convkit.train.events import Callback
 from convkit.train.files import move_aside
 from convkit.train.formatting import format_row, format_table, format_time
@@ -109,11 +110,22 @@ class Recorder(Callback):
 
     def after_epoch(self) -> None:
         seconds = time.perf_counter() - self.epoch_start
-        if getattr(self, "valid_count", 0) > 0:
-            valid = [t / self.valid_count for t in self.valid_totals]
+        width = 1 + len(self.learn.metrics)
+        totals = getattr(self, "valid_totals", [0.0] * width)
+        count = getattr(self, "valid_count", 0)
+        train_loss = self.smooth_loss
+        if getattr(self.learn, "dist", None) is not None:
+            # Data-parallel: the sums of every process's validation items, and the mean of the
+            # processes' smoothed losses (an average of averages of equal batches: the smoothed
+            # loss of the global batches).
+            sums = self.learn.sum_over_processes(totals + [float(count), train_loss])
+            totals, count = sums[:width], int(sums[width])
+            train_loss = sums[width + 1] / self.learn.dist.world_size
+        if count > 0:
+            valid = [t / count for t in totals]
         else:
-            valid = [float("nan")] * (1 + len(self.learn.metrics))
-        row = [self.smooth_loss] + valid + [seconds]
+            valid = [float("nan")] * width
+        row = [train_loss] + valid + [seconds]
         self.values.append(row)
         self.iters.append(self.smooth_count)
         if self.learn.logger is not None:
@@ -419,15 +431,26 @@ class Checkpoint(Callback):
         else:
             print(message, file=sys.stderr)
 
+    def _main(self) -> bool:
+        # Data-parallel, only rank 0 writes (the processes' models are identical).
+        return self.learn.dist is None or self.learn.dist.main
+
     def before_fit(self) -> None:
         self.resumed_from = None
-        if not (self.resume and self.path.is_file()):
+        saved, error = None, None
+        if self.resume and self.path.is_file():
+            try:
+                saved = read_checkpoint(self.path)
+            except CheckpointError as caught:
+                error = caught
+        if self.learn.dist is not None:
+            barrier()  # every process has read the file before rank 0 may move it aside
+        if error is not None:
+            if self._main():
+                moved = move_aside(self.path, "unreadable")
+                self._say(f"{error}: moved it to {moved}; starting this fit afresh")
             return
-        try:
-            saved = read_checkpoint(self.path)
-        except CheckpointError as error:
-            moved = move_aside(self.path, "unreadable")
-            self._say(f"{error}: moved it to {moved}; starting this fit afresh")
+        if saved is None:
             return
         if saved.get("fit_plan") != self.learn.fit_plan:
             self._say(f"checkpoint {self.path} belongs to another fit ({saved.get('fit_plan')}); starting afresh")
@@ -439,4 +462,5 @@ class Checkpoint(Callback):
             self._say(f"resuming from {self.path} at epoch {self.learn.start_epoch}")
 
     def after_epoch(self) -> None:
-        self.learn.save(self.path)
+        if self._main():
+            self.learn.save(self.path)

@@ -17,6 +17,7 @@ from torch import nn
 
 from convkit.train import schedules
 from convkit.train.callbacks import ParamScheduler, ProgressBar, Recorder
+from convkit.train import distributed as distributed_training
 from convkit.train.checkpoints import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, read_checkpoint, write_checkpoint
 from convkit.train.events import (
     INNER_LOOP_EVENTS,
@@ -38,6 +39,13 @@ def accuracy(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred.argmax(dim=-1) == target).float().mean()
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    # Batches go where the model's parameters are (loaders produce CPU tensors).
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
 def n_params(model: nn.Module) -> int:
     """The number of parameters of ``model``."""
     return sum(p.numel() for p in model.parameters())
@@ -53,6 +61,13 @@ class Learner:
     ProgressBar that only draws on a terminal. Callbacks are reachable by their snake-case
     class name (``learn.activation_stats``). Batches are moved to the device of the model's
     parameters.
+
+    Made while a torch.distributed process group of more than one process is initialised (as
+    under ``torchrun``), it trains data-parallel unless ``distributed=False``: the loaders are
+    sharded, the batch norms synchronised, the model wrapped in DistributedDataParallel
+    (``learn.ddp``; ``learn.model`` stays the plain model, so checkpoints do not change), the
+    metrics summed over every process, and only rank 0 logs and draws progress
+    (:mod:`convkit.train.distributed`). ``learn.dist`` says where this process stands.
     """
 
     def __init__(
@@ -68,7 +83,29 @@ class Learner:
         moms: Sequence[float] = (0.95, 0.85, 0.95),
         logger: Optional[Callable[[str], None]] = print,
         progress: Optional[bool] = None,
+        distributed: Optional[bool] = None,
     ) -> None:
+        self.dist = None
+        self.ddp: Optional[nn.Module] = None
+        if distributed is not False:
+            self.dist = distributed_training.current(_device_of(model))
+            if distributed and self.dist is None:
+                raise ValueError(
+                    "Learner(distributed=True) needs an initialised torch.distributed process "
+                    "group of more than one process (run under torchrun)"
+                )
+        if self.dist is not None:
+            dls = self.dist.shard(dls)
+            distributed_training.synchronise_batch_norms(model)
+            device = _device_of(model)
+            self.ddp = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device] if device.type == "cuda" else None)
+            if not self.dist.main:
+                logger, progress = None, False
+            local = distributed_training.unsynchronised_batch_norms(model)
+            if local and logger is not None:
+                logger(f"{local} of torch's batch norms keep per-process statistics (torch's "
+                       "SyncBatchNorm refuses CPU tensors; convkit's SyncBatchNorm does not)")
         self.dls = dls
         self.model = model
         self.loss_func = loss_func
@@ -149,7 +186,10 @@ class Learner:
     # -- the loop ----------------------------------------------------------------------
 
     def _one_batch(self) -> None:
-        self.pred = self.model(self.xb)
+        # Training goes through DDP (its backward averages the gradients); validation runs the
+        # plain model on this process's shard, with nothing to synchronise.
+        forward = self.ddp if (self.training and self.ddp is not None) else self.model
+        self.pred = forward(self.xb)
         self("after_pred")
         self.loss = self.loss_func(self.pred, self.yb)
         self("after_loss")
@@ -162,10 +202,11 @@ class Learner:
         self.opt.zero_grad(set_to_none=True)
 
     def _model_device(self) -> torch.device:
-        # Batches go where the model's parameters are (loaders produce CPU tensors).
-        for p in self.model.parameters():
-            return p.device
-        return torch.device("cpu")
+        return _device_of(self.model)
+
+    def sum_over_processes(self, values: Sequence[float]) -> list[float]:
+        """Each value summed over every process when training data-parallel, else as is."""
+        return self.dist.sum(values) if self.dist is not None else list(values)
 
     def _do_batch(self, i: int, batch: tuple) -> None:
         self.iter = i
@@ -292,7 +333,12 @@ class Learner:
                     total = [0.0] * len(values)
                 total = [t + v * n for t, v in zip(total, values)]
                 count += n
-        if total is None:
+        if self.dist is not None:
+            # Every process takes part, also one whose shard is empty.
+            width = 1 + len(self.metrics)
+            sums = self.sum_over_processes((total or [0.0] * width) + [float(count)])
+            total, count = sums[:-1], int(sums[-1])
+        if not count:
             return []
         return [t / count for t in total]
 

@@ -4,10 +4,12 @@ with its incomplete last batch dropped, the validation loader in order. Batches 
 tensor indexing (no per-item Python work)."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Iterator, Optional
 
 import torch
+from torch.utils.data import DistributedSampler
 
 from convkit.train.data.datasets import Dataset
 
@@ -45,25 +47,76 @@ class TensorLoader:
         self.seed = seed
         self.epoch = 0
         self.stats = stats
+        # This process's share when sharded (shard()): rank of world_size.
+        self.rank = 0
+        self.world_size = 1
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the shuffle of this epoch (the Learner calls it before each epoch)."""
         self.epoch = epoch
 
-    def __len__(self) -> int:
+    def shard(self, rank: int, world_size: int) -> "TensorLoader":
+        """Process ``rank``'s share of this loader among ``world_size`` (a new loader).
+
+        A shuffled or drop_last loader (training) serves batches of batch_size / world_size
+        (which must divide) from DistributedSampler over this loader's own permutation of the
+        epoch: the processes' i-th batches together are this loader's i-th batch. Otherwise
+        (validation) each process takes items rank, rank + world_size, ... in order, every item
+        exactly once, in batches of batch_size."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in a world of {world_size} processes")
+        if self.world_size != 1:
+            raise ValueError("this loader is already a shard")
+        training = self.shuffle or self.drop_last
+        if training and self.batch_size % world_size != 0:
+            raise ValueError(
+                f"the training batch size {self.batch_size} is not divisible by the "
+                f"{world_size} processes: use a batch size that is a multiple of {world_size}"
+            )
+        shard = copy.copy(self)
+        shard.rank, shard.world_size = rank, world_size
+        if training:
+            shard.batch_size = self.batch_size // world_size
+        return shard
+
+    def _items(self) -> int:
+        """How many items this process serves in an epoch."""
         n = len(self.x)
+        if self.world_size == 1:
+            return n
+        if self.shuffle or self.drop_last:
+            return n // self.world_size  # DistributedSampler(drop_last=True)
+        return len(range(self.rank, n, self.world_size))
+
+    def __len__(self) -> int:
+        n = self._items()
         if self.drop_last:
             return n // self.batch_size
         return (n + self.batch_size - 1) // self.batch_size
 
+    def _stream_seed(self) -> int:
+        # The epoch's stream is seeded with this + epoch: a distinct stream per (seed, epoch),
+        # the multiplier keeping seeds and epochs apart.
+        return self.seed * 1_000_003
+
     def order(self) -> torch.Tensor:
         """The indices of this epoch, in the order they are served: [N] int64."""
+        n = len(self.x)
+        if self.world_size > 1:
+            if not (self.shuffle or self.drop_last):
+                return torch.arange(self.rank, n, self.world_size)
+            # DistributedSampler draws randperm(n) from seed + epoch: with our stream's seed it
+            # is this loader's own permutation, dealt out rank by rank.
+            sampler = DistributedSampler(range(n), num_replicas=self.world_size, rank=self.rank,
+                                         shuffle=self.shuffle, seed=self._stream_seed(),
+                                         drop_last=True)
+            sampler.set_epoch(self.epoch)
+            return torch.tensor(list(sampler), dtype=torch.int64)
         if not self.shuffle:
-            return torch.arange(len(self.x))
+            return torch.arange(n)
         generator = torch.Generator()
-        # A distinct stream per (seed, epoch); the multiplier keeps seeds and epochs apart.
-        generator.manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(len(self.x), generator=generator)
+        generator.manual_seed(self._stream_seed() + self.epoch)
+        return torch.randperm(n, generator=generator)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 [n, C, H, W] -> the float32 batch the model sees."""
