@@ -146,3 +146,44 @@ def local_fallback_worker(rank: int, world_size: int) -> dict:
     local = convkit.nn.BatchNormReLU2d(3, dtype=torch.float64)
     return {"sync": sync(x).detach(), "local": local(x).detach(),
             "sync_running_var": sync.running_var, "local_running_var": local.running_var}
+
+
+class ToFloat64(torch.nn.Module):
+    """The loaders' float32 batches into a float64 model."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.double()
+
+
+def tiny_learner_run(x: torch.Tensor, y: torch.Tensor, epochs: int, batch_size: int,
+                     distributed: bool, folder: str = "") -> dict:
+    """fit_one_cycle of a small float64 BN CNN on (x, y) with the chapter's loaders; what a
+    test compares between 1 and 2 processes."""
+    from convkit.experiments.models import conv
+    from convkit.train.callbacks import Checkpoint
+    from convkit.train.data.datasets import Dataset
+    from convkit.train.data.loaders import make_dataloaders
+    from convkit.train.learner import Learner
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(ToFloat64(), conv(1, 4, norm="batch"), conv(4, 8, norm="batch"),
+                                conv(8, 3, act=False, norm="batch"), torch.nn.Flatten(1),
+                                torch.nn.LazyLinear(3)).double()
+    model(torch.zeros(2, 1, 12, 12))  # materialise the lazy layer on every rank alike
+    model = convkit.nn.convert(model)
+    data = Dataset("tiny", x[:48], y[:48], x[48:], y[48:], ["a", "b", "c"])
+    dls = make_dataloaders(data, batch_size, normalize=True, seed=3)
+    lines: list[str] = []
+    cbs = [Checkpoint(os.path.join(folder, "tiny.pt"))] if folder else []
+    learn = Learner(dls, model, cbs=cbs, logger=lines.append, progress=False,
+                    distributed=None if distributed else False)
+    learn.fit_one_cycle(epochs, 0.01)
+    return {"state": learn.model.state_dict(), "values": learn.recorder.values, "lines": lines,
+            "validate": learn.validate(), "batch_size": learn.dls.train.batch_size,
+            "synchronised": sum(isinstance(m, convkit.nn.SyncBatchNorm) for m in model.modules())}
+
+
+def tiny_learner_worker(rank: int, world_size: int, x, y, epochs: int, batch_size: int,
+                        folder: str) -> dict:
+    torch.set_num_threads(1)
+    return tiny_learner_run(x, y, epochs, batch_size, True, folder)
