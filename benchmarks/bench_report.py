@@ -17,7 +17,12 @@ SECTION_TITLES = {
     "conv common": "conv2d: common layers",
     "batchnorm_relu": "BatchNorm+ReLU: fused (convkit) vs F.batch_norm + F.relu (torch)",
     "training_step": "Training step: forward, cross-entropy, backward, Adam",
+    "sync_bn": ("Synchronised BatchNorm+ReLU training step (forward + backward) on 2 gloo "
+                "processes, one thread each, vs the local fused kernel on the same per-process "
+                "batch"),
 }
+# The two timed columns of a section: convkit against PyTorch, except where both are ours.
+COLUMN_NAMES = {SECTION_TITLES["sync_bn"]: ("sync", "local")}
 
 
 def _fmt(value: Optional[float], digits: int = 3) -> str:
@@ -43,11 +48,13 @@ def _table_cells(row: Row, im2col: bool = True) -> list[str]:
     return cells
 
 
-def table_header(unit: str, im2col: bool = True) -> list[str]:
+def table_header(unit: str, im2col: bool = True, title: str = "") -> list[str]:
     """The columns of a section's table; batch norm has no im2col baseline."""
     if not im2col:
-        return ["name", "shape", "convkit ms", "torch ms", f"convkit {unit}", f"torch {unit}",
-                "ours/torch"]
+        ours, theirs = COLUMN_NAMES.get(title, ("convkit", "torch"))
+        ratio = "ours/torch" if theirs == "torch" else f"{ours}/{theirs}"
+        return ["name", "shape", f"{ours} ms", f"{theirs} ms", f"{ours} {unit}",
+                f"{theirs} {unit}", ratio]
     return ["name", "shape", "convkit ms", "torch ms", "im2col ms", f"convkit {unit}",
             f"torch {unit}", f"im2col {unit}", "ours/torch", "ours/im2col"]
 
@@ -77,7 +84,7 @@ def markdown_tables(sections: list[tuple[str, str, list[Row]]]) -> str:
     lines = []
     for title, unit, rows in sections:
         im2col = any(row.ms_torch_im2col is not None for row in rows)
-        header = table_header(unit, im2col)
+        header = table_header(unit, im2col, title)
         lines += [f"### {title}", "", "| " + " | ".join(header) + " |",
                   "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
         for row in rows:
@@ -107,7 +114,8 @@ def plot_ratios(rows: Sequence[Row], path: str, title: str) -> None:
     matplotlib.use("Agg")  # no display: write the file only
     import matplotlib.pyplot as plt
 
-    timed = [row for row in rows if row.ratio() is not None]
+    # Ratios against PyTorch only (the synchronised rows compare convkit with itself).
+    timed = [row for row in rows if row.ratio() is not None and row.section != "sync_bn"]
     labels = [row.name for row in timed]
     positions = list(range(len(timed)))
     height = 0.4

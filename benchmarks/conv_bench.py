@@ -14,6 +14,9 @@ What it measures (float32, on the CPU or with ``--device cuda`` on a GPU):
   * One training step (forward, cross-entropy, backward, Adam step) of the chapter's CNN at
     batch 512, with and without batchnorm: ``convkit.nn.convert(model)`` against the torch
     model it was converted from.
+  * On the CPU, what synchronising batch norm costs: convkit's SyncBatchNormReLU2d training
+    step on 2 gloo processes (one thread each) against the local fused kernel on the same
+    per-process batch (``--no-distributed`` leaves it out).
 
 How: every case is first checked against PyTorch (our float32 error against a float64
 reference at most a few times PyTorch's own); a case that fails is reported and not timed,
@@ -27,7 +30,8 @@ images/s (training), and the ratio convkit / PyTorch (below 1: convkit is faster
 
 This file is the command line; beside it, bench_cases.py holds what is measured,
 bench_measure.py the validation and the timed callables of each case, bench_timing.py the
-clock and the machine's description, bench_report.py the tables, JSON, markdown and plot.
+clock and the machine's description, bench_report.py the tables, JSON, markdown and plot,
+bench_distributed.py the synchronised batch norm on 2 processes.
 """
 from __future__ import annotations
 
@@ -50,6 +54,7 @@ from bench_cases import (  # noqa: E402
     FULL, QUICK, TINY, batch_norm_cases, chapter_conv_cases, common_conv_cases)
 from bench_measure import (  # noqa: E402
     bench_batch_norm_case, bench_conv_case, bench_training_step, copy_bandwidth_gbps)
+from bench_distributed import bench_sync_batch_norm  # noqa: E402
 from bench_report import (  # noqa: E402
     SECTION_TITLES, markdown_tables, memory_lines, plot_ratios, print_row, print_text_row,
     table_header, write_json)
@@ -86,6 +91,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help=f"write a bar chart of the ratios (PNG; default {DEFAULT_PLOT_PATH})")
     parser.add_argument("--markdown", metavar="PATH", help="write the tables as markdown to PATH")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    parser.add_argument("--no-distributed", action="store_true",
+                        help="leave out the synchronised batch norm on 2 gloo processes")
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
@@ -132,9 +139,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def run_section(key: str, unit: str, produce: Callable[[], Iterator[Row]]) -> None:
         title = SECTION_TITLES[key]
-        im2col = key != "batchnorm_relu"
+        im2col = key not in ("batchnorm_relu", "sync_bn")
         print(f"\n== {title}")
-        print_text_row(table_header(unit, im2col))
+        print_text_row(table_header(unit, im2col, title))
         section_started = time.perf_counter()
         rows = []
         for row in produce():
@@ -169,6 +176,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{copy_gbps:.1f} GB/s")
     run_section("batchnorm_relu", "GB/s", bn_rows)
     run_section("training_step", "img/s", training_rows)
+    if device.type == "cpu" and not args.no_distributed:
+        run_section("sync_bn", "GB/s",
+                    lambda: iter(bench_sync_batch_norm(args.quick, args.tiny, min_run_time)))
 
     elapsed = time.perf_counter() - started
     rows = [row for _, _, section_rows in sections for row in section_rows]

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from convkit import functional
-from convkit.sync_batch_norm import sync_batch_norm
+from convkit.sync_batch_norm import Handshake, sync_batch_norm
 
 __all__ = ["Conv2d", "BatchNorm2d", "BatchNormReLU2d", "SyncBatchNorm", "SyncBatchNormReLU2d",
            "convert"]
@@ -171,8 +171,10 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         if bn_training and self.training:
             group, world_size = self._group_and_size()
             if world_size > 1:
+                # Kept on the layer, outside its state (it holds no tensor).
+                handshake = self.__dict__.setdefault("_sync_handshake", Handshake())
                 return sync_batch_norm(input, running_mean, running_var, weight, bias, momentum,
-                                       eps, self.fuse_relu, group, world_size)
+                                       eps, self.fuse_relu, group, world_size, handshake)
         kernel = functional.batch_norm_relu if self.fuse_relu else functional.batch_norm
         return kernel(input, *arguments)
 

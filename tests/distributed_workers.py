@@ -120,6 +120,19 @@ def bad_cases_worker(rank: int, world_size: int) -> dict:
     # One value per channel over both ranks: rank 0 holds [1, 3], rank 1 an empty batch.
     batch = 1 if rank == 0 else 0
     attempt("one_value", lambda: convkit.nn.SyncBatchNorm(3)(torch.randn(batch, 3)))
+    # After the handshake: a layer whose input changes dtype on one rank only, then a free
+    # layer (no weights or running statistics) whose channels change on every rank alike.
+    layer = convkit.nn.SyncBatchNorm(3, dtype=torch.float64)
+    layer(torch.randn(4, 3, 2, 2, dtype=torch.float64))
+    later = torch.float64 if rank == 0 else torch.float32
+    attempt("dtype_later", lambda: layer(torch.randn(4, 3, 2, 2, dtype=later)))
+    free = convkit.nn.SyncBatchNorm(3, affine=False, track_running_stats=False)
+    free(torch.randn(4, 3, 2, 2))
+    whole = torch.randn(8, 5, 2, 2, generator=torch.Generator().manual_seed(1))
+    moved = free(whole[4 * rank: 4 * rank + 4])
+    found["moved_channels_error"] = float(
+        (moved - convkit.batch_norm(whole, None, None, training=True)[4 * rank: 4 * rank + 4])
+        .abs().max())
     # The group still works after those errors: a good step.
     convkit.nn.SyncBatchNorm(3)(torch.randn(2, 3, 2, 2)).sum().backward()
     dist.barrier()

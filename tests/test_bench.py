@@ -82,7 +82,7 @@ def test_quick_tiny_run_writes_json_and_plot(tmp_path):
     rows = json.loads(json_path.read_text())
     assert isinstance(rows, list) and rows
     sections = {row["section"] for row in rows}
-    assert sections == {"conv", "batchnorm_relu", "training_step"}
+    assert sections == {"conv", "batchnorm_relu", "training_step", "sync_bn"}
     for row in rows:
         assert REQUIRED_KEYS <= row.keys(), row
         assert row["thread_environment"]["GOMP_SPINCOUNT"] == "300000", row
@@ -92,6 +92,9 @@ def test_quick_tiny_run_writes_json_and_plot(tmp_path):
         if row["section"] == "batchnorm_relu":
             assert row["ms_torch_im2col"] is None
             assert row["gbps_copy"] > 0
+        elif row["section"] == "sync_bn":
+            # The synchronised step on 2 processes against the local kernel.
+            assert row["ms_torch_im2col"] is None and row["processes"] == 2
         else:
             assert row["ms_torch_im2col"] > 0, row
     conv_rows = [row for row in rows if row["section"] == "conv"]
@@ -132,7 +135,8 @@ def test_failed_validation_makes_main_exit_nonzero(monkeypatch, tmp_path, keep_t
     monkeypatch.setattr(convkit, "batch_norm_relu", no_relu)
     json_path = tmp_path / "bench.json"
     status = bench.main(
-        ["--tiny", "--min-run-time", "0.001", "--threads", "1", "--json", str(json_path)]
+        ["--tiny", "--min-run-time", "0.001", "--threads", "1", "--no-distributed", "--json",
+         str(json_path)]
     )
     assert status == 1
     rows = json.loads(json_path.read_text())

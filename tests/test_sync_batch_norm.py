@@ -174,6 +174,8 @@ def test_bad_cases_raise_on_every_rank_and_a_dead_rank_fails_the_others():
     assert "rank 0: 3 channels, float64, rank 1: 3 channels, float32" in rank0["dtype"]
     assert "more than 1 value per channel" in rank0["one_value"]
     assert "[1, 0]" in rank0["one_value"]
+    assert "rank 0: 3 channels, float64, rank 1: 3 channels, float32" in rank0["dtype_later"]
+    assert rank0["moved_channels_error"] < 1e-6
     assert rank0["dead_rank"] is not None, "a dead peer went unnoticed"
     assert rank0["dead_rank_seconds"] < 25
 
