@@ -65,6 +65,7 @@
 #include "../cuda_emu/routing.h"
 #include "batch_norm_planes.h"
 #include "batch_norm_rows.h"
+#include "batch_norm_tensors.h"
 #include "block_cache.h"
 #include "parallel.h"
 
@@ -74,20 +75,6 @@ namespace {
 using namespace cpu_batch_norm;
 
 
-// A per-channel tensor in the accumulation type, contiguous: itself when it already is (the
-// usual case), without a trip through the dispatcher. At the chapter's sizes an op's fixed
-// cost is a third of its time.
-at::Tensor as_acc_contiguous(const at::Tensor& t, at::ScalarType acc_type) {
-  if (t.scalar_type() == acc_type && t.is_contiguous()) return t;
-  return t.to(acc_type).contiguous();
-}
-
-// Per-channel parameter in the accumulation type, or `fill` when the tensor is absent.
-at::Tensor per_channel_or(const std::optional<at::Tensor>& t, int64_t channels,
-                          at::ScalarType acc_type, double fill, const at::TensorOptions& options) {
-  if (t.has_value() && t->defined()) return as_acc_contiguous(*t, acc_type);
-  return at::full({channels}, fill, options.dtype(acc_type));
-}
 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(

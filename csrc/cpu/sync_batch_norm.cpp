@@ -34,6 +34,7 @@
 #include "../cuda_emu/routing.h"
 #include "batch_norm_planes.h"
 #include "batch_norm_rows.h"
+#include "batch_norm_tensors.h"
 #include "block_cache.h"
 #include "parallel.h"
 
@@ -41,18 +42,6 @@ namespace convkit {
 namespace {
 
 using namespace cpu_batch_norm;
-
-// A per-channel tensor in `type`, contiguous (itself when it already is).
-at::Tensor contiguous_as(const at::Tensor& t, at::ScalarType type) {
-  if (t.scalar_type() == type && t.is_contiguous()) return t;
-  return t.to(type).contiguous();
-}
-
-at::Tensor per_channel_or(const std::optional<at::Tensor>& t, int64_t channels,
-                          at::ScalarType acc_type, double fill, const at::TensorOptions& options) {
-  if (t.has_value() && t->defined()) return contiguous_as(*t, acc_type);
-  return at::full({channels}, fill, options.dtype(acc_type));
-}
 
 // Tasks of channels with at least this many values in all (the planes layout's grain).
 int64_t channel_grain(int64_t count) {
@@ -135,8 +124,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_r
   const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());
   const at::Tensor w = per_channel_or(weight, C, acc_type, 1.0, x.options());
   const at::Tensor b = per_channel_or(bias, C, acc_type, 0.0, x.options());
-  const at::Tensor mu = contiguous_as(mean, acc_type);
-  const at::Tensor sigma2 = contiguous_as(var, acc_type);
+  const at::Tensor mu = as_acc_contiguous(mean, acc_type);
+  const at::Tensor sigma2 = as_acc_contiguous(var, acc_type);
   at::Tensor sum_dy = at::zeros({C}, x.options().dtype(at::kDouble));
   at::Tensor sum_dy_xmu = at::zeros({C}, x.options().dtype(at::kDouble));
   at::Tensor grad_weight_acc = at::empty({C}, x.options().dtype(acc_type));
@@ -149,15 +138,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_r
     const acc_t* mean_ptr = mu.const_data_ptr<acc_t>();
     double* sum_dy_ptr = sum_dy.mutable_data_ptr<double>();
     double* sum_dy_xmu_ptr = sum_dy_xmu.mutable_data_ptr<double>();
-    std::vector<acc_t> scale(C), shift(C), invstd(C);
-    for (int64_t c = 0; c < C; ++c) {
-      const ChannelAffine<acc_t> affine =
-          channel_affine(mean_ptr[c], sigma2.const_data_ptr<acc_t>()[c],
-                         w.const_data_ptr<acc_t>()[c], b.const_data_ptr<acc_t>()[c], eps);
-      invstd[c] = affine.invstd;
-      scale[c] = affine.scale;
-      shift[c] = affine.shift;
-    }
+    const auto [invstd, scale, shift] =
+        affine_rows(mean_ptr, sigma2.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(),
+                    b.const_data_ptr<acc_t>(), C, eps);
     if (count > 0 && use_row_path(C, S)) {
       const BackwardRows<acc_t> rows(scale.data(), shift.data(), mean_ptr, C, S);
       if (relu) {
@@ -211,8 +194,8 @@ at::Tensor batch_norm_backward_elemt_cpu(const at::Tensor& grad_output, const at
   const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());
   const at::Tensor w = per_channel_or(weight, C, acc_type, 1.0, x.options());
   const at::Tensor b = per_channel_or(bias, C, acc_type, 0.0, x.options());
-  const at::Tensor mu = contiguous_as(mean, acc_type);
-  const at::Tensor sigma2 = contiguous_as(var, acc_type);
+  const at::Tensor mu = as_acc_contiguous(mean, acc_type);
+  const at::Tensor sigma2 = as_acc_contiguous(var, acc_type);
   const at::Tensor total_dy = sum_dy.contiguous();
   const at::Tensor total_dy_xmu = sum_dy_xmu.contiguous();
   at::Tensor grad_input = cached_empty(x.sizes(), x.options());
@@ -224,16 +207,14 @@ at::Tensor batch_norm_backward_elemt_cpu(const at::Tensor& grad_output, const at
     const scalar_t* dy_ptr = dy.const_data_ptr<scalar_t>();
     scalar_t* dx_ptr = grad_input.mutable_data_ptr<scalar_t>();
     const acc_t* mean_ptr = mu.const_data_ptr<acc_t>();
-    std::vector<acc_t> scale(C), shift(C), mean_dy(C), proj(C);
+    const auto [invstd, scale, shift] =
+        affine_rows(mean_ptr, sigma2.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(),
+                    b.const_data_ptr<acc_t>(), C, eps);
+    std::vector<acc_t> mean_dy(C), proj(C);
     for (int64_t c = 0; c < C; ++c) {
-      const ChannelAffine<acc_t> affine =
-          channel_affine(mean_ptr[c], sigma2.const_data_ptr<acc_t>()[c],
-                         w.const_data_ptr<acc_t>()[c], b.const_data_ptr<acc_t>()[c], eps);
-      scale[c] = affine.scale;
-      shift[c] = affine.shift;
       const ChannelGradient<acc_t> grad =
           channel_gradient(total_dy.const_data_ptr<double>()[c],
-                           total_dy_xmu.const_data_ptr<double>()[c], count, affine.invstd, true);
+                           total_dy_xmu.const_data_ptr<double>()[c], count, invstd[c], true);
       mean_dy[c] = grad.mean_dy;
       proj[c] = grad.proj;
     }

@@ -263,6 +263,19 @@ __global__ void backward_partial_kernel(const scalar_t* __restrict__ x,
   if (c < C && rank == 0) partial[c * gridDim.y + blockIdx.y] = sums;
 }
 
+// Channel c's two backward sums: its `slices` partial sums merged in double, as
+// finalize_stats_kernel merges its slices.
+template <typename acc_t>
+__device__ inline GradSums<double> merged_gradient_sums(const GradSums<acc_t>* __restrict__ partial,
+                                                        int64_t c, int64_t slices) {
+  GradSums<double> sums{0.0, 0.0};
+  for (int64_t p = 0; p < slices; ++p) {
+    sums.dy += static_cast<double>(partial[c * slices + p].dy);
+    sums.dy_xmu += static_cast<double>(partial[c * slices + p].dy_xmu);
+  }
+  return sums;
+}
+
 // Per channel: grad_weight, grad_bias, and the coefficients of grad_input (mean_dy, proj).
 template <typename acc_t>
 __global__ void backward_finalize_kernel(const GradSums<acc_t>* __restrict__ partial, int64_t C,
@@ -273,15 +286,10 @@ __global__ void backward_finalize_kernel(const GradSums<acc_t>* __restrict__ par
                                          acc_t* __restrict__ mean_dy, acc_t* __restrict__ proj) {
   for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < C;
        c += int64_t(blockDim.x) * gridDim.x) {
-    // In double, as finalize_stats_kernel merges its slices.
-    double dy = 0.0;
-    double dy_xmu = 0.0;
-    for (int64_t p = 0; p < slices; ++p) {
-      dy += static_cast<double>(partial[c * slices + p].dy);
-      dy_xmu += static_cast<double>(partial[c * slices + p].dy_xmu);
-    }
+    const GradSums<double> sums = merged_gradient_sums(partial, c, slices);
     const acc_t invstd = inverse_sqrt(var[c] + static_cast<acc_t>(eps));
-    const ChannelGradient<acc_t> grad = channel_gradient(dy, dy_xmu, count, invstd, training);
+    const ChannelGradient<acc_t> grad =
+        channel_gradient(sums.dy, sums.dy_xmu, count, invstd, training);
     grad_weight[c] = grad.grad_weight;
     grad_bias[c] = grad.grad_bias;
     mean_dy[c] = grad.mean_dy;

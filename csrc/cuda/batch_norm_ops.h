@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <utility>
 
 #include "../batch_norm.h"
 #include "../checks.h"
@@ -137,6 +138,33 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
   return std::make_tuple(output.view(input.sizes()), save_mean, save_var);
 }
 
+// The backward's reduction pass: every channel's scale and shift into `scale`, `shift`
+// (coefficients_kernel), then the two sums of each (channel, slice) (backward_partial_kernel).
+// Returns the partial sums (GradSums<acc_t> [C * slices]) and the slices of a channel.
+template <typename scalar_t, typename acc_t>
+std::pair<at::Tensor, int64_t> launch_gradient_partials(
+    const at::Tensor& x, const at::Tensor& dy, const at::Tensor& mean, const at::Tensor& var,
+    const at::Tensor& w, const at::Tensor& b, double eps, bool relu, int64_t N, int64_t C,
+    int64_t S, acc_t* scale, acc_t* shift) {
+  launch<coefficients_kernel<acc_t>>(blocks_for(C), kThreads, 0, mean.const_data_ptr<acc_t>(),
+                                     var.const_data_ptr<acc_t>(), data_or_null<acc_t>(w),
+                                     data_or_null<acc_t>(b), eps, C, scale, shift);
+  const int64_t count = N * S;
+  const ChannelReductionPlan plan = plan_channel_reduction(C, count);
+  at::Tensor partial = struct_buffer<GradSums<acc_t>>(C * plan.slices, x);
+  auto* partial_ptr = reinterpret_cast<GradSums<acc_t>*>(partial.mutable_data_ptr());
+  if (count > 0) {
+    launch<backward_partial_kernel<scalar_t, acc_t>>(
+        plan.grid, kThreads, 0, x.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(),
+        mean.const_data_ptr<acc_t>(), static_cast<const acc_t*>(scale),
+        static_cast<const acc_t*>(shift), relu, N, C, S, plan.threads_per_channel,
+        plan.per_slice, partial_ptr);
+  } else {
+    partial.zero_();
+  }
+  return {partial, plan.slices};
+}
+
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& save_mean, const at::Tensor& save_var,
@@ -170,24 +198,12 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
     acc_t* grad_bias = rows + 3 * C;
     acc_t* mean_dy = rows + 4 * C;
     acc_t* proj = rows + 5 * C;
-    launch<coefficients_kernel<acc_t>>(blocks_for(C), kThreads, 0, mean.const_data_ptr<acc_t>(),
-                                       var.const_data_ptr<acc_t>(), data_or_null<acc_t>(w),
-                                       data_or_null<acc_t>(b), eps, C, scale, shift);
-    const ChannelReductionPlan plan = plan_channel_reduction(C, count);
-    at::Tensor partial = struct_buffer<GradSums<acc_t>>(C * plan.slices, x);
-    auto* partial_ptr = reinterpret_cast<GradSums<acc_t>*>(partial.mutable_data_ptr());
-    if (count > 0) {
-      launch<backward_partial_kernel<scalar_t, acc_t>>(
-          plan.grid, kThreads, 0, x.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(),
-          mean.const_data_ptr<acc_t>(), static_cast<const acc_t*>(scale),
-          static_cast<const acc_t*>(shift), relu, N, C, S, plan.threads_per_channel,
-          plan.per_slice, partial_ptr);
-    } else {
-      partial.zero_();
-    }
+    const auto [partial, slices] = launch_gradient_partials<scalar_t, acc_t>(
+        x, dy, mean, var, w, b, eps, relu, N, C, S, scale, shift);
     launch<backward_finalize_kernel<acc_t>>(blocks_for(C), kThreads, 0,
-                                            static_cast<const GradSums<acc_t>*>(partial_ptr), C,
-                                            plan.slices, var.const_data_ptr<acc_t>(), eps,
+                                            reinterpret_cast<const GradSums<acc_t>*>(
+                                                partial.const_data_ptr()),
+                                            C, slices, var.const_data_ptr<acc_t>(), eps,
                                             training, count, grad_weight, grad_bias, mean_dy, proj);
     if (output_mask[0] && x.numel() > 0) {
       launch<grad_input_kernel<scalar_t, acc_t>>(

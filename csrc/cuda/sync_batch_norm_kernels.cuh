@@ -44,16 +44,12 @@ __global__ void backward_sums_kernel(const GradSums<acc_t>* __restrict__ partial
                                      acc_t* __restrict__ grad_bias) {
   for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < C;
        c += int64_t(blockDim.x) * gridDim.x) {
-    double dy = 0.0;
-    double dy_xmu = 0.0;
-    for (int64_t p = 0; p < slices; ++p) {
-      dy += static_cast<double>(partial[c * slices + p].dy);
-      dy_xmu += static_cast<double>(partial[c * slices + p].dy_xmu);
-    }
+    const GradSums<double> sums = merged_gradient_sums(partial, c, slices);
     const acc_t invstd = inverse_sqrt(var[c] + static_cast<acc_t>(eps));
-    const ChannelGradient<acc_t> grad = channel_gradient(dy, dy_xmu, count, invstd, true);
-    sum_dy[c] = dy;
-    sum_dy_xmu[c] = dy_xmu;
+    const ChannelGradient<acc_t> grad =
+        channel_gradient(sums.dy, sums.dy_xmu, count, invstd, true);
+    sum_dy[c] = sums.dy;
+    sum_dy_xmu[c] = sums.dy_xmu;
     grad_weight[c] = grad.grad_weight;
     grad_bias[c] = grad.grad_bias;
   }

@@ -110,24 +110,12 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_bac
     using acc_t = at::opmath_type<scalar_t>;
     acc_t* scale = per_channel.mutable_data_ptr<acc_t>();
     acc_t* shift = scale + C;
-    launch<coefficients_kernel<acc_t>>(blocks_for(C), kThreads, 0, mu.const_data_ptr<acc_t>(),
-                                       sigma2.const_data_ptr<acc_t>(), data_or_null<acc_t>(w),
-                                       data_or_null<acc_t>(b), eps, C, scale, shift);
-    const ChannelReductionPlan plan = plan_channel_reduction(C, count);
-    at::Tensor partial = struct_buffer<GradSums<acc_t>>(C * plan.slices, x);
-    auto* partial_ptr = reinterpret_cast<GradSums<acc_t>*>(partial.mutable_data_ptr());
-    if (count > 0) {
-      launch<backward_partial_kernel<scalar_t, acc_t>>(
-          plan.grid, kThreads, 0, x.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(),
-          mu.const_data_ptr<acc_t>(), static_cast<const acc_t*>(scale),
-          static_cast<const acc_t*>(shift), relu, N, C, S, plan.threads_per_channel,
-          plan.per_slice, partial_ptr);
-    } else {
-      partial.zero_();
-    }
+    const auto [partial, slices] = launch_gradient_partials<scalar_t, acc_t>(
+        x, dy, mu, sigma2, w, b, eps, relu, N, C, S, scale, shift);
     launch<backward_sums_kernel<acc_t>>(blocks_for(C), kThreads, 0,
-                                        static_cast<const GradSums<acc_t>*>(partial_ptr), C,
-                                        plan.slices, sigma2.const_data_ptr<acc_t>(), eps, count,
+                                        reinterpret_cast<const GradSums<acc_t>*>(
+                                            partial.const_data_ptr()),
+                                        C, slices, sigma2.const_data_ptr<acc_t>(), eps, count,
                                         sum_dy.mutable_data_ptr<double>(),
                                         sum_dy_xmu.mutable_data_ptr<double>(), scale + 2 * C,
                                         scale + 3 * C);
