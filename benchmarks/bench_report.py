@@ -17,6 +17,8 @@ SECTION_TITLES = {
     "conv common": "conv2d: common layers",
     "batchnorm_relu": "BatchNorm+ReLU: fused (convkit) vs F.batch_norm + F.relu (torch)",
     "training_step": "Training step: forward, cross-entropy, backward, Adam",
+    "models": ("Real models (torchvision, random weights): convkit.nn.convert(model) vs the "
+               "torch model, SGD training step and eval forward"),
     "sync_bn": ("Synchronised BatchNorm+ReLU training step (forward + backward) on 2 gloo "
                 "processes, one thread each, vs the local fused kernel on the same per-process "
                 "batch"),

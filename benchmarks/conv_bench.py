@@ -14,6 +14,9 @@ What it measures (float32, on the CPU or with ``--device cuda`` on a GPU):
   * One training step (forward, cross-entropy, backward, Adam step) of the chapter's CNN at
     batch 512, with and without batchnorm: ``convkit.nn.convert(model)`` against the torch
     model it was converted from.
+  * Real models: torchvision's ResNet-18 (batch 32 at 64x64, batch 8 at 224x224) and
+    MobileNetV2 (batch 32 at 64x64), an SGD training step and an eval forward, convkit.nn.convert
+    against the torch model (``--no-models`` leaves them out; needs torchvision).
   * On the CPU, what synchronising batch norm costs: convkit's SyncBatchNormReLU2d training
     step on 2 gloo processes (one thread each) against the local fused kernel on the same
     per-process batch (``--no-distributed`` leaves it out).
@@ -31,7 +34,8 @@ images/s (training), and the ratio convkit / PyTorch (below 1: convkit is faster
 This file is the command line; beside it, bench_cases.py holds what is measured,
 bench_measure.py the validation and the timed callables of each case, bench_timing.py the
 clock and the machine's description, bench_report.py the tables, JSON, markdown and plot,
-bench_distributed.py the synchronised batch norm on 2 processes.
+bench_distributed.py the synchronised batch norm on 2 processes, bench_models.py the
+torchvision models.
 """
 from __future__ import annotations
 
@@ -55,6 +59,8 @@ from bench_cases import (  # noqa: E402
 from bench_measure import (  # noqa: E402
     bench_batch_norm_case, bench_conv_case, bench_training_step, copy_bandwidth_gbps)
 from bench_distributed import bench_sync_batch_norm  # noqa: E402
+from bench_models import (  # noqa: E402
+    FULL_MODELS, QUICK_MODELS, TINY_MODELS, bench_model_case, torchvision_missing)
 from bench_report import (  # noqa: E402
     SECTION_TITLES, markdown_tables, memory_lines, plot_ratios, print_row, print_text_row,
     table_header, write_json)
@@ -91,6 +97,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help=f"write a bar chart of the ratios (PNG; default {DEFAULT_PLOT_PATH})")
     parser.add_argument("--markdown", metavar="PATH", help="write the tables as markdown to PATH")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    parser.add_argument("--no-models", action="store_true",
+                        help="leave out the torchvision models (ResNet-18, MobileNetV2)")
     parser.add_argument("--no-distributed", action="store_true",
                         help="leave out the synchronised batch norm on 2 gloo processes")
     args = parser.parse_args(argv)
@@ -139,7 +147,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def run_section(key: str, unit: str, produce: Callable[[], Iterator[Row]]) -> None:
         title = SECTION_TITLES[key]
-        im2col = key not in ("batchnorm_relu", "sync_bn")
+        im2col = key not in ("batchnorm_relu", "sync_bn", "models")
         print(f"\n== {title}")
         print_text_row(table_header(unit, im2col, title))
         section_started = time.perf_counter()
@@ -176,6 +184,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{copy_gbps:.1f} GB/s")
     run_section("batchnorm_relu", "GB/s", bn_rows)
     run_section("training_step", "img/s", training_rows)
+    if not args.no_models:
+        missing = torchvision_missing()
+        if missing:
+            print(f"\n== {SECTION_TITLES['models']}: left out, {missing}")
+        else:
+            cases = TINY_MODELS if args.tiny else QUICK_MODELS if args.quick else FULL_MODELS
+            run_section("models", "img/s", lambda: (
+                row for case in cases for row in bench_model_case(*case, device, clock)))
     if device.type == "cpu" and not args.no_distributed:
         run_section("sync_bn", "GB/s",
                     lambda: iter(bench_sync_batch_norm(args.quick, args.tiny, min_run_time)))

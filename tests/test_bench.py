@@ -82,7 +82,7 @@ def test_quick_tiny_run_writes_json_and_plot(tmp_path):
     rows = json.loads(json_path.read_text())
     assert isinstance(rows, list) and rows
     sections = {row["section"] for row in rows}
-    assert sections == {"conv", "batchnorm_relu", "training_step", "sync_bn"}
+    assert sections == {"conv", "batchnorm_relu", "training_step", "models", "sync_bn"}
     for row in rows:
         assert REQUIRED_KEYS <= row.keys(), row
         assert row["thread_environment"]["GOMP_SPINCOUNT"] == "300000", row
@@ -92,6 +92,8 @@ def test_quick_tiny_run_writes_json_and_plot(tmp_path):
         if row["section"] == "batchnorm_relu":
             assert row["ms_torch_im2col"] is None
             assert row["gbps_copy"] > 0
+        elif row["section"] == "models":
+            assert row["ms_torch_im2col"] is None and row["model"] == "resnet18"
         elif row["section"] == "sync_bn":
             # The synchronised step on 2 processes against the local kernel.
             assert row["ms_torch_im2col"] is None and row["processes"] == 2
@@ -135,8 +137,8 @@ def test_failed_validation_makes_main_exit_nonzero(monkeypatch, tmp_path, keep_t
     monkeypatch.setattr(convkit, "batch_norm_relu", no_relu)
     json_path = tmp_path / "bench.json"
     status = bench.main(
-        ["--tiny", "--min-run-time", "0.001", "--threads", "1", "--no-distributed", "--json",
-         str(json_path)]
+        ["--tiny", "--min-run-time", "0.001", "--threads", "1", "--no-distributed",
+         "--no-models", "--json", str(json_path)]
     )
     assert status == 1
     rows = json.loads(json_path.read_text())
@@ -280,3 +282,24 @@ def test_goal_floors_best_rate_bounds_every_measured_rate():
     assert math.isclose(bn_fast.best_rate, 200.0) and math.isclose(bn_slow.best_rate, 50.0)
     for row in (slow, fast, bn_fast, bn_slow):
         assert row.current_share <= 1.0 + 1e-12
+
+
+def conv2d_with_noise(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """F.conv2d's result plus noise of 1e-3 of its scale: a wrong kernel that a following batch
+    norm does not normalise away (a uniform 0.1% it would)."""
+    right = torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    noise = torch.randn(right.shape, generator=torch.Generator().manual_seed(0))
+    return right + 1e-3 * right.detach().std() * noise.to(right.dtype)
+
+
+@pytest.mark.slow
+def test_a_model_whose_conv_is_wrong_is_reported_and_not_timed(monkeypatch):
+    pytest.importorskip("torchvision")
+    models_module, timing = bench_module("bench_models"), bench_module("bench_timing")
+    monkeypatch.setattr(convkit.functional, "conv2d", conv2d_with_noise)
+    clock = timing.Clock(torch.device("cpu"), torch.get_num_threads(), min_run_time=0.001)
+    rows = models_module.bench_model_case("resnet18", 2, 64, torch.device("cpu"), clock)
+    assert [row.extra["direction"] for row in rows] == ["train step", "eval forward"]
+    for row in rows:
+        assert row.passed is False and "loss" in row.error
+        assert row.ms_convkit is None and row.ms_torch is None
