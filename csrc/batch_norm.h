@@ -108,8 +108,10 @@ CONVKIT_HOST_DEVICE inline acc_t batch_norm_grad_input(acc_t dy_masked, acc_t x_
 }
 
 // The value the statistics pass subtracts from a channel's values before summing them and
-// their squares: its first value keeps the variance accurate when the mean is large; a
-// non-finite one is replaced by 0, since x - inf would be NaN for every finite x.
+// their squares, from an estimate of the channel's mean (the CPU: the mean of its first
+// values; CUDA: its first value, Welford's mean tracking the rest): it keeps the variance
+// accurate when the mean is large. A non-finite one is replaced by 0, since x - inf would be
+// NaN for every finite x.
 template <typename acc_t>
 CONVKIT_HOST_DEVICE inline acc_t statistics_shift(acc_t first) {
   return first - first == acc_t(0) ? first : acc_t(0);

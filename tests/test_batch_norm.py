@@ -259,3 +259,23 @@ def test_batch_norm_strided_running_statistics(relu, device):
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
     for o, t in zip(ours, theirs):
         torch.testing.assert_close(o, t, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("shape", [(32, 16, 2, 2), (64, 8, 14, 14), (4, 2, 48, 48)],
+                         ids=["rows-2x2", "rows-14x14", "planes"])
+def test_statistics_stay_accurate_when_the_first_value_is_far_from_the_mean(device, shape):
+    # Regression: the statistics were taken about each channel's first value; with that value
+    # 25 std from the mean (post-ReLU6 activations lie up to 20 off) the float block sums lost
+    # 1e-5-1e-4 of the variance on the CPU and Welford's float mean 2.5e-6 on CUDA. They
+    # are now taken about the mean of the channel's first 32 values.
+    x = torch.randn(shape, dtype=torch.float64)
+    x[0, :, 0, 0] = 25.0
+    x = x.float().to(device)
+    _, mean, var = convkit.ops.batch_norm_forward(x, None, None, None, None, True, 1e-5, False)
+    exact = x.double().var((0, 2, 3), unbiased=False)
+    torch_var = x.var((0, 2, 3), unbiased=False)
+    own = ((torch_var.double() - exact).abs() / exact).max().item()
+    error = ((var.double() - exact).abs() / exact).max().item()
+    assert error <= 1e-6, (error, own)
+    torch.testing.assert_close(mean.double(), x.double().mean((0, 2, 3)), rtol=1e-6, atol=1e-6)

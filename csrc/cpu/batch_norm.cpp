@@ -10,8 +10,9 @@
 // Either way the results do not depend on the thread count. The loops of each layout are in
 // batch_norm_planes.h and batch_norm_rows.h; this file holds the ops.
 // Forward, training: one read for the statistics (sums of (x - shift) and its square,
-//   shift = the channel's first value, which keeps the variance accurate when the mean is
-//   large; blocks in float, totals in double), then one read + one write to normalise:
+//   shift = the mean of the channel's first 32 values (channel_shift), which keeps the
+//   variance accurate whatever the mean; blocks in float, totals in double), then one read +
+//   one write to normalise:
 //   y = x * scale + shift_c with scale = weight * invstd, shift_c = bias - mean * scale,
 //   clamped at 0 when relu.
 // Forward, eval: the read + write only, with the running statistics.

@@ -126,9 +126,23 @@ void row_statistics(const scalar_t* x, int64_t N, int64_t C, int64_t S, stat_t* 
   constexpr int64_t W = kChunk<acc_t>;
   const int64_t R = C * S;
   const int64_t count = N * S;
-  // Shift by each channel's first value: keeps the variance accurate for large means.
+  // Shift by an estimate of each channel's mean, as channel_shift (nothing cancels in the
+  // variance), from the first images' rows summed by a vectorised loop: the per-channel walk
+  // over a few values of many images cost 1.3 us of a 10 us [64, 64, 2, 2] forward.
+  const int64_t sampled = std::min<int64_t>(N, (kShiftSample + S - 1) / S);
+  std::vector<double> columns(R, 0.0);
+  for (int64_t n = 0; n < sampled; ++n) {
+    const scalar_t* __restrict row = x + n * R;
+    double* __restrict sums = columns.data();
+    #pragma omp simd
+    for (int64_t j = 0; j < R; ++j) sums[j] += static_cast<double>(row[j]);
+  }
   std::vector<acc_t> shift_c(C);
-  for (int64_t c = 0; c < C; ++c) shift_c[c] = statistics_shift(static_cast<acc_t>(x[c * S]));
+  for (int64_t c = 0; c < C; ++c) {
+    double sum = 0.0;
+    for (int64_t s = 0; s < S; ++s) sum += columns[c * S + s];
+    shift_c[c] = statistics_shift(static_cast<acc_t>(sum / double(sampled * S)));
+  }
   const std::vector<acc_t> shift = spread(shift_c.data(), C, S);
   std::vector<double> sum(C), sum_sq(C);
   row_reduce<acc_t>(N, C, S, [&](int64_t first, int64_t end, acc_t* rows) {

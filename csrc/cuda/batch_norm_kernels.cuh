@@ -126,13 +126,25 @@ __device__ inline T channel_group_reduce(T value, int tpc, SharedArray<T, kWarps
   return total;
 }
 
-// The value channel c's statistics are taken about: its first value (statistics_shift, as the
-// CPU kernels). Welford's mean in float rounds by |mean| * 6e-8 at every update, which for a
-// large mean showed in the variance (|mean| = 5000 std: 2e-3 relative); about the shift the
-// values are of the order of the std. Needs count > 0.
+// The value channel c's statistics are taken about: the mean of its first kShiftSample values,
+// image after image (statistics_shift: 0 if non-finite), as the CPU kernels. Welford's mean
+// in float rounds by |mean| * 6e-8 at every update, which for a large mean showed in the
+// variance (|mean| = 5000 std: 2e-3 relative); about the shift the values are of the order of
+// the std. The first value alone would be as bad when it lies far from the mean. Every thread
+// of the channel reads the same few values (one transaction per warp). Needs N * S > 0.
+constexpr int64_t kShiftSample = 32;
+
 template <typename scalar_t, typename acc_t>
-__device__ inline acc_t channel_shift(const scalar_t* __restrict__ x, int64_t S, int64_t c) {
-  return statistics_shift(static_cast<acc_t>(x[c * S]));
+__device__ inline acc_t channel_shift(const scalar_t* __restrict__ x, int64_t N, int64_t C,
+                                      int64_t S, int64_t c) {
+  acc_t sum = acc_t(0);
+  int64_t taken = 0;
+  for (int64_t n = 0; n < N && taken < kShiftSample; ++n) {
+    const int64_t take = S < kShiftSample - taken ? S : kShiftSample - taken;
+    for (int64_t s = 0; s < take; ++s) sum += static_cast<acc_t>(x[(n * C + c) * S + s]);
+    taken += take;
+  }
+  return statistics_shift(sum / static_cast<acc_t>(taken));
 }
 
 // partial[c * slices + slice] = Welford statistics of channel c's values in the slice, taken
@@ -148,7 +160,7 @@ __global__ void partial_stats_kernel(const scalar_t* __restrict__ x, int64_t N, 
   const int64_t end = begin + per_slice < N * S ? begin + per_slice : N * S;
   Welford<acc_t> w{0, acc_t(0), acc_t(0), acc_t(0)};
   if (c < C) {
-    const acc_t shift = channel_shift<scalar_t, acc_t>(x, S, c);
+    const acc_t shift = channel_shift<scalar_t, acc_t>(x, N, C, S, c);
     for (int64_t j = begin + rank; j < end; j += threads_per_channel) {
       const int64_t n = j / S;
       welford_add(w, static_cast<acc_t>(x[(n * C + c) * S + (j - n * S)]) - shift);
@@ -179,8 +191,9 @@ __global__ void finalize_stats_kernel(const Welford<acc_t>* __restrict__ partial
                                            double(part.nonfinite)});
     }
     const bool finite = w.nonfinite == 0.0;
-    const double shift = count > 0 ? static_cast<double>(channel_shift<scalar_t, acc_t>(x, S, c))
-                                   : 0.0;
+    const double shift =
+        count > 0 ? static_cast<double>(channel_shift<scalar_t, acc_t>(x, count / S, C, S, c))
+                  : 0.0;
     mean[c] = static_cast<stat_t>(finite ? shift + w.mean : w.nonfinite);
     var[c] = static_cast<stat_t>(!finite ? w.nonfinite - w.nonfinite  // NaN
                                         : w.count > 0 ? w.m2 / static_cast<double>(w.count) : 0.0);
