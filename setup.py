@@ -142,7 +142,10 @@ def march_flags() -> list[str]:
 def make_extension():
     debug = env_flag("DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx_flags = opt + ["-fopenmp", "-DCONVKIT_PYTHON_MODULE"] + march_flags()
+    # -fno-trapping-math: the loops' clamps and selects (ReLU6, Hardswish, exp's range
+    # reduction) vectorise only when a comparison may not raise a floating-point exception;
+    # no convkit code reads the exception flags, and no value changes.
+    cxx_flags = opt + ["-fopenmp", "-fno-trapping-math", "-DCONVKIT_PYTHON_MODULE"] + march_flags()
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp")
                      + glob.glob("csrc/cpu/conv2d/*.cpp")
                      + glob.glob("csrc/cuda_emu/*.cpp"))

@@ -96,21 +96,39 @@ class Conv2dFunction(torch.autograd.Function):
         )
 
 
+def _activation_tangent(activation: str, alpha: float, beta: float, z: torch.Tensor,
+                        tangent: torch.Tensor) -> torch.Tensor:
+    """f'(z) * tangent for the fused activation, with torch's choices at the kinks (its own
+    activations' backward rules, which are the forward-mode derivative too)."""
+    aten = torch.ops.aten
+    if activation == "relu":
+        return aten.threshold_backward(tangent, torch.relu(z), 0)
+    if activation == "hardtanh":
+        return aten.hardtanh_backward(tangent, z, alpha, beta)
+    if activation == "leaky_relu":
+        return aten.leaky_relu_backward(tangent, z, alpha, False)
+    if activation == "silu":
+        return aten.silu_backward(tangent, z)
+    if activation == "hardswish":
+        return aten.hardswish_backward(tangent, z)
+    return tangent
+
+
 class BatchNormFunction(torch.autograd.Function):
-    """Batch norm (+ fused ReLU when ``relu``) with gradients from
-    ``convkit::batch_norm_backward``, for torch.func transforms: the Python twin of
-    ``BatchNormFunction`` in csrc/autograd.cpp.
+    """Batch norm with a fused activation and gradients from ``convkit::batch_norm_backward``,
+    for torch.func transforms: the Python twin of ``BatchNormFunction`` in csrc/autograd.cpp.
 
     apply(input [N, C, *], weight [C] or None, bias [C] or None, running_mean [C] or None,
-          running_var [C] or None, training, eps, relu)
+          running_var [C] or None, training, eps, activation, alpha, beta)
         -> (output [N, C, *], save_mean [C], save_var [C])
 
     Running statistics are only read here (eval mode); updating them is
     ``convkit.functional.batch_norm``'s job. Forward mode: the input's part of the Jacobian
     is symmetric, so its tangent is the backward op applied to the input's tangent; the
-    affine part is the normalisation with the parameters' tangents; the fused ReLU masks it
-    where the output is <= 0 (as torch's relu does). The running statistics are constants
-    (torch does not differentiate them either).
+    affine part is the normalisation with the parameters' tangents; the activation multiplies
+    the sum by f'(z), z recomputed by the unactivated op (as torch's activation's own forward
+    derivative). The running statistics are constants (torch does not differentiate them
+    either).
     """
 
     generate_vmap_rule = True
@@ -124,50 +142,58 @@ class BatchNormFunction(torch.autograd.Function):
         running_var: Optional[torch.Tensor],
         training: bool,
         eps: float,
-        relu: bool,
+        activation: str,
+        alpha: float,
+        beta: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with torch._C._AutoDispatchBelowAutograd():
             return ops.batch_norm_forward(
-                input, weight, bias, running_mean, running_var, training, eps, relu
+                input, weight, bias, running_mean, running_var, training, eps, activation, alpha,
+                beta
             )
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        input, weight, bias, running_mean, running_var, training, eps, relu = inputs
+        input, weight, bias, running_mean, running_var, training, eps, activation, alpha, beta = (
+            inputs
+        )
         _, save_mean, save_var = output
         ctx.mark_non_differentiable(save_mean, save_var)
-        # bias is needed only for the ReLU mask, which is recomputed from x instead of stored.
-        ctx.save_for_backward(input, weight, bias if relu else None, save_mean, save_var)
-        ctx.save_for_forward(input, weight, bias, save_mean, save_var, output[0] if relu else None)
-        ctx.bn_args = (bool(training), float(eps), bool(relu))
+        # bias is needed only for f'(z), which is recomputed from x instead of stored.
+        activated = activation != "none"
+        ctx.save_for_backward(input, weight, bias if activated else None, save_mean, save_var)
+        ctx.save_for_forward(input, weight, bias, save_mean, save_var)
+        ctx.bn_args = (bool(training), float(eps), str(activation), float(alpha), float(beta))
 
     @staticmethod
     def jvp(ctx: Any, input_t, weight_t, bias_t, *_):
-        input, weight, bias, save_mean, save_var, output = ctx.saved_tensors
-        training, eps, relu = ctx.bn_args
+        input, weight, bias, save_mean, save_var = ctx.saved_tensors
+        training, eps, activation, alpha, beta = ctx.bn_args
         tangent = None
         if input_t is not None:
             tangent = ops.batch_norm_backward(input_t.contiguous(), input, weight, bias, save_mean,
-                                              save_var, training, eps, False, [True, False, False])[0]
+                                              save_var, training, eps, "none", 0.0, 0.0,
+                                              [True, False, False])[0]
         if weight_t is not None or bias_t is not None:
             if weight_t is None:
                 weight_t = torch.zeros(input.shape[1], dtype=save_mean.dtype, device=input.device)
             # (x - mean) * invstd * dw + db: the normalisation with the batch's own statistics.
-            term = ops.batch_norm_forward(input, weight_t, bias_t, save_mean, save_var, False, eps,
-                                          False)[0]
+            term = ops.batch_norm_forward(input, weight_t, bias_t, save_mean, save_var, False, eps)[0]
             tangent = term if tangent is None else tangent + term
-        if relu and tangent is not None:
-            tangent = torch.where(output <= 0, torch.zeros_like(tangent), tangent)
+        if activation != "none" and tangent is not None:
+            # z as the forward computed it: the saved statistics are the ones it normalised by.
+            z = ops.batch_norm_forward(input, weight, bias, save_mean, save_var, False, eps)[0]
+            tangent = _activation_tangent(activation, alpha, beta, z, tangent)
         return tangent, None, None
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor, grad_mean: Any = None, grad_var: Any = None):
         input, weight, bias, save_mean, save_var = ctx.saved_tensors
-        training, eps, relu = ctx.bn_args
+        training, eps, activation, alpha, beta = ctx.bn_args
         needs = ctx.needs_input_grad
         mask = [bool(needs[0]), bool(needs[1]), bool(needs[2])]
         if not any(mask):
-            return (None,) * 8
+            return (None,) * 10
         grad_input, grad_weight, grad_bias = ops.batch_norm_backward(
             grad_output.contiguous(),
             input,
@@ -177,13 +203,17 @@ class BatchNormFunction(torch.autograd.Function):
             save_var,
             training,
             eps,
-            relu,
+            activation,
+            alpha,
+            beta,
             mask,
         )
         return (
             _grad_or_none(grad_input, mask[0]),
             _grad_or_none(grad_weight, mask[1]),
             _grad_or_none(grad_bias, mask[2]),
+            None,
+            None,
             None,
             None,
             None,

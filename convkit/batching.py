@@ -91,21 +91,22 @@ def _conv2d_backward_vmap(info, in_dims, grad_output, input, weight, stride, pad
 
 @torch.library.register_vmap("convkit::batch_norm_forward")
 def _batch_norm_forward_vmap(info, in_dims, input, weight, bias, running_mean, running_var,
-                             training, eps, relu):
+                             training, eps, activation, alpha, beta):
     size = info.batch_size
     x = _with_batch(input, in_dims[0], size)
     channels = x.shape[2]
     per_channel = [_per_channel(t, d, size) for t, d in zip(
         (weight, bias, running_mean, running_var), in_dims[1:5])]
     out, mean, var = ops.batch_norm_forward(x.movedim(0, 1).flatten(1, 2), *per_channel,
-                                            training, eps, relu)
+                                            training, eps, activation, alpha, beta)
     return ((out.unflatten(1, (size, channels)), mean.unflatten(0, (size, channels)),
              var.unflatten(0, (size, channels))), (1, 0, 0))
 
 
 @torch.library.register_vmap("convkit::batch_norm_backward")
 def _batch_norm_backward_vmap(info, in_dims, grad_output, input, weight, bias, save_mean,
-                              save_var, training, eps, relu, output_mask):
+                              save_var, training, eps, activation, alpha, beta,
+                              output_mask):
     size = info.batch_size
     x = _with_batch(input, in_dims[1], size)
     channels = x.shape[2]
@@ -113,7 +114,7 @@ def _batch_norm_backward_vmap(info, in_dims, grad_output, input, weight, bias, s
         _images_into_channels(grad_output, in_dims[0], size),
         x.movedim(0, 1).flatten(1, 2),
         *[_per_channel(t, d, size) for t, d in zip((weight, bias, save_mean, save_var), in_dims[2:6])],
-        training, eps, relu, output_mask,
+        training, eps, activation, alpha, beta, output_mask,
     )
     outputs = (
         grad_input.unflatten(1, (size, channels)) if output_mask[0] else grad_input,

@@ -7,6 +7,7 @@ Sizes may be symbolic (``torch.SymInt``): every condition goes through ``torch._
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -217,6 +218,24 @@ def check_parameter_dtype(op: str, input: torch.Tensor, t: Optional[torch.Tensor
            f"{op}: expected {name} of dtype {_dtype(input.dtype)}"
            f"{' (the input' + chr(39) + 's) or Float' if reduced else ' (the input' + chr(39) + 's)'}, "
            f"but got {_dtype(t.dtype)}")
+
+
+ACTIVATIONS = ("none", "relu", "hardtanh", "leaky_relu", "silu", "hardswish")
+
+
+def activation_spec(op: str, name: str, alpha: float, beta: float) -> tuple[str, float, float]:
+    """The fused activation an op was asked for, checked as csrc/checks.h's activation_spec:
+    one of ACTIVATIONS; hardtanh's (alpha, beta) = (min_val, max_val) with min_val <= max_val,
+    leaky_relu's alpha its negative_slope."""
+    _check(name in ACTIVATIONS, f"{op}: expected activation to be one of none, relu, hardtanh, "
+           f"leaky_relu, silu or hardswish, but got '{name}'")
+    if name == "hardtanh":
+        _check(alpha <= beta, f"{op}: hardtanh expects min_val (alpha) <= max_val (beta), but got "
+               f"{alpha} and {beta}")
+    if name == "leaky_relu":
+        _check(not math.isnan(alpha),
+               f"{op}: leaky_relu expects a negative_slope (alpha), but got {alpha}")
+    return name, float(alpha), float(beta)
 
 
 def check_batch_norm_input(op: str, input: torch.Tensor) -> None:

@@ -1,8 +1,9 @@
 """convkit's functional API, with the signatures and semantics of ``torch.nn.functional``.
 
 ``conv2d`` mirrors ``F.conv2d`` (int/tuple/'same'/'valid' padding, unbatched 3-D input);
-``batch_norm`` mirrors ``F.batch_norm`` and ``batch_norm_relu`` is the same with a fused
-ReLU. The arithmetic runs in convkit's kernels (``torch.ops.convkit``).
+``batch_norm`` mirrors ``F.batch_norm``; ``batch_norm_activation`` is the same with a fused
+activation (ReLU, ReLU6, Hardtanh, LeakyReLU, SiLU, Hardswish) and ``batch_norm_relu`` the
+ReLU case. The arithmetic runs in convkit's kernels (``torch.ops.convkit``).
 """
 from __future__ import annotations
 
@@ -191,7 +192,7 @@ def _batch_norm(
     training: bool,
     momentum: Optional[float],
     eps: float,
-    relu: bool,
+    activation: tuple[str, float, float],
 ) -> torch.Tensor:
     if input.dim() < 2:
         raise RuntimeError(
@@ -225,7 +226,7 @@ def _batch_norm(
                 "batch_norm: momentum=None (cumulative average) needs the number of batches "
                 "seen; use convkit.nn.BatchNorm2d, or pass momentum=1/num_batches_tracked"
             )
-    args = (input, weight, bias, running_mean, running_var, training, eps, relu)
+    args = (input, weight, bias, running_mean, running_var, training, eps, *activation)
     if autograd.functorch_transform_active():
         output, save_mean, save_var = autograd.BatchNormFunction.apply(*args)
     else:
@@ -256,7 +257,8 @@ def batch_norm(
     statistics are given, updates them in place (unbiased variance, ``momentum``); eval
     normalises with the running statistics.
     """
-    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, False)
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                       _NO_ACTIVATION)
 
 
 def batch_norm_relu(
@@ -273,4 +275,63 @@ def batch_norm_relu(
 
     input [N, C, *] -> [N, C, *], every value >= 0.
     """
-    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, True)
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                       _RELU)
+
+
+def batch_norm_activation(
+    input: torch.Tensor,
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    training: bool = False,
+    momentum: Optional[float] = 0.1,
+    eps: float = 1e-5,
+    activation: str = "relu",
+    *,
+    negative_slope: float = 0.01,
+    min_val: float = -1.0,
+    max_val: float = 1.0,
+) -> torch.Tensor:
+    """``f(batch_norm(...))`` in one fused kernel, forward and backward; the first eight
+    arguments as :func:`batch_norm`.
+
+    input [N, C, *] -> [N, C, *]. ``activation``: "relu", "relu6", "hardtanh" (``min_val``,
+    ``max_val``), "leaky_relu" (``negative_slope``), "silu", "hardswish" or "none", with the
+    values and gradients of torch's ``F.<activation>`` applied to ``F.batch_norm``'s output.
+    """
+    spec = activation_arguments(activation, negative_slope=negative_slope, min_val=min_val,
+                                max_val=max_val)
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                       spec)
+
+
+_NO_ACTIVATION = ("none", 0.0, 0.0)
+_RELU = ("relu", 0.0, 0.0)
+ACTIVATION_NAMES = ("none", "relu", "relu6", "hardtanh", "leaky_relu", "silu", "hardswish")
+
+
+def activation_arguments(activation: str, *, negative_slope: float = 0.01, min_val: float = -1.0,
+                         max_val: float = 1.0) -> tuple[str, float, float]:
+    """A fused activation's name and parameters as the batch-norm ops take them: (kernel name,
+    alpha, beta), ReLU6 being hardtanh(0, 6) as in torch."""
+    if not isinstance(activation, str) or activation not in ACTIVATION_NAMES:
+        raise ValueError(
+            f"batch_norm_activation: expected activation to be one of {', '.join(ACTIVATION_NAMES)}, "
+            f"but got {activation!r}"
+        )
+    if activation == "relu6":
+        return ("hardtanh", 0.0, 6.0)
+    if activation == "hardtanh":
+        min_val = _real(min_val, "min_val")
+        max_val = _real(max_val, "max_val")
+        if not min_val <= max_val:
+            raise ValueError(
+                f"batch_norm_activation: hardtanh expects min_val <= max_val, but got min_val="
+                f"{min_val} and max_val={max_val}"
+            )
+        return ("hardtanh", min_val, max_val)
+    if activation == "leaky_relu":
+        return ("leaky_relu", _real(negative_slope, "negative_slope"), 0.0)
+    return (activation, 0.0, 0.0)

@@ -7,7 +7,6 @@ Only the arithmetic differs.
 """
 from __future__ import annotations
 
-import copy
 from typing import Optional
 
 import torch
@@ -18,8 +17,8 @@ from torch import nn
 from convkit import functional
 from convkit.sync_batch_norm import Handshake, sync_batch_norm
 
-__all__ = ["Conv2d", "BatchNorm2d", "BatchNormReLU2d", "SyncBatchNorm", "SyncBatchNormReLU2d",
-           "convert"]
+__all__ = ["Conv2d", "BatchNorm2d", "BatchNormReLU2d", "BatchNormActivation2d", "SyncBatchNorm",
+           "SyncBatchNormReLU2d", "SyncBatchNormActivation2d", "convert", "fusion_summary"]
 
 
 def _refuse_torchscript(module: nn.Module):
@@ -57,15 +56,15 @@ class BatchNorm2d(nn.BatchNorm2d):
     running statistics (unless track_running_stats=False).
     """
 
-    fuse_relu = False
+    # The activation fused after the normalisation, as the ops take it: (name, alpha, beta).
+    fused_activation: tuple[str, float, float] = ("none", 0.0, 0.0)
 
     def __prepare_scriptable__(self):
         _refuse_torchscript(self)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
-        kernel = functional.batch_norm_relu if self.fuse_relu else functional.batch_norm
-        return kernel(input, *_local_arguments(self))
+        return functional._batch_norm(input, *_local_arguments(self), self.fused_activation)
 
 
 def _local_arguments(module: nn.modules.batchnorm._BatchNorm) -> tuple:
@@ -98,6 +97,15 @@ def _local_arguments(module: nn.modules.batchnorm._BatchNorm) -> tuple:
     )
 
 
+def _activation_repr(activation: tuple[str, float, float]) -> str:
+    name, alpha, beta = activation
+    if name == "hardtanh":
+        return "relu6" if (alpha, beta) == (0.0, 6.0) else f"hardtanh(min_val={alpha}, max_val={beta})"
+    if name == "leaky_relu":
+        return f"leaky_relu(negative_slope={alpha})"
+    return name
+
+
 class BatchNormReLU2d(BatchNorm2d):
     """``relu(BatchNorm2d(x))`` in one fused kernel. Same arguments, parameters, buffers and
     ``state_dict`` keys as ``torch.nn.BatchNorm2d``.
@@ -105,7 +113,29 @@ class BatchNormReLU2d(BatchNorm2d):
     input [N, C, H, W] -> [N, C, H, W], every value >= 0.
     """
 
-    fuse_relu = True
+    fused_activation = ("relu", 0.0, 0.0)
+
+
+class BatchNormActivation2d(BatchNorm2d):
+    """``f(BatchNorm2d(x))`` in one fused kernel, forward and backward, for f one of "relu",
+    "relu6", "hardtanh" (``min_val``, ``max_val``), "leaky_relu" (``negative_slope``), "silu",
+    "hardswish": the values and gradients of ``nn.BatchNorm2d`` followed by torch's activation.
+    Same parameters, buffers and ``state_dict`` keys as ``torch.nn.BatchNorm2d``.
+
+    input [N, C, H, W] -> [N, C, H, W].
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
+                 *, activation: str = "relu", negative_slope: float = 0.01, min_val: float = -1.0,
+                 max_val: float = 1.0) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device,
+                         dtype=dtype)
+        self.fused_activation = functional.activation_arguments(
+            activation, negative_slope=negative_slope, min_val=min_val, max_val=max_val)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, activation={_activation_repr(self.fused_activation)}"
 
 
 class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -124,7 +154,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     on the CPU ("SyncBatchNorm layers only work with GPU modules").
     """
 
-    fuse_relu = False
+    fused_activation: tuple[str, float, float] = ("none", 0.0, 0.0)
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, process_group=None,
@@ -174,16 +204,16 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
                 # Kept on the layer, outside its state (it holds no tensor).
                 handshake = self.__dict__.setdefault("_sync_handshake", Handshake())
                 return sync_batch_norm(input, running_mean, running_var, weight, bias, momentum,
-                                       eps, self.fuse_relu, group, world_size, handshake)
-        kernel = functional.batch_norm_relu if self.fuse_relu else functional.batch_norm
-        return kernel(input, *arguments)
+                                       eps, self.fused_activation, group, world_size, handshake)
+        return functional._batch_norm(input, *arguments, self.fused_activation)
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
         """``module`` with every batch norm of an exact torch or convkit type (BatchNorm1d/2d/3d,
         torch's SyncBatchNorm, convkit's BatchNorm2d) turned into a convkit ``SyncBatchNorm``, and
-        convkit's BatchNormReLU2d into ``SyncBatchNormReLU2d``, in place (their parameters,
-        buffers, hooks and mode are kept); a batch norm given as ``module`` itself is converted
+        convkit's BatchNormReLU2d and BatchNormActivation2d into ``SyncBatchNormReLU2d`` and
+        ``SyncBatchNormActivation2d``, in place (their parameters, buffers, hooks, mode and fused
+        activation are kept); a batch norm given as ``module`` itself is converted
         and returned. Subclasses, which may change forward, are left alone."""
         _to_sync(module, process_group)
         for child in module.modules():
@@ -195,11 +225,33 @@ class SyncBatchNormReLU2d(SyncBatchNorm):
     """``relu(SyncBatchNorm(x))`` in one fused kernel, for [N, C, H, W] input. Same arguments,
     parameters, buffers and ``state_dict`` keys as ``torch.nn.SyncBatchNorm``."""
 
-    fuse_relu = True
+    fused_activation = ("relu", 0.0, 0.0)
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() != 4:
             raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+
+
+class SyncBatchNormActivation2d(SyncBatchNorm):
+    """``f(SyncBatchNorm(x))`` in one fused kernel, for [N, C, H, W] input and the activations
+    of :class:`BatchNormActivation2d` (same keyword arguments). Same parameters, buffers and
+    ``state_dict`` keys as ``torch.nn.SyncBatchNorm``."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, process_group=None,
+                 device=None, dtype=None, *, activation: str = "relu",
+                 negative_slope: float = 0.01, min_val: float = -1.0, max_val: float = 1.0) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, process_group,
+                         device=device, dtype=dtype)
+        self.fused_activation = functional.activation_arguments(
+            activation, negative_slope=negative_slope, min_val=min_val, max_val=max_val)
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, activation={_activation_repr(self.fused_activation)}"
 
 
 _SYNC_OF = {
@@ -209,6 +261,7 @@ _SYNC_OF = {
     nn.SyncBatchNorm: SyncBatchNorm,
     BatchNorm2d: SyncBatchNorm,
     BatchNormReLU2d: SyncBatchNormReLU2d,
+    BatchNormActivation2d: SyncBatchNormActivation2d,
 }
 
 
@@ -222,57 +275,5 @@ def _to_sync(module: nn.Module, process_group) -> None:
         module.process_group = process_group
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-    return any(getattr(module, name, None) for name in hooks)
-
-
-def _convert_children(module: nn.Module) -> None:
-    for child in module.children():
-        _convert_children(child)
-    # Swapping the class keeps every parameter, buffer, hook, dtype, device and the
-    # train/eval flag exactly as they are: the modules differ only in forward. Exact type
-    # checks leave user subclasses (which may change forward) alone.
-    for child in module.children():
-        if type(child) is nn.Conv2d:
-            child.__class__ = Conv2d
-        elif type(child) is nn.BatchNorm2d:
-            child.__class__ = BatchNorm2d
-    if isinstance(module, nn.Sequential):
-        names = list(module._modules.keys())
-        for name, next_name in zip(names, names[1:]):
-            current, following = module._modules[name], module._modules[next_name]
-            # A hook on the ReLU would be lost with it, and one on the batch norm would see
-            # the ReLU's output: hooked pairs stay apart.
-            if (type(current) is BatchNorm2d and type(following) is nn.ReLU
-                    and not _has_hooks(current) and not _has_hooks(following)):
-                current.__class__ = BatchNormReLU2d
-                identity = nn.Identity()
-                identity.train(following.training)
-                module._modules[next_name] = identity
-
-
-def convert(module: nn.Module, inplace: bool = False, sync_batchnorm: bool = False,
-            process_group=None) -> nn.Module:
-    """The model with every ``nn.Conv2d`` and ``nn.BatchNorm2d`` running on convkit.
-
-    A BatchNorm2d immediately followed by a ReLU in an ``nn.Sequential`` becomes one fused
-    ``BatchNormReLU2d`` and the ReLU an ``nn.Identity`` (it has no state, so the
-    ``state_dict`` keys do not change), unless either has hooks (which fusing would lose or
-    change). With ``sync_batchnorm=True`` the batch norms become ``SyncBatchNorm`` and
-    ``SyncBatchNormReLU2d`` instead (``SyncBatchNorm.convert_sync_batchnorm``), synchronised
-    over ``process_group`` (default: the whole world) when trained under torch.distributed.
-    Weights, buffers, dtype, device and train/eval mode are carried over. Works on a deep copy
-    unless ``inplace=True``.
-    """
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"convert: expected an nn.Module, got {type(module).__name__}")
-    model = module if inplace else copy.deepcopy(module)
-    if type(model) is nn.Conv2d:
-        model.__class__ = Conv2d
-    elif type(model) is nn.BatchNorm2d:
-        model.__class__ = BatchNorm2d
-    _convert_children(model)
-    if sync_batchnorm:
-        SyncBatchNorm.convert_sync_batchnorm(model, process_group)
-    return model
+# convert lives with the fusion passes; imported last, as it builds on the modules above.
+from convkit.conversion import convert, fusion_summary  # noqa: E402

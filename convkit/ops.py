@@ -99,11 +99,17 @@ def batch_norm_forward(
     running_var: Optional[torch.Tensor],
     training: bool,
     eps: float,
-    relu: bool,
+    activation: str = "none",
+    alpha: float = 0.0,
+    beta: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[N, C, *] -> (output [N, C, *], save_mean [C], save_var [C])."""
+    """[N, C, *] -> (output [N, C, *], save_mean [C], save_var [C]).
+
+    output = f(batch_norm(input)) for the fused activation f: "none", "relu", "hardtanh"
+    (alpha, beta = min_val, max_val), "leaky_relu" (alpha = negative_slope), "silu" or
+    "hardswish"."""
     return _batch_norm_forward(
-        input, weight, bias, running_mean, running_var, training, eps, relu
+        input, weight, bias, running_mean, running_var, training, eps, activation, alpha, beta
     )
 
 
@@ -116,12 +122,16 @@ def batch_norm_backward(
     save_var: torch.Tensor,
     training: bool,
     eps: float,
-    relu: bool,
+    activation: str,
+    alpha: float,
+    beta: float,
     output_mask: Sequence[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (input, weight, bias); a masked-off gradient comes back as an empty tensor."""
+    """Gradients (input, weight, bias) through the fused activation (as batch_norm_forward's);
+    a masked-off gradient comes back as an empty tensor."""
     return _batch_norm_backward(
-        grad_output, input, weight, bias, save_mean, save_var, training, eps, relu, output_mask
+        grad_output, input, weight, bias, save_mean, save_var, training, eps, activation, alpha,
+        beta, output_mask
     )
 
 
@@ -159,10 +169,14 @@ def batch_norm_backward_reduce(
     weight: Optional[torch.Tensor],
     bias: Optional[torch.Tensor],
     eps: float,
-    relu: bool,
+    activation: str = "none",
+    alpha: float = 0.0,
+    beta: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """This process's (sum_dy [C], sum_dy_xmu [C]) in float64 and (grad_weight, grad_bias)."""
-    return _batch_norm_backward_reduce(grad_output, input, mean, var, weight, bias, eps, relu)
+    """This process's (sum_dy [C], sum_dy_xmu [C]) in float64 and (grad_weight, grad_bias),
+    through the fused activation (as batch_norm_forward's)."""
+    return _batch_norm_backward_reduce(grad_output, input, mean, var, weight, bias, eps,
+                                       activation, alpha, beta)
 
 
 def batch_norm_backward_elemt(
@@ -176,12 +190,15 @@ def batch_norm_backward_elemt(
     sum_dy_xmu: torch.Tensor,
     count: int,
     eps: float,
-    relu: bool,
+    activation: str = "none",
+    alpha: float = 0.0,
+    beta: float = 0.0,
 ) -> torch.Tensor:
     """grad_input [N, C, *] from the sums over all processes, which hold ``count`` values per
-    channel."""
+    channel, through the fused activation (as batch_norm_forward's)."""
     return _batch_norm_backward_elemt(
-        grad_output, input, mean, var, weight, bias, sum_dy, sum_dy_xmu, count, eps, relu
+        grad_output, input, mean, var, weight, bias, sum_dy, sum_dy_xmu, count, eps, activation,
+        alpha, beta
     )
 
 
@@ -237,7 +254,9 @@ def _col2im_fake(columns, output_size, kernel_size, dilation, padding, stride):
 
 
 @torch.library.register_fake("convkit::batch_norm_forward")
-def _batch_norm_forward_fake(input, weight, bias, running_mean, running_var, training, eps, relu):
+def _batch_norm_forward_fake(input, weight, bias, running_mean, running_var, training, eps,
+                             activation, alpha, beta):
+    checks.activation_spec("convkit::batch_norm_forward", activation, alpha, beta)
     checks.check_batch_norm_forward("convkit::batch_norm_forward", input, weight, bias,
                                     running_mean, running_var, training, eps)
     channels = input.shape[1]
@@ -251,8 +270,10 @@ def _batch_norm_forward_fake(input, weight, bias, running_mean, running_var, tra
 
 @torch.library.register_fake("convkit::batch_norm_backward")
 def _batch_norm_backward_fake(
-    grad_output, input, weight, bias, save_mean, save_var, training, eps, relu, output_mask
+    grad_output, input, weight, bias, save_mean, save_var, training, eps, activation, alpha, beta,
+    output_mask
 ):
+    checks.activation_spec("convkit::batch_norm_backward", activation, alpha, beta)
     checks.check_batch_norm_backward("convkit::batch_norm_backward", grad_output, input, weight,
                                      bias, save_mean, save_var)
     channels = input.shape[1]
@@ -290,7 +311,9 @@ def _batch_norm_combine_stats_fake(mean, var, count):
 
 
 @torch.library.register_fake("convkit::batch_norm_backward_reduce")
-def _batch_norm_backward_reduce_fake(grad_output, input, mean, var, weight, bias, eps, relu):
+def _batch_norm_backward_reduce_fake(grad_output, input, mean, var, weight, bias, eps,
+                                     activation, alpha, beta):
+    checks.activation_spec("convkit::batch_norm_backward_reduce", activation, alpha, beta)
     checks.check_batch_norm_backward("convkit::batch_norm_backward_reduce", grad_output, input,
                                      weight, bias, mean, var)
     channels = input.shape[1]
@@ -306,9 +329,11 @@ def _batch_norm_backward_reduce_fake(grad_output, input, mean, var, weight, bias
 
 @torch.library.register_fake("convkit::batch_norm_backward_elemt")
 def _batch_norm_backward_elemt_fake(
-    grad_output, input, mean, var, weight, bias, sum_dy, sum_dy_xmu, count, eps, relu
+    grad_output, input, mean, var, weight, bias, sum_dy, sum_dy_xmu, count, eps, activation,
+    alpha, beta
 ):
     op = "convkit::batch_norm_backward_elemt"
+    checks.activation_spec(op, activation, alpha, beta)
     checks.check_batch_norm_backward(op, grad_output, input, weight, bias, mean, var)
     checks.check_batch_norm_backward_elemt(op, input, sum_dy, sum_dy_xmu, count)
     return input.new_empty(input.shape)

@@ -122,7 +122,7 @@ def _gather_statistics(input: torch.Tensor, mean: torch.Tensor, var: torch.Tenso
 
 class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, momentum, eps, relu, group,
+    def forward(ctx, input, weight, bias, running_mean, running_var, momentum, eps, activation, group,
                 world_size, handshake):
         input = input.contiguous()
         mean, var = ops.batch_norm_stats(input)
@@ -142,11 +142,12 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         stats_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
         mean = mean.to(stats_dtype)
         var = var.to(stats_dtype)
-        output, _, _ = ops.batch_norm_forward(input, weight, bias, mean, var, False, eps, relu)
+        output, _, _ = ops.batch_norm_forward(input, weight, bias, mean, var, False, eps,
+                                             *activation)
         ctx.save_for_backward(input, weight, bias, mean, var)
         ctx.total = total
         ctx.eps = eps
-        ctx.relu = relu
+        ctx.activation = activation
         ctx.group = group
         ctx.world_size = world_size
         return output
@@ -157,7 +158,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         grad_output = grad_output.contiguous()
         channels = input.shape[1]
         sum_dy, sum_dy_xmu, grad_weight, grad_bias = ops.batch_norm_backward_reduce(
-            grad_output, input, mean, var, weight, bias, ctx.eps, ctx.relu
+            grad_output, input, mean, var, weight, bias, ctx.eps, *ctx.activation
         )
         grad_input = None
         if ctx.needs_input_grad[0]:
@@ -168,7 +169,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             sums = gathered.sum(dim=0)
             grad_input = ops.batch_norm_backward_elemt(
                 grad_output, input, mean, var, weight, bias, sums[:channels], sums[channels:],
-                ctx.total, ctx.eps, ctx.relu,
+                ctx.total, ctx.eps, *ctx.activation,
             )
         return (
             grad_input,
@@ -186,13 +187,14 @@ def sync_batch_norm(
     bias: Optional[torch.Tensor],
     momentum: float,
     eps: float,
-    relu: bool,
+    activation: tuple[str, float, float],
     group: Any,
     world_size: int,
     handshake: Optional[Handshake] = None,
 ) -> torch.Tensor:
-    """Training batch norm (+ ReLU when ``relu``) with the statistics of every process of
-    ``group`` (``world_size`` of them; each passes its own part of the batch).
+    """Training batch norm, then the fused ``activation`` (kernel name, alpha, beta, as
+    ``convkit.functional.activation_arguments`` gives it), with the statistics of every process
+    of ``group`` (``world_size`` of them; each passes its own part of the batch).
 
     input [N, C, *] -> [N, C, *]; running_mean, running_var, weight, bias [C] or None. The
     running statistics are updated in place with the combined batch statistics (variance
@@ -209,5 +211,5 @@ def sync_batch_norm(
     if handshake is None:
         handshake = Handshake()
     return _SyncBatchNormFunction.apply(input, weight, bias, running_mean, running_var,
-                                        float(momentum), float(eps), relu, group, world_size,
+                                        float(momentum), float(eps), tuple(activation), group, world_size,
                                         handshake)

@@ -167,35 +167,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_autograd(
   return grads;
 }
 
-// ---- batch norm (+ ReLU)
+// ---- batch norm (+ activation)
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_batch_norm_forward(
     const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
-    const std::optional<at::Tensor>& running_var, bool training, double eps, bool relu) {
+    const std::optional<at::Tensor>& running_var, bool training, double eps, c10::string_view activation, double alpha, double beta) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("convkit::batch_norm_forward", "")
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
               const at::Tensor&, const std::optional<at::Tensor>&,
               const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-              const std::optional<at::Tensor>&, bool, double, bool)>();
-  return op.call(input, weight, bias, running_mean, running_var, training, eps, relu);
+              const std::optional<at::Tensor>&, bool, double, c10::string_view, double,
+              double)>();
+  return op.call(input, weight, bias, running_mean, running_var, training, eps, activation, alpha,
+                 beta);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_batch_norm_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& save_mean, const at::Tensor& save_var,
-    bool training, double eps, bool relu, std::array<bool, 3> output_mask) {
+    bool training, double eps, c10::string_view activation, double alpha, double beta, std::array<bool, 3> output_mask) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("convkit::batch_norm_backward", "")
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
               const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
               const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, bool,
-              double, bool, std::array<bool, 3>)>();
-  return op.call(grad_output, input, weight, bias, save_mean, save_var, training, eps, relu,
-                 output_mask);
+              double, c10::string_view, double, double, std::array<bool, 3>)>();
+  return op.call(grad_output, input, weight, bias, save_mean, save_var, training, eps, activation,
+                 alpha, beta, output_mask);
 }
 
 std::optional<at::Tensor> defined_or_nullopt(const at::Tensor& t) {
@@ -210,23 +212,26 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
                                const std::optional<at::Tensor>& bias,
                                const std::optional<at::Tensor>& running_mean,
                                const std::optional<at::Tensor>& running_var, bool training,
-                               double eps, bool relu) {
+                               double eps, c10::string_view activation, double alpha, double beta) {
     at::Tensor output, save_mean, save_var;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       std::tie(output, save_mean, save_var) = call_batch_norm_forward(
-          input, weight, bias, running_mean, running_var, training, eps, relu);
+          input, weight, bias, running_mean, running_var, training, eps, activation, alpha, beta);
     }
     ctx->mark_non_differentiable({save_mean, save_var});
     const bool has_weight = weight.has_value() && weight->defined();
     const bool has_bias = bias.has_value() && bias->defined();
-    // bias is needed only for the ReLU mask, which the backward recomputes from x instead of
-    // storing it; an absent tensor is saved as an undefined one.
+    // bias is needed only for the activation's derivative at z, which the backward recomputes
+    // from x instead of storing y; an absent tensor is saved as an undefined one.
+    const bool activated = activation != "none";
     ctx->save_for_backward({input, has_weight ? *weight : at::Tensor(),
-                            relu && has_bias ? *bias : at::Tensor(), save_mean, save_var});
+                            activated && has_bias ? *bias : at::Tensor(), save_mean, save_var});
     ctx->saved_data["training"] = training;
     ctx->saved_data["eps"] = eps;
-    ctx->saved_data["relu"] = relu;
+    ctx->saved_data["activation"] = std::string(activation);
+    ctx->saved_data["alpha"] = alpha;
+    ctx->saved_data["beta"] = beta;
     ctx->saved_data["has_weight"] = has_weight;
     ctx->saved_data["has_bias"] = has_bias;
     // The statistics' gradients are never used: no zero tensors for them.
@@ -234,9 +239,9 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     return {output, save_mean, save_var};
   }
 
-  // One gradient per forward argument: input, weight, bias, then five that have none.
+  // One gradient per forward argument: input, weight, bias, then seven that have none.
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    variable_list grads(8);
+    variable_list grads(10);
     const at::Tensor& grad_output = grad_outputs[0];
     if (!grad_output.defined()) return grads;
     const bool has_weight = ctx->saved_data["has_weight"].toBool();
@@ -252,7 +257,8 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     auto [grad_input, grad_weight, grad_bias] = call_batch_norm_backward(
         grad_output.contiguous(), saved[0], defined_or_nullopt(saved[1]),
         defined_or_nullopt(saved[2]), saved[3], saved[4], ctx->saved_data["training"].toBool(),
-        ctx->saved_data["eps"].toDouble(), ctx->saved_data["relu"].toBool(), mask);
+        ctx->saved_data["eps"].toDouble(), ctx->saved_data["activation"].toStringRef(),
+        ctx->saved_data["alpha"].toDouble(), ctx->saved_data["beta"].toDouble(), mask);
     if (mask[0]) grads[0] = grad_input;
     if (mask[1]) grads[1] = grad_weight;
     if (mask[2]) grads[2] = grad_bias;
@@ -263,14 +269,14 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_autograd(
     const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
-    const std::optional<at::Tensor>& running_var, bool training, double eps, bool relu) {
+    const std::optional<at::Tensor>& running_var, bool training, double eps, c10::string_view activation, double alpha, double beta) {
   if (!torch::autograd::compute_requires_grad(input, weight, bias)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return call_batch_norm_forward(input, weight, bias, running_mean, running_var, training, eps,
-                                   relu);
+                                   activation, alpha, beta);
   }
   variable_list outputs = BatchNormFunction::apply(input, weight, bias, running_mean, running_var,
-                                                   training, eps, relu);
+                                                   training, eps, activation, alpha, beta);
   return {outputs[0], outputs[1], outputs[2]};
 }
 
@@ -278,12 +284,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_autograd(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_autograd(
     const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& save_mean, const at::Tensor& save_var,
-    bool training, double eps, bool relu, std::array<bool, 3> output_mask) {
+    bool training, double eps, c10::string_view activation, double alpha, double beta, std::array<bool, 3> output_mask) {
   std::tuple<at::Tensor, at::Tensor, at::Tensor> grads;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     grads = call_batch_norm_backward(grad_output, input, weight, bias, save_mean, save_var,
-                                     training, eps, relu, output_mask);
+                                     training, eps, activation, alpha, beta, output_mask);
   }
   variable_list inputs = {grad_output, input};
   for (const at::Tensor& parameter : defined_tensors({&weight, &bias})) inputs.push_back(parameter);

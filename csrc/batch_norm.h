@@ -1,28 +1,58 @@
 // Per-element batch-norm arithmetic shared by the CPU and CUDA kernels, so that both compute
-// the same values and, above all, the same ReLU mask in forward and backward.
+// the same values and, above all, the same activation derivative in forward and backward.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 
+#include "activation.h"
 #include "conv2d.h"  // CONVKIT_HOST_DEVICE
 
 namespace convkit {
 
-// Non-finite values follow torch's relu(batch_norm(x)): a NaN anywhere in a channel's batch
-// (training), in its parameters or in its running statistics makes its outputs NaN, and the
-// ReLU passes NaN on (torch.relu(nan) is nan); a ±inf makes the batch mean ±inf and the
-// variance NaN. Gradients follow torch's too: the ReLU passes the gradient unless y <= 0.
+// Non-finite values follow torch's activation(batch_norm(x)): a NaN anywhere in a channel's
+// batch (training), in its parameters or in its running statistics makes its outputs NaN, and
+// the activation passes NaN on (csrc/activation.h); a ±inf makes the batch mean ±inf and the
+// variance NaN. Gradients follow torch's activations' backward rules (activation.h).
 
-// y = x * scale + shift with scale = weight * invstd and shift = bias - mean * scale,
-// clamped at 0 when relu (NaN stays NaN); computed in acc_t, rounded once to scalar_t. The
-// backward recomputes it to get the ReLU mask bit-identical to the forward's without storing y.
+// y = f(z), z = x * scale + shift with scale = weight * invstd and shift = bias - mean * scale,
+// f the fused activation (activation.h), computed in acc_t and rounded to scalar_t. The
+// backward recomputes z from x with the same arithmetic, so f'(z) is the forward's own, y is
+// never stored, and the parameters need not be saved.
+template <Activation kAct, typename scalar_t, typename acc_t>
+CONVKIT_HOST_DEVICE inline scalar_t batch_norm_output(scalar_t x, acc_t scale, acc_t shift,
+                                                      ActivationParams<acc_t> act) {
+  return static_cast<scalar_t>(activate<kAct>(normalized_value(x, scale, shift), act));
+}
+
+// dy' = dy * f'(z) at the element x (dy itself without an activation): the gradient that
+// reaches the normalisation.
+template <Activation kAct, typename scalar_t, typename acc_t>
+CONVKIT_HOST_DEVICE CONVKIT_FORCE_INLINE acc_t activation_masked_gradient(
+    scalar_t x, scalar_t dy, acc_t scale, acc_t shift, ActivationParams<acc_t> act) {
+  if constexpr (kAct == Activation::none) {
+    return static_cast<acc_t>(dy);
+  } else {
+    return activation_gradient<kAct>(normalized_value(x, scale, shift), static_cast<acc_t>(dy),
+                                     act);
+  }
+}
+
+// The same two for a kind known at run time (CUDA kernels: uniform across the launch).
 template <typename scalar_t, typename acc_t>
 CONVKIT_HOST_DEVICE inline scalar_t batch_norm_output(scalar_t x, acc_t scale, acc_t shift,
-                                                      bool relu) {
-  acc_t y = static_cast<acc_t>(x) * scale + shift;
-  if (relu && y < acc_t(0)) y = acc_t(0);
-  return static_cast<scalar_t>(y);
+                                                      Activation kind,
+                                                      ActivationParams<acc_t> act) {
+  return static_cast<scalar_t>(activate_runtime(kind, normalized_value(x, scale, shift), act));
+}
+
+template <typename scalar_t, typename acc_t>
+CONVKIT_HOST_DEVICE inline acc_t activation_masked_gradient(scalar_t x, scalar_t dy, acc_t scale,
+                                                            acc_t shift, Activation kind,
+                                                            ActivationParams<acc_t> act) {
+  if (kind == Activation::none) return static_cast<acc_t>(dy);
+  return activation_gradient_runtime(kind, normalized_value(x, scale, shift),
+                                     static_cast<acc_t>(dy), act);
 }
 
 // 1 / sqrt(v), correctly rounded square root then division, the same on host and device.
@@ -44,7 +74,7 @@ CONVKIT_HOST_DEVICE inline double inverse_sqrt(double v) {
 // A channel's normalisation as the affine map of batch_norm_output: invstd = 1 / sqrt(var +
 // eps), scale = weight * invstd, shift = bias - mean * scale (weight 1 and bias 0 when the
 // layer has none). Every kernel, forward and backward, CPU and CUDA, takes its coefficients
-// from here, so the backward's recomputed ReLU mask is the forward's bit for bit.
+// from here, so the backward's recomputed z, and so f'(z), is the forward's bit for bit.
 template <typename acc_t>
 struct ChannelAffine {
   acc_t invstd;
@@ -63,7 +93,7 @@ CONVKIT_HOST_DEVICE inline ChannelAffine<acc_t> channel_affine(acc_t mean, acc_t
 }
 
 // A channel's backward results from its two sums over `count` values, sum(dy') and
-// sum(dy' * (x - mean)) (dy' = dy masked by the ReLU), taken in double: grad_weight =
+// sum(dy' * (x - mean)) (dy' = dy * f'(z)), taken in double: grad_weight =
 // sum_dy_xmu * invstd, grad_bias = sum_dy, and batch_norm_grad_input's terms mean_dy =
 // sum_dy / count and proj = sum_dy_xmu / count * invstd^2 in training (0 in eval, where the
 // statistics are constants, and for an empty batch).
@@ -90,14 +120,7 @@ CONVKIT_HOST_DEVICE inline ChannelGradient<acc_t> channel_gradient(double sum_dy
   return grad;
 }
 
-// Whether the fused ReLU passes the gradient at x: unless its output is <= 0, as torch's
-// threshold_backward decides (so a NaN output passes its gradient on).
-template <typename scalar_t, typename acc_t>
-CONVKIT_HOST_DEVICE inline bool batch_norm_relu_passes(scalar_t x, acc_t scale, acc_t shift) {
-  return !(static_cast<acc_t>(batch_norm_output(x, scale, shift, true)) <= acc_t(0));
-}
-
-// The input gradient of one element: dy' (dy masked by the ReLU) minus, in training, its
+// The input gradient of one element: dy' (dy through the activation) minus, in training, its
 // projection on the batch statistics. In eval the statistics are constants and the gradient
 // is dy' * scale alone: (x - mean) times a zero coefficient would make it NaN at a non-finite x.
 template <typename acc_t>

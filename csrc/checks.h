@@ -6,14 +6,17 @@
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 #include <optional>
+#include <string_view>
 
 #include <c10/util/safe_numerics.h>
 
+#include <cmath>
 #include <cstdint>
 #include <utility>
 #include <cstdlib>
 #include <initializer_list>
 
+#include "activation.h"
 #include "conv2d.h"
 
 namespace convkit {
@@ -233,6 +236,35 @@ inline void check_parameter_dtype(const char* op, const at::Tensor& input,
   TORCH_CHECK(type == input.scalar_type() || (reduced && type == at::kFloat), op, ": expected ",
               name, " of dtype ", input.scalar_type(),
               reduced ? " (the input's) or Float" : " (the input's)", ", but got ", type);
+}
+
+// The fused activation an op was asked for: one of activation_names, with hardtanh's
+// (alpha, beta) = (min_val, max_val), min_val <= max_val, and leaky_relu's alpha its slope,
+// as torch's F.hardtanh and F.leaky_relu take them; the others ignore alpha and beta.
+inline ActivationSpec activation_spec(const char* op, std::string_view name, double alpha,
+                                      double beta) {
+  struct Named {
+    std::string_view name;
+    Activation kind;
+  };
+  static constexpr Named kNames[] = {
+      {"none", Activation::none},         {"relu", Activation::relu},
+      {"hardtanh", Activation::hardtanh}, {"leaky_relu", Activation::leaky_relu},
+      {"silu", Activation::silu},         {"hardswish", Activation::hardswish}};
+  for (const Named& entry : kNames) {
+    if (entry.name != name) continue;
+    if (entry.kind == Activation::hardtanh) {
+      TORCH_CHECK(alpha <= beta, op, ": hardtanh expects min_val (alpha) <= max_val (beta), but got ",
+                  alpha, " and ", beta);
+    }
+    if (entry.kind == Activation::leaky_relu) {
+      TORCH_CHECK(!std::isnan(alpha), op, ": leaky_relu expects a negative_slope (alpha), but got ",
+                  alpha);
+    }
+    return {entry.kind, alpha, beta};
+  }
+  TORCH_CHECK(false, op, ": expected activation to be one of none, relu, hardtanh, leaky_relu, ",
+              "silu or hardswish, but got '", name, "'");
 }
 
 inline void check_batch_norm_input(const char* op, const at::Tensor& input) {

@@ -34,17 +34,20 @@ TORCH_LIBRARY(convkit, m) {
   m.def(
       "col2im(Tensor columns, int[2] output_size, int[2] kernel_size, int[2] dilation, "
       "int[2] padding, int[2] stride) -> Tensor");
+  // The fused activation f after the normalisation, y = f(z): activation is one of none, relu,
+  // hardtanh (alpha, beta = min_val, max_val; ReLU6 is hardtanh(0, 6)), leaky_relu (alpha =
+  // negative_slope), silu, hardswish (csrc/activation.h); the backward recomputes z from x.
   // Returns the output and the statistics used to normalise (batch mean and biased batch
   // variance in training, copies of the running statistics in eval), in float32 (float64
   // for float64 input).
   m.def(
       "batch_norm_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "
-      "Tensor? running_var, bool training, float eps, bool relu) "
+      "Tensor? running_var, bool training, float eps, str activation, float alpha, float beta) "
       "-> (Tensor output, Tensor save_mean, Tensor save_var)");
   m.def(
       "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor? bias, "
-      "Tensor save_mean, Tensor save_var, bool training, float eps, bool relu, "
-      "bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+      "Tensor save_mean, Tensor save_var, bool training, float eps, str activation, "
+      "float alpha, float beta, bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
   // running = (1 - momentum) * running + momentum * batch, with the variance made unbiased
   // by count / (count - 1). A no-op for count == 0 (empty batch), as in PyTorch.
   m.def(
@@ -62,17 +65,17 @@ TORCH_LIBRARY(convkit, m) {
   m.def(
       "batch_norm_combine_stats(Tensor mean, Tensor var, int[] count) "
       "-> (Tensor mean, Tensor var)");
-  // This process's sum(dy') and sum(dy' * (x - mean)) (float64 [C]; dy' = dy masked by the
-  // ReLU recomputed from x), and its grad_weight and grad_bias.
+  // This process's sum(dy') and sum(dy' * (x - mean)) (float64 [C]; dy' = dy * f'(z), the
+  // activation's derivative at z recomputed from x), and its grad_weight and grad_bias.
   m.def(
       "batch_norm_backward_reduce(Tensor grad_output, Tensor input, Tensor mean, Tensor var, "
-      "Tensor? weight, Tensor? bias, float eps, bool relu) "
+      "Tensor? weight, Tensor? bias, float eps, str activation, float alpha, float beta) "
       "-> (Tensor sum_dy, Tensor sum_dy_xmu, Tensor grad_weight, Tensor grad_bias)");
   // grad_input from the sums over all processes and `count`, their values per channel.
   m.def(
       "batch_norm_backward_elemt(Tensor grad_output, Tensor input, Tensor mean, Tensor var, "
       "Tensor? weight, Tensor? bias, Tensor sum_dy, Tensor sum_dy_xmu, int count, float eps, "
-      "bool relu) -> Tensor");
+      "str activation, float alpha, float beta) -> Tensor");
   // Bytes of the largest conv column buffer since the last reset (all threads' tiles
   // together): what CONVKIT_COLUMN_BUDGET_MB bounds. Device-independent bookkeeping.
   m.def("column_buffer_peak_bytes(bool reset=False) -> int", &convkit::column_buffer_peak_bytes);

@@ -8,6 +8,7 @@ from typing import ContextManager
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import convkit
 from convkit.cuda_emulation import emulation_state
@@ -137,3 +138,41 @@ def assert_close_to_reference(
         f"{name}: convkit error {our_error:.3e} vs PyTorch error {their_error:.3e} "
         f"(allowed {factor}x + {floor:.1e})"
     )
+
+
+# Every fused activation, with parameters that put kinks where the data is.
+ACTIVATIONS = ["none", "relu", "relu6", "hardtanh", "leaky_relu", "silu", "hardswish"]
+TORCH_ACTIVATIONS = {
+    "none": lambda z: z,
+    "relu": F.relu,
+    "relu6": F.relu6,
+    "hardtanh": lambda z: F.hardtanh(z, -0.5, 1.5),
+    "leaky_relu": lambda z: F.leaky_relu(z, 0.2),
+    "silu": F.silu,
+    "hardswish": F.hardswish,
+}
+ACTIVATION_ARGUMENTS = {"hardtanh": dict(min_val=-0.5, max_val=1.5),
+                        "leaky_relu": dict(negative_slope=0.2)}
+# Where each activation's derivative jumps (silu has none).
+KINKS = {"none": [], "relu": [0.0], "relu6": [0.0, 6.0], "hardtanh": [-0.5, 1.5],
+         "leaky_relu": [0.0], "silu": [], "hardswish": [-3.0, 3.0]}
+
+
+def activation_spec(activation):
+    """The activation as the ops take it: (kernel name, alpha, beta)."""
+    return convkit.functional.activation_arguments(activation,
+                                                   **ACTIVATION_ARGUMENTS.get(activation, {}))
+
+
+def fused_batch_norm(activation):
+    """convkit's function for the activation, with batch_norm's first eight arguments."""
+    if activation == "none":
+        return convkit.batch_norm
+    if activation == "relu":
+        return convkit.batch_norm_relu
+
+    def fused(*args, **kwargs):
+        return convkit.functional.batch_norm_activation(
+            *args, **kwargs, activation=activation, **ACTIVATION_ARGUMENTS.get(activation, {}))
+
+    return fused

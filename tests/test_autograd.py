@@ -71,7 +71,8 @@ def test_batch_norm_gradients_for_each_subset(requires_grad, affine, training, r
             t.requires_grad_(wanted)
     rm = torch.randn(3, dtype=torch.float64, device=device)
     rv = torch.rand(3, dtype=torch.float64, device=device) + 0.5
-    ours = convkit.functional._batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5, relu)
+    ours = convkit.functional._batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5,
+                                       ("relu", 0.0, 0.0) if relu else ("none", 0.0, 0.0))
     theirs = F.batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5)
     if relu:
         theirs = F.relu(theirs)

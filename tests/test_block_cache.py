@@ -38,7 +38,7 @@ def _conv_input_grad(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def _batch_norm_output(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return torch.ops.convkit.batch_norm_forward(x, None, None, None, None, True, 1e-5, True)[0]
+    return torch.ops.convkit.batch_norm_forward(x, None, None, None, None, True, 1e-5, "relu", 0.0, 0.0)[0]
 
 
 def _im2col_output(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -86,7 +86,7 @@ def test_batch_norm_one_value_per_channel_training():
     with pytest.raises(ValueError, match=r"Expected more than 1 value per channel when training, got input size"):
         convkit.batch_norm_relu(torch.randn(1, 3, 1, 1), None, None, training=True)
     with pytest.raises(RuntimeError, match=r"expected more than 1 value per channel when training, but got input of shape \[1, 3\]"):
-        torch.ops.convkit.batch_norm_forward(torch.randn(1, 3), None, None, None, None, True, 1e-5, False)
+        torch.ops.convkit.batch_norm_forward(torch.randn(1, 3), None, None, None, None, True, 1e-5, "none", 0.0, 0.0)
     # The module raises torch's error too (experiment 8 of the chapter relies on it).
     with pytest.raises(ValueError, match=r"Expected more than 1 value per channel"):
         convkit.nn.BatchNorm2d(3).train()(torch.randn(1, 3, 1, 1))
@@ -129,7 +129,7 @@ def test_batch_norm_wrong_rank():
 
 def test_batch_norm_integer_input():
     with pytest.raises(RuntimeError, match=r"expected input to be a floating-point tensor .* but got Long"):
-        torch.ops.convkit.batch_norm_forward(torch.ones(4, 3, dtype=torch.long), None, None, None, None, True, 1e-5, False)
+        torch.ops.convkit.batch_norm_forward(torch.ones(4, 3, dtype=torch.long), None, None, None, None, True, 1e-5, "none", 0.0, 0.0)
 
 
 def test_batch_norm_momentum_none_functional():
@@ -144,9 +144,9 @@ def test_batch_norm_negative_eps():
 
 def test_batch_norm_backward_wrong_grad_shape():
     x = torch.randn(4, 3, 2, 2)
-    out, mean, var = torch.ops.convkit.batch_norm_forward(x, None, None, None, None, True, 1e-5, True)
+    out, mean, var = torch.ops.convkit.batch_norm_forward(x, None, None, None, None, True, 1e-5, "relu", 0.0, 0.0)
     with pytest.raises(RuntimeError, match=r"expected grad_output of shape \[4, 3, 2, 2\], but got \[4, 3, 2\]"):
-        torch.ops.convkit.batch_norm_backward(torch.randn(4, 3, 2), x, None, None, mean, var, True, 1e-5, True, [True, True, True])
+        torch.ops.convkit.batch_norm_backward(torch.randn(4, 3, 2), x, None, None, mean, var, True, 1e-5, "relu", 0.0, 0.0, [True, True, True])
 
 
 def test_batch_norm_update_stats_errors():

@@ -43,13 +43,13 @@ BAD_CALLS = {
     "col2im length": (ops.col2im, (_x(1, 9, 10), [5, 5], [3, 3], [1, 1], [0, 0], [1, 1])),
     "col2im area": (ops.col2im, (_x(1, 10, 9), [5, 5], [3, 3], [1, 1], [0, 0], [1, 1])),
     "col2im area overflow": (ops.col2im, (_x(1, 9, 16), [6, 6], [2**32, 2**32], [1, 1], [0, 0], [1, 1])),
-    "bn weight size": (ops.batch_norm_forward, (_x(4, 3, 2, 2), _x(4), None, None, None, True, 1e-5, False)),
-    "bn eval without stats": (ops.batch_norm_forward, (_x(4, 3, 2, 2), None, None, None, None, False, 1e-5, True)),
-    "bn one value": (ops.batch_norm_forward, (_x(1, 3), None, None, None, None, True, 1e-5, False)),
-    "bn eps": (ops.batch_norm_forward, (_x(4, 3), None, None, None, None, True, -1.0, False)),
-    "bn rank": (ops.batch_norm_forward, (_x(5), None, None, None, None, True, 1e-5, False)),
-    "bn integer": (ops.batch_norm_forward, (torch.ones(4, 3, dtype=torch.long), None, None, None, None, True, 1e-5, False)),
-    "bn backward grad shape": (ops.batch_norm_backward, (_x(4, 3, 2), _x(4, 3, 2, 2), None, None, _x(3), _x(3), True, 1e-5, True, [True, True, True])),
+    "bn weight size": (ops.batch_norm_forward, (_x(4, 3, 2, 2), _x(4), None, None, None, True, 1e-5, "none", 0.0, 0.0)),
+    "bn eval without stats": (ops.batch_norm_forward, (_x(4, 3, 2, 2), None, None, None, None, False, 1e-5, "relu", 0.0, 0.0)),
+    "bn one value": (ops.batch_norm_forward, (_x(1, 3), None, None, None, None, True, 1e-5, "none", 0.0, 0.0)),
+    "bn eps": (ops.batch_norm_forward, (_x(4, 3), None, None, None, None, True, -1.0, "none", 0.0, 0.0)),
+    "bn rank": (ops.batch_norm_forward, (_x(5), None, None, None, None, True, 1e-5, "none", 0.0, 0.0)),
+    "bn integer": (ops.batch_norm_forward, (torch.ones(4, 3, dtype=torch.long), None, None, None, None, True, 1e-5, "none", 0.0, 0.0)),
+    "bn backward grad shape": (ops.batch_norm_backward, (_x(4, 3, 2), _x(4, 3, 2, 2), None, None, _x(3), _x(3), True, 1e-5, "relu", 0.0, 0.0, [True, True, True])),
     "bn update size": (ops.batch_norm_update_stats, (torch.zeros(2), torch.ones(3), _STATS[0], _STATS[1], 0.1, 8)),
     "bn update count": (ops.batch_norm_update_stats, (torch.zeros(3), torch.ones(3), _STATS[0], _STATS[1], 0.1, -1)),
     "bn update expanded": (ops.batch_norm_update_stats, (torch.zeros(1).expand(3), torch.ones(3), _STATS[0], _STATS[1], 0.1, 8)),
@@ -84,7 +84,7 @@ def test_batch_norm_refuses_parameters_on_another_device(which):
     args[which] = args[which].to("meta")
     with pytest.raises(RuntimeError, match=rf"expected {which} on the same device as input \(cpu\), but got meta"):
         ops.batch_norm_forward(_x(4, 3, 2, 2), args["weight"], args["bias"], args["running_mean"],
-                               args["running_var"], False, 1e-5, True)
+                               args["running_var"], False, 1e-5, "relu", 0.0, 0.0)
     with pytest.raises(RuntimeError, match=rf"expected {which} on the same device as input"):
         convkit.batch_norm_relu(_x(4, 3, 2, 2), args["running_mean"], args["running_var"],
                                 args["weight"], args["bias"], training=False)

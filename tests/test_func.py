@@ -11,7 +11,7 @@ from torch import nn
 from torch.func import functional_call, grad, jacfwd, jvp, vmap
 
 import convkit
-from conftest import DEVICE_PARAMS
+from conftest import ACTIVATIONS, DEVICE_PARAMS, TORCH_ACTIVATIONS, fused_batch_norm
 
 D = torch.float64
 
@@ -44,10 +44,10 @@ def test_vmap_conv2d(in_dims, groups, device):
 
 
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
-@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("activation", ["none", "relu", "hardswish"])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("in_dims", [(0, None, None), (0, 0, 0), (None, 0, 0), (2, None, 0)], ids=str)
-def test_vmap_batch_norm(in_dims, training, relu, device):
+def test_vmap_batch_norm(in_dims, training, activation, device):
     """Each vmapped slice has its own statistics (training) and its own parameters."""
     B = 3
     x = torch.randn(5, 3, 4, 4, dtype=D, device=device) * 2 + 1
@@ -59,11 +59,11 @@ def test_vmap_batch_norm(in_dims, training, relu, device):
     stats = (None, None) if training else (rm, rv)
 
     def ours(x, w, b):
-        return (convkit.batch_norm_relu if relu else convkit.batch_norm)(x, *stats, w, b, training=training)
+        return fused_batch_norm(activation)(x, *stats, w, b, training=training)
 
     def theirs(x, w, b):
         out = F.batch_norm(x, *stats, w, b, training=training)
-        return F.relu(out) if relu else out
+        return TORCH_ACTIVATIONS[activation](out)
 
     _close(vmap(ours, in_dims=in_dims)(*args), vmap(theirs, in_dims=in_dims)(*args))
 
@@ -149,10 +149,10 @@ def test_jvp_conv2d(with_bias, device):
 
 
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
-@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("which", ["all", "input", "weight", "bias"])
-def test_jvp_batch_norm(which, training, relu, device):
+def test_jvp_batch_norm(which, training, activation, device):
     x = torch.randn(6, 3, 4, 5, dtype=D, device=device) * 2 + 1
     w = torch.rand(3, dtype=D, device=device) + 0.5
     b = torch.randn(3, dtype=D, device=device)
@@ -161,12 +161,11 @@ def test_jvp_batch_norm(which, training, relu, device):
                      for t, name in ((x, "input"), (w, "weight"), (b, "bias")))
 
     def ours(x, w, b):
-        fn = convkit.batch_norm_relu if relu else convkit.batch_norm
-        return fn(x, rm.clone(), rv.clone(), w, b, training=training)
+        return fused_batch_norm(activation)(x, rm.clone(), rv.clone(), w, b, training=training)
 
     def theirs(x, w, b):
         out = F.batch_norm(x, rm.clone(), rv.clone(), w, b, training=training)
-        return F.relu(out) if relu else out
+        return TORCH_ACTIVATIONS[activation](out)
 
     got, expected = jvp(ours, (x, w, b), tangents), jvp(theirs, (x, w, b), tangents)
     _close(got[0], expected[0])

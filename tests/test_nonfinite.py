@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import convkit
-from conftest import DEVICE_PARAMS
+from conftest import ACTIVATIONS, DEVICE_PARAMS, TORCH_ACTIVATIONS, fused_batch_norm
 
 SHAPE = (4, 3, 5, 6)
 
@@ -35,14 +35,14 @@ def _poisoned(device, where: str, value: float) -> dict:
     return dict(x=x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
 
 
-def _run(fn, inputs: dict, training: bool, relu: bool, dy):
+def _run(fn, inputs: dict, training: bool, activation: str, dy):
     x = inputs["x"].clone().requires_grad_()
     w = inputs["weight"].clone().requires_grad_()
     b = inputs["bias"].clone().requires_grad_()
     rm, rv = inputs["running_mean"].clone(), inputs["running_var"].clone()
     out = fn(x, rm, rv, w, b, training=training)
-    if fn is F.batch_norm and relu:
-        out = F.relu(out)
+    if fn is F.batch_norm:
+        out = TORCH_ACTIVATIONS[activation](out)
     out.backward(dy)
     return {"output": out.detach(), "grad_input": x.grad, "grad_weight": w.grad,
             "grad_bias": b.grad, "running_mean": rm, "running_var": rv}
@@ -54,29 +54,30 @@ CASES = [("input", float("nan")), ("input", float("inf")), ("input", float("-inf
 
 
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
-@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("where, value", CASES, ids=[f"{w}-{v}" for w, v in CASES])
-def test_batch_norm_propagates_like_torch(where, value, training, relu, device):
+def test_batch_norm_propagates_like_torch(where, value, training, activation, device):
     inputs = _poisoned(device, where, value)
     dy = torch.randn(SHAPE, dtype=torch.float64, device=device)
-    ours = _run(convkit.batch_norm_relu if relu else convkit.batch_norm, inputs, training, relu, dy)
-    theirs = _run(F.batch_norm, inputs, training, relu, dy)
+    ours = _run(fused_batch_norm(activation), inputs, training, activation, dy)
+    theirs = _run(F.batch_norm, inputs, training, activation, dy)
     for name in ours:
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-10, atol=1e-10,
                                    equal_nan=True, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("training", [True, False])
-def test_fused_relu_keeps_nan_in_every_dtype(dtype, training, device):
+def test_fused_activation_keeps_nan_in_every_dtype(dtype, training, activation, device):
     """The vectorised passes too (float32: the AVX-512 loops; 64 values per plane)."""
     x = torch.randn(8, 4, 8, 8, device=device).to(dtype)
     x[3, 2, 5, 1] = float("nan")
     rm, rv = torch.zeros(4, device=device), torch.ones(4, device=device)
-    ours = convkit.batch_norm_relu(x, rm.clone(), rv.clone(), training=training)
-    theirs = F.relu(F.batch_norm(x, rm.clone(), rv.clone(), training=training))
+    ours = fused_batch_norm(activation)(x, rm.clone(), rv.clone(), training=training)
+    theirs = TORCH_ACTIVATIONS[activation](F.batch_norm(x, rm.clone(), rv.clone(), training=training))
     assert torch.equal(ours.isnan(), theirs.isnan())
     finite = ~theirs.isnan()
     torch.testing.assert_close(ours[finite].float(), theirs[finite].float(), rtol=2e-2, atol=2e-2)

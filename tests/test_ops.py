@@ -33,10 +33,14 @@ def _bn_cases(device):
     b = torch.randn(3, device=device)
     rm = torch.randn(3, device=device)
     rv = torch.rand(3, device=device) + 0.5
-    for relu in (True, False):
-        yield (x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_(), None, None, True, 1e-5, relu)
-        yield (x.clone().requires_grad_(), w, b, rm, rv, False, 1e-3, relu)
-        yield (x.double().requires_grad_(), None, None, rm.double(), rv.double(), True, 1e-5, relu)
+    for act in (("relu", 0.0, 0.0), ("none", 0.0, 0.0)):
+        yield (x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_(), None, None, True, 1e-5, *act)
+        yield (x.clone().requires_grad_(), w, b, rm, rv, False, 1e-3, *act)
+        yield (x.double().requires_grad_(), None, None, rm.double(), rv.double(), True, 1e-5, *act)
+    # The activations with parameters, and one with none.
+    yield (x.clone().requires_grad_(), w, b, None, None, True, 1e-5, "hardtanh", 0.0, 6.0)
+    yield (x.clone().requires_grad_(), None, None, rm, rv, False, 1e-5, "leaky_relu", 0.1, 0.0)
+    yield (x.clone().requires_grad_(), w, b, None, None, True, 1e-5, "silu", 0.0, 0.0)
 
 
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
@@ -64,15 +68,15 @@ def test_opcheck_batch_norm_forward(device):
 
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
 def test_opcheck_batch_norm_backward(device):
-    for x, w, b, rm, rv, training, eps, relu in _bn_cases(device):
+    for x, w, b, rm, rv, training, eps, *act in _bn_cases(device):
         x = x.detach()
         w = w.detach() if w is not None else None
         b = b.detach() if b is not None else None
-        out, mean, var = torch.ops.convkit.batch_norm_forward(x, w, b, rm, rv, training, eps, relu)
+        out, mean, var = torch.ops.convkit.batch_norm_forward(x, w, b, rm, rv, training, eps, *act)
         for mask in ([True, True, True], [True, False, False], [False, True, True]):
             torch.library.opcheck(
                 torch.ops.convkit.batch_norm_backward.default,
-                (torch.randn_like(out), x, w, b, mean, var, training, eps, relu, mask),
+                (torch.randn_like(out), x, w, b, mean, var, training, eps, *act, mask),
             )
 
 

@@ -80,7 +80,7 @@ def test_non_finite_values_propagate_as_in_one_batch(device):
     x[0, 0, 0, 0] = float("inf")
     x[3, 1, 1, 1] = float("nan")
     mean, var, _, _ = combined([x[:2], x[2:]])
-    whole_mean, _, whole_var = ops.batch_norm_forward(x, None, None, None, None, True, 1e-5, False)
+    whole_mean, _, whole_var = ops.batch_norm_forward(x, None, None, None, None, True, 1e-5, "none", 0.0, 0.0)
     assert mean[0] == float("inf") and torch.isnan(var[0])
     assert torch.isnan(mean[1]) and torch.isnan(var[1])
     assert torch.isfinite(mean[2]) and torch.isfinite(var[2])
@@ -89,9 +89,11 @@ def test_non_finite_values_propagate_as_in_one_batch(device):
 
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("activation", [("none", 0.0, 0.0), ("relu", 0.0, 0.0),
+                                        ("hardtanh", 0.0, 6.0), ("leaky_relu", 0.1, 0.0),
+                                        ("silu", 0.0, 0.0), ("hardswish", 0.0, 0.0)], ids=str)
 @pytest.mark.parametrize("affine", [True, False])
-def test_backward_of_the_parts_equals_the_backward_of_the_whole(device, shape, relu, affine):
+def test_backward_of_the_parts_equals_the_backward_of_the_whole(device, shape, activation, affine):
     x = torch.randn(shape, dtype=F64, device=device)
     dy = torch.randn(shape, dtype=F64, device=device)
     channels = shape[1]
@@ -99,16 +101,17 @@ def test_backward_of_the_parts_equals_the_backward_of_the_whole(device, shape, r
     bias = torch.randn(channels, dtype=F64, device=device) if affine else None
     eps = 1e-5
     output, save_mean, save_var = ops.batch_norm_forward(x, weight, bias, None, None, True, eps,
-                                                         relu)
+                                                         *activation)
     grad_input, grad_weight, grad_bias = ops.batch_norm_backward(
-        dy, x, weight, bias, save_mean, save_var, True, eps, relu, [True, affine, affine])
+        dy, x, weight, bias, save_mean, save_var, True, eps, *activation, [True, affine, affine])
 
     sizes = split_sizes(shape[0], 3, torch.Generator().manual_seed(shape[0]))
     parts, grads = torch.split(x, sizes), torch.split(dy, sizes)
     mean, var, _, total = combined(list(parts))
-    outputs = [ops.batch_norm_forward(p, weight, bias, mean, var, False, eps, relu)[0] for p in parts]
+    outputs = [ops.batch_norm_forward(p, weight, bias, mean, var, False, eps, *activation)[0]
+               for p in parts]
     torch.testing.assert_close(torch.cat(outputs), output, rtol=1e-12, atol=1e-12)
-    reduced = [ops.batch_norm_backward_reduce(g, p, mean, var, weight, bias, eps, relu)
+    reduced = [ops.batch_norm_backward_reduce(g, p, mean, var, weight, bias, eps, *activation)
                for p, g in zip(parts, grads)]
     sum_dy = sum(r[0] for r in reduced)
     sum_dy_xmu = sum(r[1] for r in reduced)
@@ -117,7 +120,7 @@ def test_backward_of_the_parts_equals_the_backward_of_the_whole(device, shape, r
         torch.testing.assert_close(sum(r[2] for r in reduced), grad_weight, rtol=1e-11, atol=1e-11)
         torch.testing.assert_close(sum(r[3] for r in reduced), grad_bias, rtol=1e-11, atol=1e-11)
     inputs = [ops.batch_norm_backward_elemt(g, p, mean, var, weight, bias, sum_dy, sum_dy_xmu,
-                                            total, eps, relu) for p, g in zip(parts, grads)]
+                                            total, eps, *activation) for p, g in zip(parts, grads)]
     torch.testing.assert_close(torch.cat(inputs), grad_input, rtol=1e-10, atol=1e-11)
 
 
@@ -129,10 +132,10 @@ def test_results_do_not_depend_on_the_thread_count(threads):
     try:
         torch.set_num_threads(1)
         one = ops.batch_norm_stats(x), ops.batch_norm_backward_reduce(
-            dy, x, x.mean((0, 2, 3)), x.var((0, 2, 3)), None, None, 1e-5, True)
+            dy, x, x.mean((0, 2, 3)), x.var((0, 2, 3)), None, None, 1e-5, "relu", 0.0, 0.0)
         torch.set_num_threads(threads)
         many = ops.batch_norm_stats(x), ops.batch_norm_backward_reduce(
-            dy, x, x.mean((0, 2, 3)), x.var((0, 2, 3)), None, None, 1e-5, True)
+            dy, x, x.mean((0, 2, 3)), x.var((0, 2, 3)), None, None, 1e-5, "relu", 0.0, 0.0)
     finally:
         torch.set_num_threads(before)
     for a, b in zip(one[0] + one[1], many[0] + many[1]):
@@ -154,10 +157,10 @@ def test_opcheck_sync_batch_norm_ops(device, dtype):
     stats = mean.to(param_dtype), var.to(param_dtype)
     for w, b in ((weight, bias), (None, None)):
         torch.library.opcheck(torch.ops.convkit.batch_norm_backward_reduce.default,
-                              (dy, x, *stats, w, b, 1e-5, True))
-        sums = ops.batch_norm_backward_reduce(dy, x, *stats, w, b, 1e-5, False)
+                              (dy, x, *stats, w, b, 1e-5, "relu", 0.0, 0.0))
+        sums = ops.batch_norm_backward_reduce(dy, x, *stats, w, b, 1e-5, "none", 0.0, 0.0)
         torch.library.opcheck(torch.ops.convkit.batch_norm_backward_elemt.default,
-                              (dy, x, *stats, w, b, sums[0], sums[1], 200, 1e-5, False))
+                              (dy, x, *stats, w, b, sums[0], sums[1], 200, 1e-5, "none", 0.0, 0.0))
 
 
 BAD_CALLS = [
@@ -177,13 +180,13 @@ BAD_CALLS = [
         torch.zeros(2, 3, dtype=F64), torch.zeros(2, 3, dtype=F64), [1, -2]), "non-negative"),
     ("reduce with mismatched grad_output", lambda: ops.batch_norm_backward_reduce(
         torch.randn(4, 3, 2), torch.randn(4, 3, 3), torch.zeros(3), torch.ones(3), None, None,
-        1e-5, False), "grad_output of shape"),
+        1e-5, "none", 0.0, 0.0), "grad_output of shape"),
     ("elemt with float32 sums", lambda: ops.batch_norm_backward_elemt(
         torch.randn(4, 3), torch.randn(4, 3), torch.zeros(3), torch.ones(3), None, None,
-        torch.zeros(3), torch.zeros(3), 8, 1e-5, False), "1-D float64 tensor of 3"),
+        torch.zeros(3), torch.zeros(3), 8, 1e-5, "none", 0.0, 0.0), "1-D float64 tensor of 3"),
     ("elemt with a count below the local one", lambda: ops.batch_norm_backward_elemt(
         torch.randn(4, 3), torch.randn(4, 3), torch.zeros(3), torch.ones(3), None, None,
-        torch.zeros(3, dtype=F64), torch.zeros(3, dtype=F64), 3, 1e-5, False),
+        torch.zeros(3, dtype=F64), torch.zeros(3, dtype=F64), 3, 1e-5, "none", 0.0, 0.0),
      "at least this process's 4"),
 ]
 
@@ -202,7 +205,7 @@ def test_forward_variance_is_accurate_for_a_large_mean(device):
     # Regression: the CUDA statistics took Welford's float mean about 0, which for |mean| =
     # 5000 std lost 2e-3 of the variance; they are now taken about each channel's first value.
     x = (torch.randn(16, 3, 9, 9, dtype=F64) * 2 + 1e4).float().to(device)
-    _, mean, var = ops.batch_norm_forward(x, None, None, None, None, True, 1e-5, False)
+    _, mean, var = ops.batch_norm_forward(x, None, None, None, None, True, 1e-5, "none", 0.0, 0.0)
     exact = x.to(F64)
     torch.testing.assert_close(var.to(F64), exact.var((0, 2, 3), unbiased=False), rtol=1e-5,
                                atol=0)

@@ -1,4 +1,4 @@
-// Fused BatchNorm(+ReLU) on the CPU, forward and backward, training and eval.
+// Fused BatchNorm(+activation) on the CPU, forward and backward, training and eval.
 //
 // Two layouts of the same passes:
 //  * planes (C*S > 4096, e.g. ResNet's 56x56 maps): the input is viewed as [N, C, S] and
@@ -13,12 +13,12 @@
 //   shift = the mean of the channel's first 32 values (channel_shift), which keeps the
 //   variance accurate whatever the mean; blocks in float, totals in double), then one read +
 //   one write to normalise:
-//   y = x * scale + shift_c with scale = weight * invstd, shift_c = bias - mean * scale,
-//   clamped at 0 when relu.
+//   y = f(x * scale + shift_c) with scale = weight * invstd, shift_c = bias - mean * scale,
+//   f the fused activation (csrc/activation.h).
 // Forward, eval: the read + write only, with the running statistics.
-// Backward: one read of (x, dy) for sum(dy') and sum(dy' * (x - mean)) where dy' is dy masked
-//   by y > 0 (y recomputed from x with the forward's own arithmetic, so the mask is exactly
-//   the forward's and y is never stored), then one element-wise pass for grad_input.
+// Backward: one read of (x, dy) for sum(dy') and sum(dy' * (x - mean)) where dy' = dy * f'(z)
+//   (z recomputed from x with the forward's own arithmetic, so f'(z) is exactly the forward's
+//   and y is never stored), then one element-wise pass for grad_input.
 // Floors (memory-bound): training forward 3 tensor passes (read x twice, write y), backward 5
 //   (read x and dy twice, write dx), eval 2; at the measured copy bandwidth (~40 GB/s for
 //   read + write on this machine's two cores) [32,64,56,56] (25.7 MB) needs >= 1.9 / 3.2 /
@@ -27,8 +27,8 @@
 // Why the loops look as they do:
 //  * every loop carries `omp simd`: without it the compiler keeps a float sum's order and runs
 //    one add per 4 cycles;
-//  * the relu flag is a template parameter (kRelu), never tested inside a loop: GCC leaves such
-//    a loop scalar;
+//  * the activation is a template parameter (kAct, picked by dispatch_activation), never tested
+//    inside a loop: GCC leaves such a loop scalar;
 //  * rows are walked 256 bytes at a time with the images inner, so a chunk's constants and sums
 //    stay in registers;
 //  * outputs of >= 16 MiB are written with non-temporal stores (float, AVX-512): a plain store
@@ -81,9 +81,11 @@ using namespace cpu_batch_norm;
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
     const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
-    const std::optional<at::Tensor>& running_var, bool training, double eps, bool relu) {
+    const std::optional<at::Tensor>& running_var, bool training, double eps,
+    c10::string_view activation, double alpha, double beta) {
   const char* op = "convkit::batch_norm_forward";
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // internal ATen calls need no autograd
+  const ActivationSpec spec = activation_spec(op, activation, alpha, beta);
   const auto [N, C, S, count] = check_batch_norm_forward(op, input, weight, bias, running_mean,
                                                          running_var, training, eps);
   const at::Tensor x = input.contiguous();
@@ -108,6 +110,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
                                   "batch_norm_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const ActivationParams<acc_t> act = spec.params<acc_t>();
     const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
     scalar_t* y_ptr = output.mutable_data_ptr<scalar_t>();
     acc_t* mean_ptr = save_mean.mutable_data_ptr<acc_t>();
@@ -130,11 +133,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
         scale[c] = affine.scale;
         shift[c] = affine.shift;
       }
-      if (relu) {
-        row_normalize<true>(x_ptr, N, C, S, scale.data(), shift.data(), y_ptr);
-      } else {
-        row_normalize<false>(x_ptr, N, C, S, scale.data(), shift.data(), y_ptr);
-      }
+      dispatch_activation(spec.kind, [&](auto kind) {
+        constexpr Activation kAct = decltype(kind)::value;
+        row_normalize<kAct>(x_ptr, N, C, S, scale.data(), shift.data(), act, y_ptr);
+      });
       return;
     }
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(count, 1));
@@ -161,15 +163,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
             channel_affine(mean_ptr[c], var_ptr[c], w_ptr[c], b_ptr[c], eps);
         const acc_t scale = affine.scale;
         const acc_t shift = affine.shift;
-        for (int64_t n = 0; n < N; ++n) {
-          const scalar_t* src = x_ptr + (n * C + c) * S;
-          scalar_t* dst = y_ptr + (n * C + c) * S;
-          if (relu) {
-            normalize_plane<true>(src, S, scale, shift, dst, stream);
-          } else {
-            normalize_plane<false>(src, S, scale, shift, dst, stream);
+        dispatch_activation(spec.kind, [&](auto kind) {
+        constexpr Activation kAct = decltype(kind)::value;
+          for (int64_t n = 0; n < N; ++n) {
+            const scalar_t* src = x_ptr + (n * C + c) * S;
+            scalar_t* dst = y_ptr + (n * C + c) * S;
+            normalize_plane<kAct>(src, S, scale, shift, act, dst, stream);
           }
-        }
+        });
       }
     });
   });
@@ -179,9 +180,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& save_mean, const at::Tensor& save_var,
-    bool training, double eps, bool relu, std::array<bool, 3> output_mask) {
+    bool training, double eps, c10::string_view activation, double alpha, double beta,
+    std::array<bool, 3> output_mask) {
   const char* op = "convkit::batch_norm_backward";
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // internal ATen calls need no autograd
+  const ActivationSpec spec = activation_spec(op, activation, alpha, beta);
   const auto [N, C, S, count] =
       check_batch_norm_backward(op, grad_output, input, weight, bias, save_mean, save_var);
   const at::Tensor x = input.contiguous();
@@ -202,6 +205,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
                                   "batch_norm_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const ActivationParams<acc_t> act = spec.params<acc_t>();
     const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
     const scalar_t* dy_ptr = dy.const_data_ptr<scalar_t>();
     scalar_t* dx_ptr = output_mask[0] ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
@@ -221,13 +225,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
         shift[c] = affine.shift;
       }
       std::vector<double> sum_dy(C), sum_dy_xmu(C);
-      if (relu) {
-        row_backward<true>(x_ptr, dy_ptr, N, C, S, scale.data(), shift.data(), mean_ptr,
-                           invstd.data(), training, sum_dy.data(), sum_dy_xmu.data(), dx_ptr);
-      } else {
-        row_backward<false>(x_ptr, dy_ptr, N, C, S, scale.data(), shift.data(), mean_ptr,
-                            invstd.data(), training, sum_dy.data(), sum_dy_xmu.data(), dx_ptr);
-      }
+      dispatch_activation(spec.kind, [&](auto kind) {
+        constexpr Activation kAct = decltype(kind)::value;
+        row_backward<kAct>(x_ptr, dy_ptr, N, C, S, scale.data(), shift.data(), act, mean_ptr,
+                             invstd.data(), training, sum_dy.data(), sum_dy_xmu.data(), dx_ptr);
+      });
       for (int64_t c = 0; c < C; ++c) {
         const ChannelGradient<acc_t> grad =
             channel_gradient(sum_dy[c], sum_dy_xmu[c], count, invstd[c], training);
@@ -237,37 +239,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
       return;
     }
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(count, 1));
-    parallel_for(0, C, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        const ChannelAffine<acc_t> affine =
-            channel_affine(mean_ptr[c], var_ptr[c], w_ptr[c], b_ptr[c], eps);
-        const acc_t scale = affine.scale;
-        const acc_t shift = affine.shift;
-        const acc_t mu = mean_ptr[c];
-        // Reduction pass: sum(dy') and sum(dy' * (x - mean)).
-        const auto [sum_dy, sum_dy_xmu] =
-            relu ? plane_gradient_sums<true>(x_ptr, dy_ptr, N, C, S, c, scale, shift, mu)
-                 : plane_gradient_sums<false>(x_ptr, dy_ptr, N, C, S, c, scale, shift, mu);
-        const ChannelGradient<acc_t> grad =
-            channel_gradient(sum_dy, sum_dy_xmu, count, affine.invstd, training);
-        gw_ptr[c] = grad.grad_weight;
-        gb_ptr[c] = grad.grad_bias;
-        if (dx_ptr == nullptr) continue;
-        // Element-wise pass. Training: the mean and variance depend on x, which adds the two
-        // correction terms; eval: statistics are constants.
-        const acc_t mean_dy = grad.mean_dy;
-        const acc_t proj = grad.proj;
-        for (int64_t n = 0; n < N; ++n) {
-          const scalar_t* xs = x_ptr + (n * C + c) * S;
-          const scalar_t* dys = dy_ptr + (n * C + c) * S;
-          scalar_t* dxs = dx_ptr + (n * C + c) * S;
-          if (relu) {
-            grad_input_plane<true>(xs, dys, S, scale, shift, mu, mean_dy, proj, training, dxs);
-          } else {
-            grad_input_plane<false>(xs, dys, S, scale, shift, mu, mean_dy, proj, training, dxs);
+    dispatch_activation(spec.kind, [&](auto kind) {
+        constexpr Activation kAct = decltype(kind)::value;
+      parallel_for(0, C, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t c = begin; c < end; ++c) {
+          const ChannelAffine<acc_t> affine =
+              channel_affine(mean_ptr[c], var_ptr[c], w_ptr[c], b_ptr[c], eps);
+          const acc_t scale = affine.scale;
+          const acc_t shift = affine.shift;
+          const acc_t mu = mean_ptr[c];
+          // Reduction pass: sum(dy') and sum(dy' * (x - mean)).
+          const auto [sum_dy, sum_dy_xmu] =
+              plane_gradient_sums<kAct>(x_ptr, dy_ptr, N, C, S, c, scale, shift, mu, act);
+          const ChannelGradient<acc_t> grad =
+              channel_gradient(sum_dy, sum_dy_xmu, count, affine.invstd, training);
+          gw_ptr[c] = grad.grad_weight;
+          gb_ptr[c] = grad.grad_bias;
+          if (dx_ptr == nullptr) continue;
+          // Element-wise pass. Training: the mean and variance depend on x, which adds the two
+          // correction terms; eval: statistics are constants.
+          for (int64_t n = 0; n < N; ++n) {
+            const int64_t offset = (n * C + c) * S;
+            grad_input_plane<kAct>(x_ptr + offset, dy_ptr + offset, S, scale, shift, act, mu,
+                                     grad.mean_dy, grad.proj, training, dx_ptr + offset);
           }
         }
-      }
+      });
     });
   });
 

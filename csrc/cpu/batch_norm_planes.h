@@ -1,7 +1,7 @@
 // Batch norm's per-plane loops on the CPU (the planes layout of batch_norm.cpp: [N, C, S]
-// with work split over channels): the ReLU-masked gradient sums, the normalisation with
-// optional non-temporal stores, and the input gradient of one plane. Each loop is a plain
-// vectorised loop; the ReLU is a template parameter, never a flag tested inside a loop.
+// with work split over channels): the gradient sums through the activation, the normalisation
+// with optional non-temporal stores, and the input gradient of one plane. Each loop is a plain
+// vectorised loop; the activation is a template parameter, never a flag tested inside a loop.
 #pragma once
 
 #include <algorithm>
@@ -20,27 +20,18 @@ namespace convkit::cpu_batch_norm {
 // float rounding stays that of a 1024-term sum however large the channel.
 constexpr int64_t kSumBlock = 1024;
 
-// dy' for one element: dy, zeroed where the fused ReLU did not pass the output (when kRelu).
-// Forced inline: as a plain inline function GCC called it from the row path's loops and left
-// them scalar (backward [64,8,14,14] 0.028 -> 0.049 ms).
-template <bool kRelu, typename scalar_t, typename acc_t>
-__attribute__((always_inline)) inline acc_t relu_masked_gradient(scalar_t x, scalar_t dy, acc_t scale,
-                                                             acc_t shift) {
-  const acc_t dy_value = static_cast<acc_t>(dy);
-  return !kRelu || batch_norm_relu_passes(x, scale, shift) ? dy_value : acc_t(0);
-}
-
-// sum(dy') and sum(dy' * (x - mean)) over one block of a plane, dy' = dy masked by the ReLU
-// (when kRelu). The mask is a compile-time choice and the loop a plain reduction: with the
-// relu flag tested inside, GCC left this loop scalar (the plane backward then ran at 16 GB/s).
-template <bool kRelu, typename scalar_t, typename acc_t>
+// sum(dy') and sum(dy' * (x - mean)) over one block of a plane, dy' = dy * f'(z). The
+// activation is a compile-time choice and the loop a plain reduction: with a flag tested
+// inside, GCC left this loop scalar (the plane backward then ran at 16 GB/s).
+template <Activation kAct, typename scalar_t, typename acc_t>
 std::pair<acc_t, acc_t> masked_gradient_sums(const scalar_t* __restrict x,
                                              const scalar_t* __restrict dy, int64_t len,
-                                             acc_t scale, acc_t shift, acc_t mean) {
+                                             acc_t scale, acc_t shift, acc_t mean,
+                                             ActivationParams<acc_t> act) {
   acc_t sum_dy = acc_t(0), sum_dy_xmu = acc_t(0);
   #pragma omp simd reduction(+ : sum_dy, sum_dy_xmu)
   for (int64_t s = 0; s < len; ++s) {
-    const acc_t g = relu_masked_gradient<kRelu>(x[s], dy[s], scale, shift);
+    const acc_t g = activation_masked_gradient<kAct>(x[s], dy[s], scale, shift, act);
     sum_dy += g;
     sum_dy_xmu += g * (static_cast<acc_t>(x[s]) - mean);
   }
@@ -100,10 +91,11 @@ std::pair<double, double> plane_statistics(const scalar_t* x, int64_t N, int64_t
 
 // Channel c's sum(dy') and sum(dy' * (x - mean)) over its N planes, in double (blocks of each
 // plane summed in acc_t by masked_gradient_sums).
-template <bool kRelu, typename scalar_t, typename acc_t>
+template <Activation kAct, typename scalar_t, typename acc_t>
 std::pair<double, double> plane_gradient_sums(const scalar_t* x, const scalar_t* dy, int64_t N,
                                               int64_t C, int64_t S, int64_t c, acc_t scale,
-                                              acc_t shift, acc_t mean) {
+                                              acc_t shift, acc_t mean,
+                                              ActivationParams<acc_t> act) {
   double sum_dy = 0.0, sum_dy_xmu = 0.0;
   for (int64_t n = 0; n < N; ++n) {
     const scalar_t* xs = x + (n * C + c) * S;
@@ -111,7 +103,7 @@ std::pair<double, double> plane_gradient_sums(const scalar_t* x, const scalar_t*
     for (int64_t s0 = 0; s0 < S; s0 += kSumBlock) {
       const int64_t len = std::min(kSumBlock, S - s0);
       const auto [block_dy, block_dy_xmu] =
-          masked_gradient_sums<kRelu>(xs + s0, dys + s0, len, scale, shift, mean);
+          masked_gradient_sums<kAct>(xs + s0, dys + s0, len, scale, shift, mean, act);
       sum_dy += static_cast<double>(block_dy);
       sum_dy_xmu += static_cast<double>(block_dy_xmu);
     }
@@ -124,17 +116,19 @@ std::pair<double, double> plane_gradient_sums(const scalar_t* x, const scalar_t*
 // it writes, a third pass over memory.
 constexpr int64_t kStreamingBytes = int64_t(16) << 20;
 
-// y = x * scale + shift (clamped at 0 when kRelu) over one plane.
-template <bool kRelu, typename scalar_t, typename acc_t>
+// y = f(x * scale + shift) over one plane. The streaming stores are written for no activation
+// and ReLU; the others are compute-heavier and use plain stores.
+template <Activation kAct, typename scalar_t, typename acc_t>
 void normalize_plane(const scalar_t* __restrict x, int64_t len, acc_t scale, acc_t shift,
-                     scalar_t* __restrict y, bool stream) {
+                     ActivationParams<acc_t> act, scalar_t* __restrict y, bool stream) {
   int64_t s = 0;
 #if defined(__AVX512F__)
-  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float> &&
+                (kAct == Activation::none || kAct == Activation::relu)) {
     if (stream) {
       // Plain stores up to the first 64-byte boundary, then whole aligned vectors.
       for (; s < len && (reinterpret_cast<uintptr_t>(y + s) & 63) != 0; ++s) {
-        y[s] = batch_norm_output(x[s], scale, shift, kRelu);
+        y[s] = batch_norm_output<kAct>(x[s], scale, shift, act);
       }
       const __m512 a = _mm512_set1_ps(scale);
       const __m512 b = _mm512_set1_ps(shift);
@@ -142,24 +136,24 @@ void normalize_plane(const scalar_t* __restrict x, int64_t len, acc_t scale, acc
         __m512 v = _mm512_fmadd_ps(_mm512_loadu_ps(x + s), a, b);
         // max_ps returns its second operand when either is NaN: NaN stays NaN, as in
         // batch_norm_output.
-        if (kRelu) v = _mm512_max_ps(_mm512_setzero_ps(), v);
+        if constexpr (kAct == Activation::relu) v = _mm512_max_ps(_mm512_setzero_ps(), v);
         _mm512_stream_ps(y + s, v);
       }
     }
   }
 #endif
   #pragma omp simd
-  for (int64_t i = s; i < len; ++i) y[i] = batch_norm_output(x[i], scale, shift, kRelu);
+  for (int64_t i = s; i < len; ++i) y[i] = batch_norm_output<kAct>(x[i], scale, shift, act);
 }
 
 // The input gradient over one plane (see batch_norm_grad_input).
-template <bool kRelu, typename scalar_t, typename acc_t>
+template <Activation kAct, typename scalar_t, typename acc_t>
 void grad_input_plane(const scalar_t* __restrict x, const scalar_t* __restrict dy, int64_t len,
-                      acc_t scale, acc_t shift, acc_t mean, acc_t mean_dy, acc_t proj,
-                      bool training, scalar_t* __restrict dx) {
+                      acc_t scale, acc_t shift, ActivationParams<acc_t> act, acc_t mean,
+                      acc_t mean_dy, acc_t proj, bool training, scalar_t* __restrict dx) {
   #pragma omp simd
   for (int64_t s = 0; s < len; ++s) {
-    const acc_t g = relu_masked_gradient<kRelu>(x[s], dy[s], scale, shift);
+    const acc_t g = activation_masked_gradient<kAct>(x[s], dy[s], scale, shift, act);
     const acc_t xmu = static_cast<acc_t>(x[s]) - mean;
     dx[s] = static_cast<scalar_t>(batch_norm_grad_input(g, xmu, mean_dy, proj, scale, training));
   }

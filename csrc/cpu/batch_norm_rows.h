@@ -171,9 +171,9 @@ void row_statistics(const scalar_t* x, int64_t N, int64_t C, int64_t S, stat_t* 
   }
 }
 
-template <bool kRelu, typename scalar_t, typename acc_t>
+template <Activation kAct, typename scalar_t, typename acc_t>
 void row_normalize(const scalar_t* x, int64_t N, int64_t C, int64_t S, const acc_t* scale_c,
-                   const acc_t* shift_c, scalar_t* y) {
+                   const acc_t* shift_c, ActivationParams<acc_t> act, scalar_t* y) {
   constexpr int64_t W = kChunk<acc_t>;
   const int64_t R = C * S;
   const std::vector<acc_t> scale = spread(scale_c, C, S);
@@ -187,7 +187,7 @@ void row_normalize(const scalar_t* x, int64_t N, int64_t C, int64_t S, const acc
         const scalar_t* __restrict src = x + n * R + j0;
         scalar_t* __restrict dst = y + n * R + j0;
         #pragma omp simd
-        for (int64_t j = 0; j < width; ++j) dst[j] = batch_norm_output(src[j], a[j], b[j], kRelu);
+        for (int64_t j = 0; j < width; ++j) dst[j] = batch_norm_output<kAct>(src[j], a[j], b[j], act);
       }
     });
   });
@@ -204,10 +204,10 @@ struct BackwardRows {
 };
 
 // Backward's reduction on rows: per-channel sum(dy') and sum(dy' * (x - mean)), in double.
-template <bool kRelu, typename scalar_t, typename acc_t>
+template <Activation kAct, typename scalar_t, typename acc_t>
 void row_gradient_sums(const scalar_t* x, const scalar_t* dy, int64_t N, int64_t C, int64_t S,
-                       const BackwardRows<acc_t>& coefficients, double* sum_dy,
-                       double* sum_dy_xmu) {
+                       const BackwardRows<acc_t>& coefficients, ActivationParams<acc_t> act,
+                       double* sum_dy, double* sum_dy_xmu) {
   constexpr int64_t W = kChunk<acc_t>;
   const int64_t R = C * S;
   row_reduce<acc_t>(N, C, S, [&](int64_t first, int64_t end, acc_t* rows) {
@@ -221,7 +221,7 @@ void row_gradient_sums(const scalar_t* x, const scalar_t* dy, int64_t N, int64_t
         const scalar_t* __restrict dys = dy + n * R + j0;
         #pragma omp simd
         for (int64_t j = 0; j < width; ++j) {
-          const acc_t g = relu_masked_gradient<kRelu>(xs[j], dys[j], a[j], b[j]);
+          const acc_t g = activation_masked_gradient<kAct>(xs[j], dys[j], a[j], b[j], act);
           sums[j] += g;
           products[j] += g * (static_cast<acc_t>(xs[j]) - mu[j]);
         }
@@ -236,10 +236,10 @@ void row_gradient_sums(const scalar_t* x, const scalar_t* dy, int64_t N, int64_t
 
 // Backward's element-wise pass on rows: dx from the per-channel terms of channel_gradient
 // (mean_dy_c, proj_c) and the coefficients' rows.
-template <bool kRelu, typename scalar_t, typename acc_t>
+template <Activation kAct, typename scalar_t, typename acc_t>
 void row_grad_input(const scalar_t* x, const scalar_t* dy, int64_t N, int64_t C, int64_t S,
-                    const BackwardRows<acc_t>& coefficients, const acc_t* mean_dy_c,
-                    const acc_t* proj_c, bool training, scalar_t* dx) {
+                    const BackwardRows<acc_t>& coefficients, ActivationParams<acc_t> act,
+                    const acc_t* mean_dy_c, const acc_t* proj_c, bool training, scalar_t* dx) {
   constexpr int64_t W = kChunk<acc_t>;
   const int64_t R = C * S;
   const std::vector<acc_t> mean_dy = spread(mean_dy_c, C, S);
@@ -258,7 +258,7 @@ void row_grad_input(const scalar_t* x, const scalar_t* dy, int64_t N, int64_t C,
         scalar_t* __restrict dxs = dx + n * R + j0;
         #pragma omp simd
         for (int64_t j = 0; j < width; ++j) {
-          const acc_t g = relu_masked_gradient<kRelu>(xs[j], dys[j], a[j], b[j]);
+          const acc_t g = activation_masked_gradient<kAct>(xs[j], dys[j], a[j], b[j], act);
           const acc_t xmu = static_cast<acc_t>(xs[j]) - mu[j];
           dxs[j] = static_cast<scalar_t>(
               batch_norm_grad_input(g, xmu, mdy[j], pr[j], a[j], training));
@@ -270,13 +270,13 @@ void row_grad_input(const scalar_t* x, const scalar_t* dy, int64_t N, int64_t C,
 
 // Backward on rows: per-channel sum(dy') and sum(dy' * (x - mean)) into sum_dy/sum_dy_xmu,
 // then (when dx != nullptr) the element-wise pass.
-template <bool kRelu, typename scalar_t, typename acc_t>
+template <Activation kAct, typename scalar_t, typename acc_t>
 void row_backward(const scalar_t* x, const scalar_t* dy, int64_t N, int64_t C, int64_t S,
-                  const acc_t* scale_c, const acc_t* shift_c, const acc_t* mean_c,
-                  const acc_t* invstd_c, bool training, double* sum_dy, double* sum_dy_xmu,
-                  scalar_t* dx) {
+                  const acc_t* scale_c, const acc_t* shift_c, ActivationParams<acc_t> act,
+                  const acc_t* mean_c, const acc_t* invstd_c, bool training, double* sum_dy,
+                  double* sum_dy_xmu, scalar_t* dx) {
   const BackwardRows<acc_t> coefficients(scale_c, shift_c, mean_c, C, S);
-  row_gradient_sums<kRelu>(x, dy, N, C, S, coefficients, sum_dy, sum_dy_xmu);
+  row_gradient_sums<kAct>(x, dy, N, C, S, coefficients, act, sum_dy, sum_dy_xmu);
   if (dx == nullptr) return;
   const int64_t count = N * S;
   std::vector<acc_t> mean_dy_c(C), proj_c(C);
@@ -286,8 +286,8 @@ void row_backward(const scalar_t* x, const scalar_t* dy, int64_t N, int64_t C, i
     mean_dy_c[c] = grad.mean_dy;
     proj_c[c] = grad.proj;
   }
-  row_grad_input<kRelu>(x, dy, N, C, S, coefficients, mean_dy_c.data(), proj_c.data(), training,
-                        dx);
+  row_grad_input<kAct>(x, dy, N, C, S, coefficients, act, mean_dy_c.data(), proj_c.data(),
+                       training, dx);
 }
 
 }  // namespace convkit::cpu_batch_norm

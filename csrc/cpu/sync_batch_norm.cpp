@@ -8,7 +8,7 @@
 //                              csrc/batch_norm.h); the normalisation itself is then
 //                              batch_norm_forward's eval pass with the combined statistics;
 //   batch_norm_backward_reduce this process's sum(dy') and sum(dy' * (x - mean)) in double (dy'
-//                              masked by the recomputed ReLU), and its grad_weight, grad_bias;
+//                              = dy * f'(z), z recomputed from x), and its grad_weight, grad_bias;
 //   batch_norm_backward_elemt  grad_input from the sums over all processes and their count.
 // Each reads its tensors once (the element-wise pass reads x and dy, writes dx); the work is
 // split over threads as in batch_norm.cpp (rows for small maps, channels otherwise), so the
@@ -114,9 +114,11 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_combine_stats_cpu(const at::Tensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_reduce_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
     const at::Tensor& var, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, double eps, bool relu) {
+    const std::optional<at::Tensor>& bias, double eps, c10::string_view activation, double alpha,
+    double beta) {
   const char* op = "convkit::batch_norm_backward_reduce";
   at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const ActivationSpec spec = activation_spec(op, activation, alpha, beta);
   const auto [N, C, S, count] =
       check_batch_norm_backward(op, grad_output, input, weight, bias, mean, var);
   const at::Tensor x = input.contiguous();
@@ -133,6 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_r
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
                                   "batch_norm_backward_reduce_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const ActivationParams<acc_t> act = spec.params<acc_t>();
     const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
     const scalar_t* dy_ptr = dy.const_data_ptr<scalar_t>();
     const acc_t* mean_ptr = mu.const_data_ptr<acc_t>();
@@ -143,22 +146,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_r
                     b.const_data_ptr<acc_t>(), C, eps);
     if (count > 0 && use_row_path(C, S)) {
       const BackwardRows<acc_t> rows(scale.data(), shift.data(), mean_ptr, C, S);
-      if (relu) {
-        row_gradient_sums<true>(x_ptr, dy_ptr, N, C, S, rows, sum_dy_ptr, sum_dy_xmu_ptr);
-      } else {
-        row_gradient_sums<false>(x_ptr, dy_ptr, N, C, S, rows, sum_dy_ptr, sum_dy_xmu_ptr);
-      }
+      dispatch_activation(spec.kind, [&](auto kind) {
+        constexpr Activation kAct = decltype(kind)::value;
+        row_gradient_sums<kAct>(x_ptr, dy_ptr, N, C, S, rows, act, sum_dy_ptr, sum_dy_xmu_ptr);
+      });
     } else if (count > 0) {
-      parallel_for(0, C, channel_grain(count), [&](int64_t begin, int64_t end) {
-        for (int64_t c = begin; c < end; ++c) {
-          const auto [a, p] =
-              relu ? plane_gradient_sums<true>(x_ptr, dy_ptr, N, C, S, c, scale[c], shift[c],
-                                               mean_ptr[c])
-                   : plane_gradient_sums<false>(x_ptr, dy_ptr, N, C, S, c, scale[c], shift[c],
-                                                mean_ptr[c]);
-          sum_dy_ptr[c] = a;
-          sum_dy_xmu_ptr[c] = p;
-        }
+      dispatch_activation(spec.kind, [&](auto kind) {
+        constexpr Activation kAct = decltype(kind)::value;
+        parallel_for(0, C, channel_grain(count), [&](int64_t begin, int64_t end) {
+          for (int64_t c = begin; c < end; ++c) {
+            const auto [a, p] = plane_gradient_sums<kAct>(x_ptr, dy_ptr, N, C, S, c, scale[c],
+                                                          shift[c], mean_ptr[c], act);
+            sum_dy_ptr[c] = a;
+            sum_dy_xmu_ptr[c] = p;
+          }
+        });
       });
     }
     acc_t* gw_ptr = grad_weight_acc.mutable_data_ptr<acc_t>();
@@ -183,9 +185,11 @@ at::Tensor batch_norm_backward_elemt_cpu(const at::Tensor& grad_output, const at
                                          const std::optional<at::Tensor>& weight,
                                          const std::optional<at::Tensor>& bias,
                                          const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu,
-                                         int64_t count, double eps, bool relu) {
+                                         int64_t count, double eps,
+                                         c10::string_view activation, double alpha, double beta) {
   const char* op = "convkit::batch_norm_backward_elemt";
   at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const ActivationSpec spec = activation_spec(op, activation, alpha, beta);
   const auto [N, C, S, local_count] =
       check_batch_norm_backward(op, grad_output, input, weight, bias, mean, var);
   check_batch_norm_backward_elemt(op, input, sum_dy, sum_dy_xmu, count, local_count);
@@ -203,6 +207,7 @@ at::Tensor batch_norm_backward_elemt_cpu(const at::Tensor& grad_output, const at
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
                                   "batch_norm_backward_elemt_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const ActivationParams<acc_t> act = spec.params<acc_t>();
     const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
     const scalar_t* dy_ptr = dy.const_data_ptr<scalar_t>();
     scalar_t* dx_ptr = grad_input.mutable_data_ptr<scalar_t>();
@@ -220,28 +225,24 @@ at::Tensor batch_norm_backward_elemt_cpu(const at::Tensor& grad_output, const at
     }
     if (use_row_path(C, S)) {
       const BackwardRows<acc_t> rows(scale.data(), shift.data(), mean_ptr, C, S);
-      if (relu) {
-        row_grad_input<true>(x_ptr, dy_ptr, N, C, S, rows, mean_dy.data(), proj.data(), true,
-                             dx_ptr);
-      } else {
-        row_grad_input<false>(x_ptr, dy_ptr, N, C, S, rows, mean_dy.data(), proj.data(), true,
-                              dx_ptr);
-      }
+      dispatch_activation(spec.kind, [&](auto kind) {
+        constexpr Activation kAct = decltype(kind)::value;
+        row_grad_input<kAct>(x_ptr, dy_ptr, N, C, S, rows, act, mean_dy.data(), proj.data(),
+                             true, dx_ptr);
+      });
       return;
     }
-    parallel_for(0, C, channel_grain(local_count), [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        for (int64_t n = 0; n < N; ++n) {
-          const int64_t offset = (n * C + c) * S;
-          if (relu) {
-            grad_input_plane<true>(x_ptr + offset, dy_ptr + offset, S, scale[c], shift[c],
+    dispatch_activation(spec.kind, [&](auto kind) {
+      constexpr Activation kAct = decltype(kind)::value;
+      parallel_for(0, C, channel_grain(local_count), [&](int64_t begin, int64_t end) {
+        for (int64_t c = begin; c < end; ++c) {
+          for (int64_t n = 0; n < N; ++n) {
+            const int64_t offset = (n * C + c) * S;
+            grad_input_plane<kAct>(x_ptr + offset, dy_ptr + offset, S, scale[c], shift[c], act,
                                    mean_ptr[c], mean_dy[c], proj[c], true, dx_ptr + offset);
-          } else {
-            grad_input_plane<false>(x_ptr + offset, dy_ptr + offset, S, scale[c], shift[c],
-                                    mean_ptr[c], mean_dy[c], proj[c], true, dx_ptr + offset);
           }
         }
-      }
+      });
     });
   });
   return grad_input.view(input.sizes());

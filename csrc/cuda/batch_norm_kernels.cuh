@@ -1,4 +1,4 @@
-// Fused BatchNorm(+ReLU)'s CUDA kernels (device code only; the launch plan is in
+// Fused BatchNorm(+activation)'s CUDA kernels (device code only; the launch plan is in
 // batch_norm_ops.h). The input is viewed as [N, C, S] (contiguous), count = N * S values per
 // channel.
 //
@@ -16,11 +16,13 @@
 //                      that a channel with an inf gets the mean ±inf and the variance NaN, and
 //                      one with a NaN NaN, as torch's batch norm on the CPU gives)
 //                      -> finalize_stats_kernel
-//                      -> coefficients_kernel (scale, shift) -> apply_kernel (y = x * scale +
-//                      shift (+ ReLU)), vectorised by 4 when S % 4 == 0 and x, y are aligned.
+//                      -> coefficients_kernel (scale, shift) -> apply_kernel (y = f(x * scale +
+//                      shift), f the fused activation, one kind per launch), vectorised by 4
+//                      when S % 4 == 0 and x, y are aligned.
 //   forward, eval      coefficients_kernel from the running statistics -> apply_kernel.
-//   backward           backward_partial_kernel: sum(dy') and sum(dy' * (x - mean)), dy' masked by
-//                      the recomputed ReLU -> backward_finalize_kernel -> grad_input_kernel.
+//   backward           backward_partial_kernel: sum(dy') and sum(dy' * (x - mean)), dy' = dy *
+//                      f'(z), z recomputed from x -> backward_finalize_kernel ->
+//                      grad_input_kernel.
 // Memory passes: forward 1 read (statistics) + 1 read and 1 write; backward 2 reads of (x, dy) +
 // 1 write. Accumulation in float (double for float64).
 #pragma once
@@ -226,7 +228,8 @@ struct alignas(sizeof(scalar_t) * kVec) Vector {
 template <typename scalar_t, typename acc_t, int kVec>
 __global__ void apply_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ scale,
                              const acc_t* __restrict__ shift, int64_t C, int64_t S, int64_t total,
-                             bool relu, scalar_t* __restrict__ y) {
+                             Activation kind, ActivationParams<acc_t> act,
+                             scalar_t* __restrict__ y) {
   using V = Vector<scalar_t, kVec>;
   const int64_t vectors = total / kVec;
   for (int64_t v = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; v < vectors;
@@ -237,7 +240,7 @@ __global__ void apply_kernel(const scalar_t* __restrict__ x, const acc_t* __rest
     const V in = load_aligned(reinterpret_cast<const V*>(x) + v);
     V out;
 #pragma unroll
-    for (int k = 0; k < kVec; ++k) out.values[k] = batch_norm_output(in.values[k], sc, sh, relu);
+    for (int k = 0; k < kVec; ++k) out.values[k] = batch_norm_output(in.values[k], sc, sh, kind, act);
     store_aligned(reinterpret_cast<V*>(y) + v, out);
   }
 }
@@ -248,8 +251,9 @@ __global__ void backward_partial_kernel(const scalar_t* __restrict__ x,
                                         const scalar_t* __restrict__ dy,
                                         const acc_t* __restrict__ mean,
                                         const acc_t* __restrict__ scale,
-                                        const acc_t* __restrict__ shift, bool relu, int64_t N,
-                                        int64_t C, int64_t S, int threads_per_channel,
+                                        const acc_t* __restrict__ shift, Activation kind,
+                                        ActivationParams<acc_t> act, int64_t N, int64_t C,
+                                        int64_t S, int threads_per_channel,
                                         int64_t per_slice, GradSums<acc_t>* __restrict__ partial) {
   __shared__ SharedArray<GradSums<acc_t>, kWarps> scratch;
   const int64_t c = plan_channel(threads_per_channel);
@@ -265,8 +269,7 @@ __global__ void backward_partial_kernel(const scalar_t* __restrict__ x,
       const int64_t n = j / S;
       const int64_t index = (n * C + c) * S + (j - n * S);
       const scalar_t xv = x[index];
-      acc_t g = static_cast<acc_t>(dy[index]);
-      if (relu && !batch_norm_relu_passes(xv, sc, sh)) g = acc_t(0);
+      const acc_t g = activation_masked_gradient(xv, dy[index], sc, sh, kind, act);
       sums.dy += g;
       sums.dy_xmu += g * (static_cast<acc_t>(xv) - mu);
     }
@@ -315,15 +318,15 @@ __global__ void grad_input_kernel(const scalar_t* __restrict__ x, const scalar_t
                                   const acc_t* __restrict__ mean, const acc_t* __restrict__ scale,
                                   const acc_t* __restrict__ shift,
                                   const acc_t* __restrict__ mean_dy,
-                                  const acc_t* __restrict__ proj, bool relu, bool training,
+                                  const acc_t* __restrict__ proj, Activation kind,
+                                  ActivationParams<acc_t> act, bool training,
                                   int64_t C, int64_t S, int64_t total,
                                   scalar_t* __restrict__ dx) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
        i += int64_t(blockDim.x) * gridDim.x) {
     const int64_t c = (i / S) % C;
     const scalar_t xv = x[i];
-    acc_t g = static_cast<acc_t>(dy[i]);
-    if (relu && !batch_norm_relu_passes(xv, scale[c], shift[c])) g = acc_t(0);
+    const acc_t g = activation_masked_gradient(xv, dy[i], scale[c], shift[c], kind, act);
     dx[i] = static_cast<scalar_t>(batch_norm_grad_input(
         g, static_cast<acc_t>(xv) - mean[c], mean_dy[c], proj[c], scale[c], training));
   }

@@ -1,4 +1,4 @@
-// The host side of fused BatchNorm(+ReLU) on CUDA: argument checks, the launch plan of the
+// The host side of fused BatchNorm(+activation) on CUDA: argument checks, the launch plan of the
 // kernels of batch_norm_kernels.cuh, and the per-channel buffers between them. Compiled by nvcc
 // into the CUDA kernels of the ops (batch_norm.cu) and by the host compiler into their emulated
 // twins (csrc/cuda_emu/emulated_ops.cpp). No host synchronisation: everything is queued on the
@@ -64,7 +64,7 @@ at::Tensor struct_buffer(int64_t n, const at::Tensor& x) {
 
 template <typename scalar_t, typename acc_t>
 void launch_apply(const at::Tensor& x, const acc_t* scale, const acc_t* shift, int64_t C,
-                  int64_t S, bool relu, at::Tensor& y) {
+                  int64_t S, const ActivationSpec& spec, at::Tensor& y) {
   const int64_t total = x.numel();
   const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
   scalar_t* y_ptr = y.mutable_data_ptr<scalar_t>();
@@ -73,19 +73,23 @@ void launch_apply(const at::Tensor& x, const acc_t* scale, const acc_t* shift, i
                        reinterpret_cast<uintptr_t>(y_ptr) % (sizeof(scalar_t) * kVec) == 0;
   if (S % kVec == 0 && aligned) {
     launch<apply_kernel<scalar_t, acc_t, kVec>>(blocks_for(total / kVec), kThreads, 0, x_ptr,
-                                                scale, shift, C, S, total, relu, y_ptr);
+                                                scale, shift, C, S, total, spec.kind,
+                                                spec.params<acc_t>(), y_ptr);
   } else {
     launch<apply_kernel<scalar_t, acc_t, 1>>(blocks_for(total), kThreads, 0, x_ptr, scale, shift,
-                                             C, S, total, relu, y_ptr);
+                                             C, S, total, spec.kind, spec.params<acc_t>(),
+                                             y_ptr);
   }
 }
 
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
     const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
-    const std::optional<at::Tensor>& running_var, bool training, double eps, bool relu) {
+    const std::optional<at::Tensor>& running_var, bool training, double eps,
+    c10::string_view activation, double alpha, double beta) {
   const char* op = "convkit::batch_norm_forward";
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // internal ATen calls need no autograd
+  const ActivationSpec spec = activation_spec(op, activation, alpha, beta);
   const auto [N, C, S, count] = check_batch_norm_forward(op, input, weight, bias, running_mean,
                                                          running_var, training, eps);
   const DeviceGuard device_guard(input.device());
@@ -132,7 +136,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
                                        data_or_null<acc_t>(b), eps, C, scale, shift);
     if (x.numel() > 0) {
       launch_apply<scalar_t, acc_t>(x, static_cast<const acc_t*>(scale),
-                                    static_cast<const acc_t*>(shift), C, S, relu, output);
+                                    static_cast<const acc_t*>(shift), C, S, spec, output);
     }
   });
   return std::make_tuple(output.view(input.sizes()), save_mean, save_var);
@@ -144,8 +148,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
 template <typename scalar_t, typename acc_t>
 std::pair<at::Tensor, int64_t> launch_gradient_partials(
     const at::Tensor& x, const at::Tensor& dy, const at::Tensor& mean, const at::Tensor& var,
-    const at::Tensor& w, const at::Tensor& b, double eps, bool relu, int64_t N, int64_t C,
-    int64_t S, acc_t* scale, acc_t* shift) {
+    const at::Tensor& w, const at::Tensor& b, double eps, const ActivationSpec& spec, int64_t N,
+    int64_t C, int64_t S, acc_t* scale, acc_t* shift) {
   launch<coefficients_kernel<acc_t>>(blocks_for(C), kThreads, 0, mean.const_data_ptr<acc_t>(),
                                      var.const_data_ptr<acc_t>(), data_or_null<acc_t>(w),
                                      data_or_null<acc_t>(b), eps, C, scale, shift);
@@ -157,7 +161,8 @@ std::pair<at::Tensor, int64_t> launch_gradient_partials(
     launch<backward_partial_kernel<scalar_t, acc_t>>(
         plan.grid, kThreads, 0, x.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(),
         mean.const_data_ptr<acc_t>(), static_cast<const acc_t*>(scale),
-        static_cast<const acc_t*>(shift), relu, N, C, S, plan.threads_per_channel,
+        static_cast<const acc_t*>(shift), spec.kind, spec.params<acc_t>(), N, C, S,
+        plan.threads_per_channel,
         plan.per_slice, partial_ptr);
   } else {
     partial.zero_();
@@ -168,9 +173,11 @@ std::pair<at::Tensor, int64_t> launch_gradient_partials(
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& save_mean, const at::Tensor& save_var,
-    bool training, double eps, bool relu, std::array<bool, 3> output_mask) {
+    bool training, double eps, c10::string_view activation, double alpha, double beta,
+    std::array<bool, 3> output_mask) {
   const char* op = "convkit::batch_norm_backward";
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // internal ATen calls need no autograd
+  const ActivationSpec spec = activation_spec(op, activation, alpha, beta);
   const auto [N, C, S, count] =
       check_batch_norm_backward(op, grad_output, input, weight, bias, save_mean, save_var);
   const DeviceGuard device_guard(input.device());
@@ -199,7 +206,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
     acc_t* mean_dy = rows + 4 * C;
     acc_t* proj = rows + 5 * C;
     const auto [partial, slices] = launch_gradient_partials<scalar_t, acc_t>(
-        x, dy, mean, var, w, b, eps, relu, N, C, S, scale, shift);
+        x, dy, mean, var, w, b, eps, spec, N, C, S, scale, shift);
     launch<backward_finalize_kernel<acc_t>>(blocks_for(C), kThreads, 0,
                                             reinterpret_cast<const GradSums<acc_t>*>(
                                                 partial.const_data_ptr()),
@@ -210,8 +217,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
           blocks_for(x.numel()), kThreads, 0, x.const_data_ptr<scalar_t>(),
           dy.const_data_ptr<scalar_t>(), mean.const_data_ptr<acc_t>(),
           static_cast<const acc_t*>(scale), static_cast<const acc_t*>(shift),
-          static_cast<const acc_t*>(mean_dy), static_cast<const acc_t*>(proj), relu, training, C,
-          S, x.numel(), grad_input.mutable_data_ptr<scalar_t>());
+          static_cast<const acc_t*>(mean_dy), static_cast<const acc_t*>(proj), spec.kind,
+          spec.params<acc_t>(), training, C, S, x.numel(), grad_input.mutable_data_ptr<scalar_t>());
     }
   });
 

@@ -87,9 +87,11 @@ inline std::tuple<at::Tensor, at::Tensor> batch_norm_combine_stats(const at::Ten
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_reduce(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
     const at::Tensor& var, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, double eps, bool relu) {
+    const std::optional<at::Tensor>& bias, double eps, c10::string_view activation, double alpha,
+    double beta) {
   const char* op = "convkit::batch_norm_backward_reduce";
   at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const ActivationSpec spec = activation_spec(op, activation, alpha, beta);
   const auto [N, C, S, count] =
       check_batch_norm_backward(op, grad_output, input, weight, bias, mean, var);
   const DeviceGuard device_guard(input.device());
@@ -111,7 +113,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_bac
     acc_t* scale = per_channel.mutable_data_ptr<acc_t>();
     acc_t* shift = scale + C;
     const auto [partial, slices] = launch_gradient_partials<scalar_t, acc_t>(
-        x, dy, mu, sigma2, w, b, eps, relu, N, C, S, scale, shift);
+        x, dy, mu, sigma2, w, b, eps, spec, N, C, S, scale, shift);
     launch<backward_sums_kernel<acc_t>>(blocks_for(C), kThreads, 0,
                                         reinterpret_cast<const GradSums<acc_t>*>(
                                             partial.const_data_ptr()),
@@ -135,9 +137,11 @@ inline at::Tensor batch_norm_backward_elemt(const at::Tensor& grad_output, const
                                             const std::optional<at::Tensor>& bias,
                                             const at::Tensor& sum_dy,
                                             const at::Tensor& sum_dy_xmu, int64_t count,
-                                            double eps, bool relu) {
+                                            double eps, c10::string_view activation,
+                                            double alpha, double beta) {
   const char* op = "convkit::batch_norm_backward_elemt";
   at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const ActivationSpec spec = activation_spec(op, activation, alpha, beta);
   const auto [N, C, S, local_count] =
       check_batch_norm_backward(op, grad_output, input, weight, bias, mean, var);
   check_batch_norm_backward_elemt(op, input, sum_dy, sum_dy_xmu, count, local_count);
@@ -174,8 +178,8 @@ inline at::Tensor batch_norm_backward_elemt(const at::Tensor& grad_output, const
           blocks_for(x.numel()), kThreads, 0, x.const_data_ptr<scalar_t>(),
           dy.const_data_ptr<scalar_t>(), mu.const_data_ptr<acc_t>(),
           static_cast<const acc_t*>(scale), static_cast<const acc_t*>(shift),
-          static_cast<const acc_t*>(mean_dy), static_cast<const acc_t*>(proj), relu,
-          /*training=*/true, C, S, x.numel(), grad_input.mutable_data_ptr<scalar_t>());
+          static_cast<const acc_t*>(mean_dy), static_cast<const acc_t*>(proj), spec.kind,
+          spec.params<acc_t>(), /*training=*/true, C, S, x.numel(), grad_input.mutable_data_ptr<scalar_t>());
     }
   });
   return grad_input.view(input.sizes());

@@ -26,11 +26,11 @@ at::Tensor col2im(const at::Tensor& columns, at::IntArrayRef output_size,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
     const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
-    const std::optional<at::Tensor>& running_var, bool training, double eps, bool relu);
+    const std::optional<at::Tensor>& running_var, bool training, double eps, c10::string_view activation, double alpha, double beta);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& save_mean, const at::Tensor& save_var,
-    bool training, double eps, bool relu, std::array<bool, 3> output_mask);
+    bool training, double eps, c10::string_view activation, double alpha, double beta, std::array<bool, 3> output_mask);
 void batch_norm_update_stats(const at::Tensor& running_mean, const at::Tensor& running_var,
                              const at::Tensor& batch_mean, const at::Tensor& batch_var,
                              double momentum, int64_t count);
@@ -42,11 +42,11 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_combine_stats(const at::Tensor& me
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_reduce(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
     const at::Tensor& var, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, double eps, bool relu);
+    const std::optional<at::Tensor>& bias, double eps, c10::string_view activation, double alpha, double beta);
 at::Tensor batch_norm_backward_elemt(const at::Tensor& grad_output, const at::Tensor& input,
                                      const at::Tensor& mean, const at::Tensor& var,
                                      const std::optional<at::Tensor>& weight,
                                      const std::optional<at::Tensor>& bias,
                                      const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu,
-                                     int64_t count, double eps, bool relu);
+                                     int64_t count, double eps, c10::string_view activation, double alpha, double beta);
 }  // namespace convkit::emulated_cuda

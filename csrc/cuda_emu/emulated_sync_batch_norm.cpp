@@ -18,9 +18,9 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_combine_stats(const at::Tensor& me
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_reduce(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
     const at::Tensor& var, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, double eps, bool relu) {
+    const std::optional<at::Tensor>& bias, double eps, c10::string_view activation, double alpha, double beta) {
   return cuda_emulated::batch_norm_backward_reduce(grad_output, input, mean, var, weight, bias, eps,
-                                                   relu);
+                                                   activation, alpha, beta);
 }
 
 at::Tensor batch_norm_backward_elemt(const at::Tensor& grad_output, const at::Tensor& input,
@@ -28,9 +28,9 @@ at::Tensor batch_norm_backward_elemt(const at::Tensor& grad_output, const at::Te
                                      const std::optional<at::Tensor>& weight,
                                      const std::optional<at::Tensor>& bias,
                                      const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu,
-                                     int64_t count, double eps, bool relu) {
+                                     int64_t count, double eps, c10::string_view activation, double alpha, double beta) {
   return cuda_emulated::batch_norm_backward_elemt(grad_output, input, mean, var, weight, bias,
-                                                  sum_dy, sum_dy_xmu, count, eps, relu);
+                                                  sum_dy, sum_dy_xmu, count, eps, activation, alpha, beta);
 }
 
 }  // namespace convkit::emulated_cuda

@@ -81,8 +81,36 @@ void test_im2col() {
               at::col2im(columns, {9, 7}, kernel, dil, pad, stride), 1e-12, "col2im");
 }
 
-void test_batch_norm(std::vector<int64_t> shape, bool training, bool relu, at::ScalarType dtype,
-                     double tolerance) {
+// A fused activation and its float64 reference: ATen's own forward and backward ops.
+struct ActivationCase {
+  const char* name;
+  double alpha;
+  double beta;
+};
+
+at::Tensor reference_activation(const ActivationCase& act, const at::Tensor& z) {
+  const std::string name = act.name;
+  if (name == "relu") return at::relu(z);
+  if (name == "hardtanh") return at::hardtanh(z, act.alpha, act.beta);
+  if (name == "leaky_relu") return at::leaky_relu(z, act.alpha);
+  if (name == "silu") return at::silu(z);
+  if (name == "hardswish") return at::hardswish(z);
+  return z;
+}
+
+at::Tensor reference_activation_backward(const ActivationCase& act, const at::Tensor& dy,
+                                         const at::Tensor& z) {
+  const std::string name = act.name;
+  if (name == "relu") return at::threshold_backward(dy, at::relu(z), 0);
+  if (name == "hardtanh") return at::hardtanh_backward(dy, z, act.alpha, act.beta);
+  if (name == "leaky_relu") return at::leaky_relu_backward(dy, z, act.alpha, false);
+  if (name == "silu") return at::silu_backward(dy, z);
+  if (name == "hardswish") return at::hardswish_backward(dy, z);
+  return dy;
+}
+
+void test_batch_norm(std::vector<int64_t> shape, bool training, const ActivationCase& act,
+                     at::ScalarType dtype, double tolerance) {
   const int64_t C = shape[1];
   const auto options = at::TensorOptions().dtype(at::kDouble);
   const at::Tensor x = (at::randn(shape, options) * 2 + 1).to(dtype);
@@ -94,21 +122,22 @@ void test_batch_norm(std::vector<int64_t> shape, bool training, bool relu, at::S
   at::Tensor rm = at::randn({C}, options).to(parameter_type);
   at::Tensor rv = (at::rand({C}, options) + 0.5).to(parameter_type);
   at::Tensor rm64 = rm.to(at::kDouble), rv64 = rv.to(at::kDouble);
-  const std::string what = "batch_norm " + c10::str(x.sizes(), " ", dtype, training ? " training" : " eval",
-                                                    relu ? " relu" : "");
-  const auto [out, mean, var] = emu::batch_norm_forward(x, weight, bias, rm, rv, training, 1e-5, relu);
+  const std::string what = "batch_norm " + c10::str(x.sizes(), " ", dtype,
+                                                    training ? " training " : " eval ", act.name);
+  const auto [out, mean, var] = emu::batch_norm_forward(x, weight, bias, rm, rv, training, 1e-5,
+                                                        act.name, act.alpha, act.beta);
   if (training) emu::batch_norm_update_stats(rm, rv, mean, var, 0.1, x.numel() / C);
   const at::Tensor x64 = x.to(at::kDouble);
   const auto [e_out, e_mean, e_invstd] = at::native_batch_norm(
       x64, weight.to(at::kDouble), bias.to(at::kDouble), rm64, rv64, training, 0.1, 1e-5);
-  const at::Tensor expected = relu ? at::relu(e_out) : e_out;
-  check_close(out, expected, tolerance, what + " output");
+  check_close(out, reference_activation(act, e_out), tolerance, what + " output");
   check_close(rm, rm64, tolerance, what + " running_mean");
   check_close(rv, rv64, tolerance, what + " running_var");
   const at::Tensor dy = at::randn(shape, options).to(dtype);
-  const auto [gx, gw, gb] = emu::batch_norm_backward(dy, x, weight, bias, mean, var, training, 1e-5,
-                                                     relu, {true, true, true});
-  const at::Tensor dy64 = relu ? dy.to(at::kDouble) * (expected > 0) : dy.to(at::kDouble);
+  const auto [gx, gw, gb] =
+      emu::batch_norm_backward(dy, x, weight, bias, mean, var, training, 1e-5, act.name,
+                               act.alpha, act.beta, {true, true, true});
+  const at::Tensor dy64 = reference_activation_backward(act, dy.to(at::kDouble), e_out);
   // In training the saved batch statistics are used; in eval the running ones.
   const auto [ex, ew, eb] = at::native_batch_norm_backward(
       dy64, x64, weight.to(at::kDouble), training ? at::Tensor() : rm64,
@@ -179,13 +208,19 @@ int main(int argc, char** argv) {
   test_im2col();
   const std::vector<std::vector<int64_t>> shapes = {
       {4, 3, 8, 8}, {4, 3, 5, 7}, {7, 5, 1, 1}, {6, 4}, {64, 2, 9, 9}, {2, 3, 70, 71}};
+  const std::vector<ActivationCase> activations = {
+      {"none", 0.0, 0.0},       {"relu", 0.0, 0.0}, {"hardtanh", -0.5, 1.0},
+      {"leaky_relu", 0.1, 0.0}, {"silu", 0.0, 0.0}, {"hardswish", 0.0, 0.0}};
   for (const auto& shape : shapes) {
     for (bool training : {true, false}) {
-      for (bool relu : {true, false}) test_batch_norm(shape, training, relu, at::kDouble, 1e-10);
+      for (const ActivationCase& act : activations) {
+        test_batch_norm(shape, training, act, at::kDouble, 1e-10);
+      }
     }
   }
-  test_batch_norm({8, 4, 6, 6}, true, true, at::kFloat, 1e-5);
-  test_batch_norm({8, 4, 6, 6}, true, true, at::kHalf, 2e-2);
+  test_batch_norm({8, 4, 6, 6}, true, {"relu", 0.0, 0.0}, at::kFloat, 1e-5);
+  test_batch_norm({8, 4, 6, 6}, true, {"silu", 0.0, 0.0}, at::kFloat, 1e-5);
+  test_batch_norm({8, 4, 6, 6}, true, {"relu", 0.0, 0.0}, at::kHalf, 2e-2);
   run_self_tests();
   std::printf("%d checks, %d failed\n", checks, failures);
   return failures == 0 ? 0 : 1;
