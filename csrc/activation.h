@@ -89,18 +89,18 @@ CONVKIT_HOST_DEVICE CONVKIT_FORCE_INLINE float exp_float(float x) {
 #endif
 }
 
-CONVKIT_HOST_DEVICE inline double exp_acc(double x) {
+CONVKIT_HOST_DEVICE CONVKIT_FORCE_INLINE double exp_acc(double x) {
 #if defined(__CUDA_ARCH__)
   return ::exp(x);
 #else
   return std::exp(x);
 #endif
 }
-CONVKIT_HOST_DEVICE inline float exp_acc(float x) { return exp_float(x); }
+CONVKIT_HOST_DEVICE CONVKIT_FORCE_INLINE float exp_acc(float x) { return exp_float(x); }
 
 // f(z).
 template <Activation kAct, typename acc_t>
-CONVKIT_HOST_DEVICE inline acc_t activate(acc_t z, ActivationParams<acc_t> p) {
+CONVKIT_HOST_DEVICE CONVKIT_FORCE_INLINE acc_t activate(acc_t z, ActivationParams<acc_t> p) {
   if constexpr (kAct == Activation::relu) {
     return z < acc_t(0) ? acc_t(0) : z;
   } else if constexpr (kAct == Activation::hardtanh) {
@@ -121,7 +121,8 @@ CONVKIT_HOST_DEVICE inline acc_t activate(acc_t z, ActivationParams<acc_t> p) {
 
 // dy * f'(z), with torch's choices at the kinks.
 template <Activation kAct, typename acc_t>
-CONVKIT_HOST_DEVICE inline acc_t activation_gradient(acc_t z, acc_t dy, ActivationParams<acc_t> p) {
+CONVKIT_HOST_DEVICE CONVKIT_FORCE_INLINE acc_t activation_gradient(acc_t z, acc_t dy,
+                                                           ActivationParams<acc_t> p) {
   if constexpr (kAct == Activation::relu) {
     return z <= acc_t(0) ? acc_t(0) : dy;
   } else if constexpr (kAct == Activation::hardtanh) {
@@ -141,7 +142,8 @@ CONVKIT_HOST_DEVICE inline acc_t activation_gradient(acc_t z, acc_t dy, Activati
 // The batch-norm output z = x * scale + shift rounded to scalar_t, as an acc_t: the value the
 // unfused torch activation would read.
 template <typename scalar_t, typename acc_t>
-CONVKIT_HOST_DEVICE inline acc_t normalized_value(scalar_t x, acc_t scale, acc_t shift) {
+CONVKIT_HOST_DEVICE CONVKIT_FORCE_INLINE acc_t normalized_value(scalar_t x, acc_t scale,
+                                                              acc_t shift) {
   return static_cast<acc_t>(static_cast<scalar_t>(static_cast<acc_t>(x) * scale + shift));
 }
 

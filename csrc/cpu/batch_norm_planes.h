@@ -146,16 +146,25 @@ void normalize_plane(const scalar_t* __restrict x, int64_t len, acc_t scale, acc
   for (int64_t i = s; i < len; ++i) y[i] = batch_norm_output<kAct>(x[i], scale, shift, act);
 }
 
-// The input gradient over one plane (see batch_norm_grad_input).
+// The input gradient over one plane (see batch_norm_grad_input). `training` is taken out of
+// the loop: tested inside, it left SiLU's loop scalar (4 ns an element, 20x the others).
 template <Activation kAct, typename scalar_t, typename acc_t>
 void grad_input_plane(const scalar_t* __restrict x, const scalar_t* __restrict dy, int64_t len,
                       acc_t scale, acc_t shift, ActivationParams<acc_t> act, acc_t mean,
                       acc_t mean_dy, acc_t proj, bool training, scalar_t* __restrict dx) {
-  #pragma omp simd
-  for (int64_t s = 0; s < len; ++s) {
-    const acc_t g = activation_masked_gradient<kAct>(x[s], dy[s], scale, shift, act);
-    const acc_t xmu = static_cast<acc_t>(x[s]) - mean;
-    dx[s] = static_cast<scalar_t>(batch_norm_grad_input(g, xmu, mean_dy, proj, scale, training));
+  auto pass = [&](auto is_training) {
+    #pragma omp simd
+    for (int64_t s = 0; s < len; ++s) {
+      const acc_t g = activation_masked_gradient<kAct>(x[s], dy[s], scale, shift, act);
+      const acc_t xmu = static_cast<acc_t>(x[s]) - mean;
+      dx[s] = static_cast<scalar_t>(
+          batch_norm_grad_input(g, xmu, mean_dy, proj, scale, decltype(is_training)::value));
+    }
+  };
+  if (training) {
+    pass(std::true_type{});
+  } else {
+    pass(std::false_type{});
   }
 }
 

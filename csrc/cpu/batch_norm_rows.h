@@ -252,17 +252,25 @@ void row_grad_input(const scalar_t* x, const scalar_t* dy, int64_t N, int64_t C,
       load_chunk(mu, coefficients.mean, j0, width);
       load_chunk(mdy, mean_dy, j0, width);
       load_chunk(pr, proj, j0, width);
-      for (int64_t n = first; n < end; ++n) {
-        const scalar_t* __restrict xs = x + n * R + j0;
-        const scalar_t* __restrict dys = dy + n * R + j0;
-        scalar_t* __restrict dxs = dx + n * R + j0;
-        #pragma omp simd
-        for (int64_t j = 0; j < width; ++j) {
-          const acc_t g = activation_masked_gradient<kAct>(xs[j], dys[j], a[j], b[j], act);
-          const acc_t xmu = static_cast<acc_t>(xs[j]) - mu[j];
-          dxs[j] = static_cast<scalar_t>(
-              batch_norm_grad_input(g, xmu, mdy[j], pr[j], a[j], training));
+      // `training` out of the loop, as in grad_input_plane.
+      auto pass = [&](auto is_training) {
+        for (int64_t n = first; n < end; ++n) {
+          const scalar_t* __restrict xs = x + n * R + j0;
+          const scalar_t* __restrict dys = dy + n * R + j0;
+          scalar_t* __restrict dxs = dx + n * R + j0;
+          #pragma omp simd
+          for (int64_t j = 0; j < width; ++j) {
+            const acc_t g = activation_masked_gradient<kAct>(xs[j], dys[j], a[j], b[j], act);
+            const acc_t xmu = static_cast<acc_t>(xs[j]) - mu[j];
+            dxs[j] = static_cast<scalar_t>(batch_norm_grad_input(
+                g, xmu, mdy[j], pr[j], a[j], decltype(is_training)::value));
+          }
         }
+      };
+      if (training) {
+        pass(std::true_type{});
+      } else {
+        pass(std::false_type{});
       }
     });
   });
