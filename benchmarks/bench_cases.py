@@ -74,10 +74,12 @@ class ConvCase:
 
 @dataclass(frozen=True)
 class BatchNormCase:
-    """BatchNorm2d + ReLU on an activation of shape [N, C, H, W]."""
+    """BatchNorm2d + an activation ("relu", "relu6", "leaky_relu", "silu", "hardswish") on an
+    activation of shape [N, C, H, W]."""
 
     label: str
     shape: tuple[int, int, int, int]
+    activation: str = "relu"
 
     def describe(self) -> str:
         return "[" + ",".join(str(s) for s in self.shape) + "]"
@@ -93,6 +95,7 @@ class Config:
     bn_chapter_batches: tuple[int, ...]
     bn_large_batch: int
     bn_large_channels: tuple[int, ...]
+    bn_other_activations: tuple[str, ...]
     training_batches: tuple[int, ...]
     copy_mib: int
     min_run_time: float
@@ -105,6 +108,7 @@ FULL = Config(
     bn_chapter_batches=(64, 512),
     bn_large_batch=32,
     bn_large_channels=(64, 128, 256, 512),
+    bn_other_activations=("relu6", "leaky_relu", "silu", "hardswish"),
     training_batches=(512, 64),
     copy_mib=64,
     min_run_time=0.2,
@@ -117,6 +121,7 @@ QUICK = Config(
     bn_chapter_batches=(64,),
     bn_large_batch=32,
     bn_large_channels=(64,),
+    bn_other_activations=("relu6", "silu"),
     training_batches=(512, 64),
     copy_mib=64,
     min_run_time=0.05,
@@ -129,6 +134,7 @@ TINY = Config(
     bn_chapter_batches=(4,),
     bn_large_batch=2,
     bn_large_channels=(64,),
+    bn_other_activations=("silu",),
     training_batches=(16,),
     copy_mib=4,
     min_run_time=0.002,
@@ -171,7 +177,8 @@ def common_conv_cases(batch: int, only: Optional[Sequence[str]]) -> list[ConvCas
 
 def batch_norm_cases(config: Config) -> list[BatchNormCase]:
     """The chapter CNN's activations after each of its first four convs, then ResNet-18's
-    activations at the start of each stage (the 'larger ones')."""
+    activations at the start of each stage (the 'larger ones'), all with ReLU, then the other
+    fused activations."""
     cases = []
     for batch in config.bn_chapter_batches:
         for channels, size in ((8, 14), (16, 7), (32, 4), (64, 2)):
@@ -182,4 +189,8 @@ def batch_norm_cases(config: Config) -> list[BatchNormCase]:
         size = large_sizes[channels]
         shape = (config.bn_large_batch, channels, size, size)
         cases.append(BatchNormCase(f"resnet18 C={channels}", shape))
+    # The other activations on a MobileNet/EfficientNet-sized map (a 64x64 input's 16x16 stage).
+    for activation in config.bn_other_activations:
+        shape = (config.bn_large_batch, 96, 16, 16)
+        cases.append(BatchNormCase(f"{activation} C=96", shape, activation))
     return cases

@@ -202,17 +202,38 @@ def bench_conv_case(case: ConvCase, section: str, device: torch.device,
 # ----------------------------------------------------------------------------- batch norm
 
 
-def _torch_batch_norm_relu(x: torch.Tensor, running_mean: Optional[torch.Tensor],
-                           running_var: Optional[torch.Tensor], weight: torch.Tensor,
-                           bias: torch.Tensor, training: bool) -> torch.Tensor:
-    """What a user writes without convkit: nn.BatchNorm2d then nn.ReLU, two kernels."""
-    return F.relu(F.batch_norm(x, running_mean, running_var, weight, bias, training, 0.1, 1e-5))
+_TORCH_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": F.relu,
+    "relu6": F.relu6,
+    "leaky_relu": lambda z: F.leaky_relu(z, 0.1),
+    "silu": F.silu,
+    "hardswish": F.hardswish,
+}
 
 
-def _convkit_batch_norm_relu(x: torch.Tensor, running_mean: Optional[torch.Tensor],
-                             running_var: Optional[torch.Tensor], weight: torch.Tensor,
-                             bias: torch.Tensor, training: bool) -> torch.Tensor:
-    return convkit.batch_norm_relu(x, running_mean, running_var, weight, bias, training, 0.1, 1e-5)
+def _torch_batch_norm(activation: str) -> Callable[..., torch.Tensor]:
+    """What a user writes without convkit: nn.BatchNorm2d then the activation, two kernels."""
+    act = _TORCH_ACTIVATIONS[activation]
+
+    def run(x: torch.Tensor, running_mean: Optional[torch.Tensor],
+            running_var: Optional[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor,
+            training: bool) -> torch.Tensor:
+        return act(F.batch_norm(x, running_mean, running_var, weight, bias, training, 0.1, 1e-5))
+    return run
+
+
+def _convkit_batch_norm(activation: str) -> Callable[..., torch.Tensor]:
+    """convkit's fused kernel for the activation (ReLU through convkit.batch_norm_relu)."""
+    def run(x: torch.Tensor, running_mean: Optional[torch.Tensor],
+            running_var: Optional[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor,
+            training: bool) -> torch.Tensor:
+        if activation == "relu":
+            return convkit.batch_norm_relu(x, running_mean, running_var, weight, bias, training,
+                                           0.1, 1e-5)
+        return convkit.functional.batch_norm_activation(
+            x, running_mean, running_var, weight, bias, training, 0.1, 1e-5, activation,
+            negative_slope=0.1)
+    return run
 
 
 def _bn_tensors(case: BatchNormCase, device: torch.device) -> dict[str, torch.Tensor]:
@@ -229,15 +250,15 @@ def _bn_tensors(case: BatchNormCase, device: torch.device) -> dict[str, torch.Te
     }
 
 
-def validate_batch_norm(t: dict[str, torch.Tensor]) -> Optional[str]:
-    """convkit's fused BatchNorm+ReLU against F.batch_norm + F.relu: training output,
+def validate_batch_norm(t: dict[str, torch.Tensor], activation: str) -> Optional[str]:
+    """convkit's fused BatchNorm+activation against F.batch_norm + the activation: training output,
     running-statistics update, the three gradients, and the eval output, each judged by a
     float64 reference."""
     results = {}
     try:
-        for impl, fn, dtype in (("convkit", _convkit_batch_norm_relu, torch.float32),
-                                ("torch", _torch_batch_norm_relu, torch.float32),
-                                ("reference", _torch_batch_norm_relu, torch.float64)):
+        for impl, fn, dtype in (("convkit", _convkit_batch_norm(activation), torch.float32),
+                                ("torch", _torch_batch_norm(activation), torch.float32),
+                                ("reference", _torch_batch_norm(activation), torch.float64)):
             x, weight, bias = (
                 t[k].detach().to(dtype).requires_grad_() for k in ("x", "weight", "bias")
             )
@@ -294,17 +315,18 @@ def bench_batch_norm_case(case: BatchNormCase, device: torch.device, clock: Cloc
                           copy_gbps: Optional[float]) -> list[Row]:
     """Three rows (train forward, backward, eval forward) for one activation shape."""
     t = _bn_tensors(case, device)
-    error = validate_batch_norm(t)
+    error = validate_batch_norm(t, case.activation)
     tensor_bytes = t["x"].numel() * t["x"].element_size()
     rows = []
     for mode in BN_MODES:
-        row = Row("batchnorm_relu", f"{case.label} {mode}", case.describe(), error is None,
+        row = Row("batchnorm_act", f"{case.label} {mode}", case.describe(), error is None,
                   rate_unit="GB/s", work=float(BN_TENSOR_PASSES[mode] * tensor_bytes), error=error,
-                  extra={"direction": mode, "gbps_copy": copy_gbps})
+                  extra={"direction": mode, "gbps_copy": copy_gbps,
+                         "activation": case.activation})
         if error is None:
             row.ms_convkit, row.ms_torch = clock.compare([
-                _bn_timed_fn(mode, _convkit_batch_norm_relu, t),
-                _bn_timed_fn(mode, _torch_batch_norm_relu, t),
+                _bn_timed_fn(mode, _convkit_batch_norm(case.activation), t),
+                _bn_timed_fn(mode, _torch_batch_norm(case.activation), t),
             ])
         rows.append(row)
     return rows

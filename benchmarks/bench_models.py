@@ -82,7 +82,7 @@ def bench_model_case(name: str, batch: int, size: int, device: torch.device,
     """Two rows: the training step and the eval forward of one model at one batch and size."""
     torch_model = _model(name).to(device).train()
     convkit_model = convkit.nn.convert(torch_model)
-    fused = sum(isinstance(m, convkit.nn.BatchNormReLU2d) for m in convkit_model.modules())
+    fused = convkit.nn.fusion_summary(convkit_model).pairs
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     with dropout_off(torch_model), dropout_off(convkit_model):
@@ -92,7 +92,7 @@ def bench_model_case(name: str, batch: int, size: int, device: torch.device,
     for direction in ("train step", "eval forward"):
         row = Row("models", f"{name} N={batch} {size}x{size} {direction}", shape, error is None,
                   rate_unit="img/s", work=float(batch), error=error,
-                  extra={"direction": direction, "model": name, "fused_bn_relu": fused})
+                  extra={"direction": direction, "model": name, "fused_bn_act": fused})
         if error is None:
             ours, theirs = copy.deepcopy(convkit_model), copy.deepcopy(torch_model)
             if direction == "train step":

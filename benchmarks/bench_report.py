@@ -15,7 +15,7 @@ from bench_timing import Row, thread_environment
 SECTION_TITLES = {
     "conv chapter": "conv2d: the chapter's CNN layers",
     "conv common": "conv2d: common layers",
-    "batchnorm_relu": "BatchNorm+ReLU: fused (convkit) vs F.batch_norm + F.relu (torch)",
+    "batchnorm_act": "BatchNorm+activation: fused (convkit) vs F.batch_norm + F.<activation> (torch)",
     "training_step": "Training step: forward, cross-entropy, backward, Adam",
     "models": ("Real models (torchvision, random weights): convkit.nn.convert(model) vs the "
                "torch model, SGD training step and eval forward"),

@@ -8,9 +8,10 @@ What it measures (float32, on the CPU or with ``--device cuda`` on a GPU):
     default backend (oneDNN on the CPU, cuDNN on CUDA) and ``F.conv2d`` forced onto
     PyTorch's own im2col + GEMM path (oneDNN and NNPACK off on the CPU, cuDNN off on CUDA),
     the classic baseline our kernel is built like.
-  * BatchNorm+ReLU (training forward, backward, eval forward): convkit's fused kernel
+  * BatchNorm+activation (training forward, backward, eval forward): convkit's fused kernel
     against ``F.batch_norm`` followed by ``F.relu``, on the chapter's activation shapes and
-    on ResNet-sized ones, with a plain copy's bandwidth alongside to read the GB/s against.
+    on ResNet-sized ones, then ReLU6, LeakyReLU, SiLU and Hardswish on a MobileNet-sized map,
+    with a plain copy's bandwidth alongside to read the GB/s against.
   * One training step (forward, cross-entropy, backward, Adam step) of the chapter's CNN at
     batch 512, with and without batchnorm: ``convkit.nn.convert(model)`` against the torch
     model it was converted from.
@@ -77,11 +78,11 @@ CUDA_OPS = ("conv2d_forward", "conv2d_backward", "batch_norm_forward", "batch_no
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="convkit's conv2d, BatchNorm+ReLU and a training step against PyTorch.")
+        description="convkit's conv2d, BatchNorm+activation and a training step against PyTorch.")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:index]")
     parser.add_argument("--quick", action="store_true",
                         help="a subset (chapter layers at batch 64, four common layers at batch 8, "
-                             "five batch-norm shapes, both training steps at batch 512 and 64) with short timings, "
+                             "seven batch-norm shapes, both training steps at batch 512 and 64) with short timings, "
                              "under a minute: a smoke test")
     parser.add_argument("--tiny", action="store_true",
                         help="the quick subset on a few images, seconds long (for the test suite)")
@@ -147,7 +148,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def run_section(key: str, unit: str, produce: Callable[[], Iterator[Row]]) -> None:
         title = SECTION_TITLES[key]
-        im2col = key not in ("batchnorm_relu", "sync_bn", "models")
+        im2col = key not in ("batchnorm_act", "sync_bn", "models")
         print(f"\n== {title}")
         print_text_row(table_header(unit, im2col, title))
         section_started = time.perf_counter()
@@ -182,7 +183,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     run_section("conv common", "GFLOP/s", common_rows)
     print(f"\ncopy bandwidth (dst.copy_(src), {config.copy_mib} MiB, read + write): "
           f"{copy_gbps:.1f} GB/s")
-    run_section("batchnorm_relu", "GB/s", bn_rows)
+    run_section("batchnorm_act", "GB/s", bn_rows)
     run_section("training_step", "img/s", training_rows)
     if not args.no_models:
         missing = torchvision_missing()

@@ -172,11 +172,11 @@ def batch_norm_floor_row(case: cases.BatchNormCase, clock: timing.Clock) -> Floo
     sources = []
     for each in (case, tiny_case):
         t = measure._bn_tensors(each, device)
-        error = measure.validate_batch_norm(t)
+        error = measure.validate_batch_norm(t, "relu")
         if error is not None:
             raise RuntimeError(f"{each.label}: convkit's result is wrong ({error}); not timed")
-        fns += [measure._bn_timed_fn("train forward+backward", measure._convkit_batch_norm_relu, t),
-                measure._bn_timed_fn("train forward+backward", measure._torch_batch_norm_relu, t)]
+        fns += [measure._bn_timed_fn("train forward+backward", measure._convkit_batch_norm("relu"), t),
+                measure._bn_timed_fn("train forward+backward", measure._torch_batch_norm("relu"), t)]
         sources.append(t["x"])
     copies = [torch.empty_like(source) for source in sources]
     for source, copy in zip(sources, copies):
@@ -277,7 +277,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             rows.append(conv_floor_row(case, clock, best_gflops))
     # The benchmark's chapter batch-norm cases at these batches, without its ResNet-sized ones.
     chapter_only = dataclasses.replace(cases.FULL, bn_chapter_batches=tuple(args.batches),
-                                       bn_large_channels=())
+                                       bn_large_channels=(), bn_other_activations=())
     for case in cases.batch_norm_cases(chapter_only):
         rows.append(batch_norm_floor_row(case, clock))
     conv_best = raise_best_rates(rows)

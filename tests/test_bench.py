@@ -82,14 +82,14 @@ def test_quick_tiny_run_writes_json_and_plot(tmp_path):
     rows = json.loads(json_path.read_text())
     assert isinstance(rows, list) and rows
     sections = {row["section"] for row in rows}
-    assert sections == {"conv", "batchnorm_relu", "training_step", "models", "sync_bn"}
+    assert sections == {"conv", "batchnorm_act", "training_step", "models", "sync_bn"}
     for row in rows:
         assert REQUIRED_KEYS <= row.keys(), row
         assert row["thread_environment"]["GOMP_SPINCOUNT"] == "300000", row
         assert row["pass"] is True, row
         assert row["ms_convkit"] > 0 and row["ms_torch"] > 0, row
         assert math.isclose(row["ratio"], row["ms_convkit"] / row["ms_torch"], rel_tol=1e-12)
-        if row["section"] == "batchnorm_relu":
+        if row["section"] == "batchnorm_act":
             assert row["ms_torch_im2col"] is None
             assert row["gbps_copy"] > 0
         elif row["section"] == "models":
@@ -143,7 +143,7 @@ def test_failed_validation_makes_main_exit_nonzero(monkeypatch, tmp_path, keep_t
     assert status == 1
     rows = json.loads(json_path.read_text())
     failed = [row for row in rows if not row["pass"]]
-    assert failed and all(row["section"] == "batchnorm_relu" for row in failed)
+    assert failed and all(row["section"] == "batchnorm_act" for row in failed)
     assert all(row["ms_convkit"] is None and row["ms_torch"] is None for row in failed)
 
 
