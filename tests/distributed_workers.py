@@ -33,10 +33,13 @@ def local_slice(case: dict, rank: int) -> slice:
 
 
 def make_layer(case: dict) -> torch.nn.Module:
+    arguments = dict(momentum=case["momentum"], affine=case["affine"],
+                     track_running_stats=case["track"], dtype=case["dtype"])
+    if case.get("activation") is not None:
+        return convkit.nn.SyncBatchNormActivation2d(case["channels"], **arguments,
+                                                    activation=case["activation"])
     kind = convkit.nn.SyncBatchNormReLU2d if case["relu"] else convkit.nn.SyncBatchNorm
-    layer = kind(case["channels"], momentum=case["momentum"], affine=case["affine"],
-                 track_running_stats=case["track"], dtype=case["dtype"])
-    return layer
+    return kind(case["channels"], **arguments)
 
 
 def sync_bn_worker(rank: int, world_size: int, cases: list[dict], steps: int,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 
 import pytest
 import torch
@@ -22,10 +23,11 @@ F64 = torch.float64
 
 
 def case(name, local_batches, relu=True, channels=3, spatial=(5, 5), affine=True, track=True,
-         momentum=0.1, dtype=F64, shift=0.0):
+         momentum=0.1, dtype=F64, shift=0.0, activation=None):
+    """activation: another fused activation than ReLU (SyncBatchNormActivation2d's name)."""
     return dict(name=name, local_batches=local_batches, relu=relu, channels=channels,
                 spatial=spatial, affine=affine, track=track, momentum=momentum, dtype=dtype,
-                shift=shift)
+                shift=shift, activation=activation)
 
 
 CASES = [
@@ -41,6 +43,8 @@ CASES = [
     case("planes_layout", (2, 3), channels=2, spatial=(48, 48)),
     case("two_dimensional", (5, 3), relu=False, spatial=()),
     case("large_mean_float32", (4, 4), relu=False, dtype=torch.float32, shift=1e4),
+    case("silu", (3, 4), activation="silu"),
+    case("relu6_planes", (2, 3), channels=2, spatial=(48, 48), activation="relu6"),
 ]
 STEPS = 2
 
@@ -49,7 +53,11 @@ def reference(case_: dict, steps: int, dtype: torch.dtype = F64) -> dict:
     """The same steps on one process with the whole batch, on convkit's local batch norm, in
     ``dtype``."""
     channels = case_["channels"]
-    kernel = convkit.batch_norm_relu if case_["relu"] else convkit.batch_norm
+    if case_["activation"] is not None:
+        kernel = functools.partial(convkit.functional.batch_norm_activation,
+                                   activation=case_["activation"])
+    else:
+        kernel = convkit.batch_norm_relu if case_["relu"] else convkit.batch_norm
     running_mean = torch.zeros(channels, dtype=dtype)
     running_var = torch.ones(channels, dtype=dtype)
     record: dict = {"outputs": [], "grad_inputs": [], "grad_weights": [], "grad_biases": []}
@@ -207,6 +215,20 @@ def test_sync_batch_norm_relu_2d_wants_4d_input():
         convkit.nn.SyncBatchNormReLU2d(4)(torch.randn(2, 4, 3))
     with pytest.raises(ValueError, match="expected at least 2D input"):
         convkit.nn.SyncBatchNorm(4)(torch.randn(4))
+
+
+def test_the_trainer_synchronises_every_fused_batch_norm():
+    # Regression: synchronise_batch_norms left BatchNormActivation2d (convert's ReLU6, SiLU, ...
+    # fusions) local, so under torchrun those layers kept per-process statistics.
+    from convkit.train.distributed import synchronise_batch_norms
+    model = convkit.nn.convert(torch.nn.Sequential(
+        torch.nn.BatchNorm2d(3), torch.nn.SiLU(), torch.nn.BatchNorm2d(3), torch.nn.ReLU(),
+        torch.nn.BatchNorm2d(3)))
+    assert synchronise_batch_norms(model) == 3
+    assert [type(m) for m in model if not isinstance(m, torch.nn.Identity)] == [
+        convkit.nn.SyncBatchNormActivation2d, convkit.nn.SyncBatchNormReLU2d,
+        convkit.nn.SyncBatchNorm]
+    assert model[0].fused_activation == ("silu", 0.0, 0.0)
 
 
 def test_convert_sync_batchnorm_converts_every_exact_batch_norm_in_place():

@@ -126,14 +126,15 @@ def current(device: torch.device) -> Optional[Distributed]:
 def synchronise_batch_norms(model: nn.Module) -> int:
     """Turns the model's batch norms into synchronised ones, in place; returns how many.
 
-    convkit's BatchNorm2d / BatchNormReLU2d become convkit's SyncBatchNorm /
-    SyncBatchNormReLU2d (CPU and CUDA). torch's batch norms stay on torch: torch's SyncBatchNorm
+    convkit's BatchNorm2d / BatchNormReLU2d / BatchNormActivation2d become convkit's
+    SyncBatchNorm / SyncBatchNormReLU2d / SyncBatchNormActivation2d, their fused activation
+    kept (CPU and CUDA). torch's batch norms stay on torch: torch's SyncBatchNorm
     on CUDA; on the CPU, which torch's SyncBatchNorm refuses, they keep per-process statistics.
     """
     converted = 0
     on_cuda = any(p.is_cuda for p in model.parameters())
     for module in list(model.modules()):
-        if type(module) in (ck.BatchNorm2d, ck.BatchNormReLU2d):
+        if type(module) in (ck.BatchNorm2d, ck.BatchNormReLU2d, ck.BatchNormActivation2d):
             ck.SyncBatchNorm.convert_sync_batchnorm(module)
             converted += 1
     if on_cuda:
