@@ -287,8 +287,8 @@ class ActivationStats(Callback):
     below (``plot_layer_stats(-2)``, ``color_dim(-4)``) counts in that list, as fastai's do.
 
     After ``convkit.nn.convert``, a BatchNorm2d followed by a ReLU is one fused
-    ``BatchNormReLU2d``: its output is the post-ReLU activation, because the pre-ReLU tensor
-    is never materialised. We hook it anyway (so the list and its indices are the same as
+    ``BatchNormReLU2d`` (another activation: ``BatchNormActivation2d``): its output is the
+    post-ReLU activation, because the pre-ReLU tensor is never materialised. We hook it anyway (so the list and its indices are the same as
     with torch's layers) and accept that for those layers mean, std and the histogram's
     first bin describe post-ReLU values (near-zero is the same either way: every negative
     value counts as near zero before the ReLU and is zero after it). The chapter's figures
