@@ -1,5 +1,9 @@
 // Which algorithm the CPU conv2d runs for a layer: the one place that decides, top-down.
 //
+//   depthwise     groups == in_channels == out_channels > 1 (one filter per channel,
+//                 MobileNet's 3x3): each plane convolved directly, positions in the lanes
+//                 (depthwise.cpp). Any kernel, stride, padding, dilation; forward and both
+//                 gradients. A channel multiplier > 1 keeps the paths below.
 //   window        one output position per image, from an image no larger than the kernel
 //                 (a last layer: 2x2 -> 1x1): one GEMM over the images read in place
 //                 (window.cpp). float and double only: half types keep the image paths,
@@ -48,6 +52,7 @@ namespace convkit::cpu_conv2d {
 
 enum class ConvPath : uint8_t {
   kNone,  // the gradient is not wanted
+  kDepthwise,
   kWindow,
   kRows,
   kImplicitGemm,
@@ -60,6 +65,7 @@ enum class ConvPath : uint8_t {
 inline const char* path_name(ConvPath path) {
   switch (path) {
     case ConvPath::kNone: return "none";
+    case ConvPath::kDepthwise: return "depthwise";
     case ConvPath::kWindow: return "window";
     case ConvPath::kRows: return "rows";
     case ConvPath::kImplicitGemm: return "implicit_gemm";
@@ -99,6 +105,10 @@ constexpr int64_t kTransposedChunkImages = 8;
 constexpr int64_t kSharedTileWeightBytes = int64_t(2) << 20;
 
 // ---- The predicates: whether a path can run a layer.
+
+inline bool depthwise_fits(const Conv2dGeometry& g) {
+  return g.groups > 1 && g.in_channels == g.groups && g.out_channels == g.groups;
+}
 
 inline bool window_fits(const Conv2dGeometry& g) {
   return g.out_h == 1 && g.out_w == 1 && g.in_area() <= g.kernel_area();
@@ -156,6 +166,10 @@ struct ConvPlan {
 // (float, double), which the window path needs.
 inline ConvPlan choose_forward(const Conv2dGeometry& g, int64_t acc_size, bool same_type) {
   ConvPlan plan;
+  if (depthwise_fits(g)) {
+    plan.forward = ConvPath::kDepthwise;
+    return plan;
+  }
   const int64_t threads = team_size();
   if (same_type && window_fits(g)) {
     plan.forward = ConvPath::kWindow;
@@ -185,6 +199,10 @@ inline ConvPlan choose_backward(const Conv2dGeometry& g, int64_t acc_size, bool 
     plan.weight_grad = need_weight_grad ? path : ConvPath::kNone;
   };
   if (!need_input_grad && !need_weight_grad) return plan;
+  if (depthwise_fits(g)) {
+    both(ConvPath::kDepthwise);
+    return plan;
+  }
   const int64_t threads = team_size();
   if (same_type && window_fits(g)) {
     both(ConvPath::kWindow);
