@@ -40,18 +40,24 @@ namespace {
 // Taps per pass of sum_taps and dot_taps: 9 (a 3x3 kernel in one pass) keeps their sums,
 // weights and pointers in registers; larger kernels take several passes.
 constexpr int kMaxTapsPerPass = 9;
+// The flat loops run to a multiple of this many positions (a 64-byte vector of floats), so
+// that none ends in a scalar remainder: every buffer they read or write has this much zeroed
+// slack at its end.
+constexpr int64_t kSlack = 16;
+
+inline int64_t round_up(int64_t n) { return (n + kSlack - 1) / kSlack * kSlack; }
 
 struct PhaseLayout {
   int64_t phases;                // s_h * s_w
   int64_t shift_h, shift_w;      // largest tap shift within a phase: (k - 1) d / s
   int64_t row_stride;            // out_w + 2 shift_w: also holds dY with its zero borders
   int64_t rows;                  // out_h + shift_h: rows of a phase plane
-  int64_t span;                  // (out_h - 1) row_stride + out_w: the outputs' flat range
+  int64_t span;                  // round_up((out_h - 1) row_stride + out_w): the outputs
   int64_t plane() const { return rows * row_stride; }
-  int64_t input_elems() const { return phases * plane(); }
+  int64_t input_elems() const { return phases * plane() + kSlack; }
   // dY with shift_h zero rows above and below, shift_w zero columns on each side (between
-  // two rows the borders meet) and shift_w zeros of slack after the last row.
-  int64_t dy_elems() const { return (rows + shift_h) * row_stride + shift_w; }
+  // two rows the borders meet) and shift_w + kSlack zeros of slack after the last row.
+  int64_t dy_elems() const { return (rows + shift_h) * row_stride + shift_w + kSlack; }
   int64_t dy_origin() const { return shift_h * row_stride + shift_w; }
 };
 
@@ -62,7 +68,7 @@ PhaseLayout make_layout(const Conv2dGeometry& g) {
   l.shift_w = (g.kernel_w - 1) * g.dilation_w / g.stride_w;
   l.row_stride = g.out_w + 2 * l.shift_w;
   l.rows = g.out_h + l.shift_h;
-  l.span = (g.out_h - 1) * l.row_stride + g.out_w;
+  l.span = round_up((g.out_h - 1) * l.row_stride + g.out_w);
   return l;
 }
 
@@ -127,6 +133,7 @@ void split_phases(const scalar_t* x, const Conv2dGeometry& g, const PhaseLayout&
       }
     }
   }
+  std::fill(out + l.phases * l.plane(), out + l.input_elems(), acc_t(0));
 }
 
 // One dY plane [oH, oW] into the bordered layout of PhaseLayout::dy_elems.
@@ -339,7 +346,7 @@ void depthwise_backward(const at::Tensor& dy, const at::Tensor& x, const at::Ten
   const int64_t C = g.in_channels;
   const int64_t team = team_size();
   const int64_t per_thread = l.dy_elems() + (need_weight_grad ? l.input_elems() : 0) +
-                             (need_input_grad ? l.plane() : 0) + 2 * T;
+                             (need_input_grad ? round_up(l.plane()) : 0) + 2 * T;
   const at::Tensor buffers = scratch<acc_t>(x, team * per_thread);
   acc_t* buffer_base = buffers.mutable_data_ptr<acc_t>();
   const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
@@ -354,7 +361,7 @@ void depthwise_backward(const at::Tensor& dy, const at::Tensor& x, const at::Ten
     acc_t* bordered = buffer_base + slot * per_thread;
     acc_t* phases = bordered + l.dy_elems();
     acc_t* dp = phases + (need_weight_grad ? l.input_elems() : 0);
-    acc_t* weights = dp + (need_input_grad ? l.plane() : 0);  // the taps in by_phase order
+    acc_t* weights = dp + (need_input_grad ? round_up(l.plane()) : 0);  // by_phase order
     acc_t* sums = weights + T;
     std::vector<double> total(T);
     for (int64_t c = begin; c < end; ++c) {
@@ -373,7 +380,7 @@ void depthwise_backward(const at::Tensor& dy, const at::Tensor& x, const at::Ten
           for (int64_t q = 0; q < l.phases; ++q) {
             const int64_t first = phase_begin[q];
             sum_taps(bordered, dy_offsets.data() + first, weights + first,
-                     phase_begin[q + 1] - first, l.plane(), acc_t(0), dp);
+                     phase_begin[q + 1] - first, round_up(l.plane()), acc_t(0), dp);
             scatter_phase(dp, q / g.stride_w, q % g.stride_w, g, l, dx);
           }
           zero_unreached(g, l, dx);
