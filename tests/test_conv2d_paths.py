@@ -60,13 +60,17 @@ PATHS = {
     "band_path_strided_grouped": (2, 8, 15, 13, 44, 3, 2, 1, 1, 2, "0.01"),
     "band_path_1x1": (3, 16, 10, 9, 36, 1, 1, 0, 1, 1, "0.01"),
     "band_path_1x1_grouped": (2, 16, 9, 9, 48, 1, 1, 0, 1, 4, "0.005"),
-    # groups == in_channels == out_channels: the depthwise path (phase planes of the stride),
-    # MobileNet's 3x3 at stride 1 and 2 on odd sizes, a dilated 5x5 at stride 3 (phases no
-    # tap reaches and input columns beyond every window: their gradient is 0), 2x2 maps.
+    # groups == in_channels == out_channels: the depthwise path. On maps of <= 512 values 16
+    # channels in the lanes (here a partial block of 8 and one and a half of 24), MobileNet's
+    # 3x3 at stride 1 and 2 on odd sizes, a dilated 5x5 at stride 3 (input columns beyond
+    # every window: their gradient is 0), 2x2 maps; on larger ones the forward by phase
+    # planes, and above 56x56 the backward too (phases no tap reaches, at stride 3).
     "depthwise_3x3": (4, 16, 13, 11, 16, 3, 1, 1, 1, 16, None),
     "depthwise_3x3_stride2": (3, 24, 15, 16, 24, 3, 2, 1, 1, 24, None),
     "depthwise_5x5_dilated_stride3": (2, 8, 18, 20, 8, 5, 3, 1, 2, 8, None),
     "depthwise_2x2_maps": (5, 12, 2, 2, 12, 3, 1, 1, 1, 12, None),
+    "depthwise_planes_forward_33x31": (2, 20, 33, 31, 20, 3, 2, 1, 1, 20, None),
+    "depthwise_planes_63x57_dilated_stride3": (1, 3, 63, 57, 3, 5, 3, 1, 2, 3, None),
 }
 
 
@@ -362,15 +366,17 @@ def test_plan_checks_its_arguments():
 # ---- The depthwise path, beyond the PATHS shapes.
 
 
+@pytest.mark.parametrize("size", [(11, 9), (63, 57)], ids=["blocks", "planes"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (3, 2, 1), (3, 1, 0), (3, 2, 0),
                                                    (5, 1, 2), (5, 2, 1)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_depthwise_matches_torch(dtype, kernel, stride, padding, batch, bias):
-    """Forward, input, weight and bias gradients of depthwise layers on odd sizes: float64
-    against F.conv2d to 1e-10, float32 within twice PyTorch's error of a float64 reference."""
-    spec = (batch, 6, 11, 9, 6, kernel, stride, padding, 1, 6, None)
+def test_depthwise_matches_torch(dtype, kernel, stride, padding, batch, bias, size):
+    """Forward, input, weight and bias gradients of depthwise layers on odd sizes (small maps:
+    channels in the lanes; large: plane by plane): float64 against F.conv2d to 1e-10, float32
+    within twice PyTorch's error of a float64 reference."""
+    spec = (batch, 6, *size, 6, kernel, stride, padding, 1, 6, None)
     assert _plan(spec, dtype, [True, True]) == ("depthwise",) * 3
     x, weight, b, kwargs = _tensors(spec, dtype, True)
     leaves = (x, weight, b) if bias else (x, weight)
@@ -426,10 +432,11 @@ def test_depthwise_gradcheck():
             lambda x_, w_, b_: convkit.conv2d(x_, w_, b_, stride, 1, groups=3), (x, weight, bias))
 
 
+@pytest.mark.parametrize("size", [16, 60], ids=["blocks", "planes"])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_depthwise_same_bits_on_one_and_two_threads(stride):
+def test_depthwise_same_bits_on_one_and_two_threads(stride, size):
     """Planes and channels are each computed by one thread in a fixed order."""
-    x = torch.randn(5, 20, 16, 16)
+    x = torch.randn(5, 20, size, size)
     weight = torch.randn(20, 1, 3, 3)
     bias = torch.randn(20)
     args = ([stride] * 2, [1, 1], [1, 1], 20)

@@ -15,7 +15,7 @@
 //                 (dot_taps; dY is copied with zero borders, so positions ow >= out_w add 0)
 //   input grad    per phase plane, dP[j] = sum over the phase's taps w_t dy_t[j] from the same
 //                 bordered dY (a stride-1 correlation: transposed convolution by phases), then
-//                 scattered back to dX's rows (each dX element written once, no atomics)
+//                 interleaved back into dX's rows (each dX element written once, no atomics)
 // Every plane is computed by one thread in a fixed order and the weight gradient of a channel
 // by the thread that owns the channel: results do not depend on the thread count.
 // Non-finite inputs: the weight gradient's dropped positions multiply dY's zero borders by
@@ -244,36 +244,54 @@ void dot_taps(const acc_t* dy, const acc_t* src, const int64_t* offsets, int64_t
   }
 }
 
-// dX plane [H, W] from one phase plane (qr, qc) of dP: padded (a s_h + qr, b s_w + qc) is
-// input (ih, iw) = that minus the padding.
+// dst[iw] for iw < count from the two column phases of a row (stride 2): padded column
+// iw + pad_w is phase (iw + pad_w) % 2, index (iw + pad_w) / 2. An interleave of pairs, which
+// the compiler vectorises (one scalar store per element had cost more than the taps).
 template <typename scalar_t, typename acc_t>
-void scatter_phase(const acc_t* dp, int64_t qr, int64_t qc, const Conv2dGeometry& g,
-                   const PhaseLayout& l, scalar_t* dx) {
-  int64_t a_begin = 0, a_end = 0, b_begin = 0, b_end = 0;
-  conv_valid_output_range(g.in_h, l.rows, 0, g.stride_h, g.pad_h - qr, 1, &a_begin, &a_end);
-  conv_valid_output_range(g.in_w, l.row_stride, 0, g.stride_w, g.pad_w - qc, 1, &b_begin, &b_end);
-  if (b_begin >= b_end) return;
-  for (int64_t a = a_begin; a < a_end; ++a) {
-    const acc_t* src = dp + a * l.row_stride + b_begin;
-    scalar_t* dst = dx + (a * g.stride_h + qr - g.pad_h) * g.in_w + b_begin * g.stride_w + qc -
-                    g.pad_w;
-    const int64_t count = b_end - b_begin;
-    if (g.stride_w == 1) {
-#pragma omp simd
-      for (int64_t b = 0; b < count; ++b) dst[b] = static_cast<scalar_t>(src[b]);
-    } else {
-      for (int64_t b = 0; b < count; ++b) dst[b * g.stride_w] = static_cast<scalar_t>(src[b]);
-    }
+void interleave_row(const acc_t* p0, const acc_t* p1, int64_t pad_w, int64_t count,
+                    scalar_t* __restrict dst) {
+  int64_t iw = 0;
+  if (pad_w % 2 == 1 && count > 0) {
+    dst[0] = static_cast<scalar_t>(p1[pad_w / 2]);
+    iw = 1;
   }
+  const int64_t b0 = (iw + pad_w) / 2;  // (iw + pad_w) is even from here
+  const int64_t pairs = (count - iw) / 2;
+  const acc_t* even = p0 + b0;
+  const acc_t* odd = p1 + b0;
+  scalar_t* out = dst + iw;
+#pragma omp simd
+  for (int64_t k = 0; k < pairs; ++k) {
+    out[2 * k] = static_cast<scalar_t>(even[k]);
+    out[2 * k + 1] = static_cast<scalar_t>(odd[k]);
+  }
+  if ((count - iw) % 2 == 1) dst[count - 1] = static_cast<scalar_t>(even[pairs]);
 }
 
-// The parts of dX no phase plane reaches (input rows and columns beyond every window): 0.
-template <typename scalar_t>
-void zero_unreached(const Conv2dGeometry& g, const PhaseLayout& l, scalar_t* dx) {
+// dX plane [H, W] from the phase planes of dP (phase q at dp + q * dp_stride): input (ih, iw)
+// is padded (ih + pad_h, iw + pad_w). Rows and columns beyond every phase plane (no window
+// reaches them) are 0.
+template <typename scalar_t, typename acc_t>
+void gather_dx(const acc_t* dp, int64_t dp_stride, const Conv2dGeometry& g, const PhaseLayout& l,
+               scalar_t* dx) {
   const int64_t ih_end = std::clamp<int64_t>(l.rows * g.stride_h - g.pad_h, 0, g.in_h);
   const int64_t iw_end = std::clamp<int64_t>(l.row_stride * g.stride_w - g.pad_w, 0, g.in_w);
   for (int64_t ih = 0; ih < ih_end; ++ih) {
-    std::fill(dx + ih * g.in_w + iw_end, dx + (ih + 1) * g.in_w, scalar_t(0));
+    const int64_t r = ih + g.pad_h;
+    // Column phase qc of this row at row + qc * dp_stride.
+    const acc_t* row = dp + (r % g.stride_h) * g.stride_w * dp_stride + (r / g.stride_h) * l.row_stride;
+    scalar_t* dst = dx + ih * g.in_w;
+    if (g.stride_w == 1) {
+      copy_strided<1>(row + g.pad_w, 1, iw_end, dst);
+    } else if (g.stride_w == 2) {
+      interleave_row(row, row + dp_stride, g.pad_w, iw_end, dst);
+    } else {
+      for (int64_t iw = 0; iw < iw_end; ++iw) {
+        const int64_t c = iw + g.pad_w;
+        dst[iw] = static_cast<scalar_t>(row[(c % g.stride_w) * dp_stride + c / g.stride_w]);
+      }
+    }
+    std::fill(dst + iw_end, dst + g.in_w, scalar_t(0));
   }
   std::fill(dx + ih_end * g.in_w, dx + g.in_area(), scalar_t(0));
 }
@@ -345,8 +363,9 @@ void depthwise_backward(const at::Tensor& dy, const at::Tensor& x, const at::Ten
 
   const int64_t C = g.in_channels;
   const int64_t team = team_size();
+  const int64_t dp_stride = round_up(l.plane());  // dP's phase planes, each a flat loop
   const int64_t per_thread = l.dy_elems() + (need_weight_grad ? l.input_elems() : 0) +
-                             (need_input_grad ? round_up(l.plane()) : 0) + 2 * T;
+                             (need_input_grad ? l.phases * dp_stride : 0) + 2 * T;
   const at::Tensor buffers = scratch<acc_t>(x, team * per_thread);
   acc_t* buffer_base = buffers.mutable_data_ptr<acc_t>();
   const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
@@ -361,7 +380,7 @@ void depthwise_backward(const at::Tensor& dy, const at::Tensor& x, const at::Ten
     acc_t* bordered = buffer_base + slot * per_thread;
     acc_t* phases = bordered + l.dy_elems();
     acc_t* dp = phases + (need_weight_grad ? l.input_elems() : 0);
-    acc_t* weights = dp + (need_input_grad ? round_up(l.plane()) : 0);  // by_phase order
+    acc_t* weights = dp + (need_input_grad ? l.phases * dp_stride : 0);  // by_phase order
     acc_t* sums = weights + T;
     std::vector<double> total(T);
     for (int64_t c = begin; c < end; ++c) {
@@ -380,10 +399,9 @@ void depthwise_backward(const at::Tensor& dy, const at::Tensor& x, const at::Ten
           for (int64_t q = 0; q < l.phases; ++q) {
             const int64_t first = phase_begin[q];
             sum_taps(bordered, dy_offsets.data() + first, weights + first,
-                     phase_begin[q + 1] - first, round_up(l.plane()), acc_t(0), dp);
-            scatter_phase(dp, q / g.stride_w, q % g.stride_w, g, l, dx);
+                     phase_begin[q + 1] - first, dp_stride, acc_t(0), dp + q * dp_stride);
           }
-          zero_unreached(g, l, dx);
+          gather_dx(dp, dp_stride, g, l, dx);
         }
       }
       if (need_weight_grad) {

@@ -50,7 +50,11 @@ void conv2d_forward_kernel(const at::Tensor& x, const at::Tensor& weight_acc,
   const TilePlan& p = plan.tiles;
   switch (plan.forward) {
     case ConvPath::kDepthwise:
-      depthwise_forward<scalar_t>(x, weight_acc, bias_acc, g, output);
+      if (depthwise_blocks_fit(g, true)) {
+        depthwise_blocks_forward<scalar_t>(x, weight_acc, bias_acc, g, output);
+      } else {
+        depthwise_forward<scalar_t>(x, weight_acc, bias_acc, g, output);
+      }
       return;
     case ConvPath::kWindow:
       if constexpr (same_type) window_forward<acc_t>(x, weight_acc, bias_acc, g, output);
@@ -96,8 +100,13 @@ bool conv2d_backward_kernel(const at::Tensor& dy, const at::Tensor& x, const at:
   const ConvPath path = plan.weight_grad != ConvPath::kNone ? plan.weight_grad : plan.input_grad;
   switch (path) {
     case ConvPath::kDepthwise:
-      depthwise_backward<scalar_t>(dy, x, weight_acc, g, need_input_grad, need_weight_grad,
-                                   grad_input, grad_weight_acc);
+      if (depthwise_blocks_fit(g, false)) {
+        depthwise_blocks_backward<scalar_t>(dy, x, weight_acc, g, need_input_grad,
+                                            need_weight_grad, grad_input, grad_weight_acc);
+      } else {
+        depthwise_backward<scalar_t>(dy, x, weight_acc, g, need_input_grad, need_weight_grad,
+                                     grad_input, grad_weight_acc);
+      }
       return false;
     case ConvPath::kWindow:
       if constexpr (same_type) {

@@ -1,9 +1,11 @@
 // Which algorithm the CPU conv2d runs for a layer: the one place that decides, top-down.
 //
 //   depthwise     groups == in_channels == out_channels > 1 (one filter per channel,
-//                 MobileNet's 3x3): each plane convolved directly, positions in the lanes
-//                 (depthwise.cpp). Any kernel, stride, padding, dilation; forward and both
-//                 gradients. A channel multiplier > 1 keeps the paths below.
+//                 MobileNet's 3x3): direct convolution, 16 channels in the lanes on small
+//                 maps (depthwise_blocks.cpp), positions in the lanes plane by plane on
+//                 larger ones (depthwise.cpp; depthwise_blocks_fit). Any kernel, stride,
+//                 padding, dilation; forward and both gradients. A channel multiplier > 1
+//                 keeps the paths below.
 //   window        one output position per image, from an image no larger than the kernel
 //                 (a last layer: 2x2 -> 1x1): one GEMM over the images read in place
 //                 (window.cpp). float and double only: half types keep the image paths,
@@ -108,6 +110,21 @@ constexpr int64_t kSharedTileWeightBytes = int64_t(2) << 20;
 
 inline bool depthwise_fits(const Conv2dGeometry& g) {
   return g.groups > 1 && g.in_channels == g.groups && g.out_channels == g.groups;
+}
+
+// Within the depthwise path, how a plane is laid out: with 16 channels in the lanes
+// (depthwise_blocks.cpp: two transposes per plane, no per-plane fixed cost) or plane by plane
+// (depthwise.cpp: phase copies and flat loops, ~200 cycles a plane of fixed cost). Measured on
+// 3x3 layers, one thread: the forward on blocks 0.39 against 0.59 ms at [32,96,16,16], 4.5x
+// faster at 4x4, but 1.8-1.9 against 1.4-1.6 ms at [32,96,32,32] and 2.5 against 1.9 at
+// [8,128,56,56]; the backward faster on blocks at every measured size up to 56x56 (32x32: 4.6
+// against 6.4 ms). The forward's bound lies between 16x16 and 32x32, unmeasured in between;
+// above 56x56 the backward is unmeasured on blocks.
+constexpr int64_t kDepthwiseBlocksForwardArea = 512;
+constexpr int64_t kDepthwiseBlocksBackwardArea = 56 * 56;
+
+inline bool depthwise_blocks_fit(const Conv2dGeometry& g, bool forward) {
+  return g.in_area() <= (forward ? kDepthwiseBlocksForwardArea : kDepthwiseBlocksBackwardArea);
 }
 
 inline bool window_fits(const Conv2dGeometry& g) {
