@@ -60,7 +60,7 @@ PATHS = {
     "band_path_strided_grouped": (2, 8, 15, 13, 44, 3, 2, 1, 1, 2, "0.01"),
     "band_path_1x1": (3, 16, 10, 9, 36, 1, 1, 0, 1, 1, "0.01"),
     "band_path_1x1_grouped": (2, 16, 9, 9, 48, 1, 1, 0, 1, 4, "0.005"),
-    # groups == in_channels == out_channels: the depthwise path. On maps of <= 512 values 16
+    # groups == in_channels == out_channels: the depthwise path. On maps of <= 1024 values 16
     # channels in the lanes (here a partial block of 8 and one and a half of 24), MobileNet's
     # 3x3 at stride 1 and 2 on odd sizes, a dilated 5x5 at stride 3 (input columns beyond
     # every window: their gradient is 0), 2x2 maps; on larger ones the forward by phase
@@ -69,7 +69,7 @@ PATHS = {
     "depthwise_3x3_stride2": (3, 24, 15, 16, 24, 3, 2, 1, 1, 24, None),
     "depthwise_5x5_dilated_stride3": (2, 8, 18, 20, 8, 5, 3, 1, 2, 8, None),
     "depthwise_2x2_maps": (5, 12, 2, 2, 12, 3, 1, 1, 1, 12, None),
-    "depthwise_planes_forward_33x31": (2, 20, 33, 31, 20, 3, 2, 1, 1, 20, None),
+    "depthwise_planes_forward_35x31": (2, 20, 35, 31, 20, 3, 2, 1, 1, 20, None),
     "depthwise_planes_63x57_dilated_stride3": (1, 3, 63, 57, 3, 5, 3, 1, 2, 3, None),
 }
 

@@ -115,12 +115,13 @@ inline bool depthwise_fits(const Conv2dGeometry& g) {
 // Within the depthwise path, how a plane is laid out: with 16 channels in the lanes
 // (depthwise_blocks.cpp: two transposes per plane, no per-plane fixed cost) or plane by plane
 // (depthwise.cpp: phase copies and flat loops, ~200 cycles a plane of fixed cost). Measured on
-// 3x3 layers, one thread: the forward on blocks 0.39 against 0.59 ms at [32,96,16,16], 4.5x
-// faster at 4x4, but 1.8-1.9 against 1.4-1.6 ms at [32,96,32,32] and 2.5 against 1.9 at
-// [8,128,56,56]; the backward faster on blocks at every measured size up to 56x56 (32x32: 4.6
-// against 6.4 ms). The forward's bound lies between 16x16 and 32x32, unmeasured in between;
-// above 56x56 the backward is unmeasured on blocks.
-constexpr int64_t kDepthwiseBlocksForwardArea = 512;
+// 3x3 layers (min of repeats): the forward on blocks 0.39 against 0.59 ms at [32,96,16,16] on
+// one thread, 4.5x faster at 4x4; at 32x32 on two threads 0.72-1.09 against 1.34-2.5 ms at
+// stride 2, and within the noise at stride 1 (1.08-1.31 against 0.94-1.89); at 56x56 the
+// planes were faster on one thread (1.9 against 2.5 ms), even on two. The backward was
+// faster on blocks at every measured size up to 56x56 (32x32, one thread: 4.6 against 6.4
+// ms); above, it is unmeasured on blocks.
+constexpr int64_t kDepthwiseBlocksForwardArea = 32 * 32;
 constexpr int64_t kDepthwiseBlocksBackwardArea = 56 * 56;
 
 inline bool depthwise_blocks_fit(const Conv2dGeometry& g, bool forward) {
