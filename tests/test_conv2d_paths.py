@@ -64,13 +64,15 @@ PATHS = {
     # channels in the lanes (here a partial block of 8 and one and a half of 24), MobileNet's
     # 3x3 at stride 1 and 2 on odd sizes, a dilated 5x5 at stride 3 (input columns beyond
     # every window: their gradient is 0), 2x2 maps; on larger ones the forward by phase
-    # planes, and above 56x56 the backward too (phases no tap reaches, at stride 3).
+    # planes, and above 56x56 the backward too (a dilated 5x5 at stride 3; a 2x2 kernel at
+    # stride 3, whose third phase of each axis no tap reaches: its gradient is 0).
     "depthwise_3x3": (4, 16, 13, 11, 16, 3, 1, 1, 1, 16, None),
     "depthwise_3x3_stride2": (3, 24, 15, 16, 24, 3, 2, 1, 1, 24, None),
     "depthwise_5x5_dilated_stride3": (2, 8, 18, 20, 8, 5, 3, 1, 2, 8, None),
     "depthwise_2x2_maps": (5, 12, 2, 2, 12, 3, 1, 1, 1, 12, None),
     "depthwise_planes_forward_35x31": (2, 20, 35, 31, 20, 3, 2, 1, 1, 20, None),
     "depthwise_planes_63x57_dilated_stride3": (1, 3, 63, 57, 3, 5, 3, 1, 2, 3, None),
+    "depthwise_planes_2x2_stride3_gaps": (2, 4, 61, 59, 4, 2, 3, 0, 1, 4, None),
 }
 
 
