@@ -156,7 +156,9 @@ def chapter_conv_cases(batch: int) -> list[ConvCase]:
 
 def common_conv_cases(batch: int, only: Optional[Sequence[str]]) -> list[ConvCase]:
     """ResNet-18's convolutions from 56x56 down to 7x7 (no bias: batchnorm follows), a
-    MobileNet-style depthwise 3x3, a bottleneck-style 1x1 and a dilated 3x3."""
+    MobileNet-style depthwise 3x3 (and MobileNetV2's depthwise layers at stride 1 and 2, from
+    its 32x32 and, on 64x64 inputs, 16x16 and 4x4 maps), a bottleneck-style 1x1 and a
+    dilated 3x3."""
     cases = [
         ConvCase("resnet18.layer1", batch, 64, 64, 56, 56, 3, 1, 1),
         ConvCase("resnet18.layer2.down", batch, 64, 128, 56, 56, 3, 2, 1),
@@ -167,6 +169,11 @@ def common_conv_cases(batch: int, only: Optional[Sequence[str]]) -> list[ConvCas
         ConvCase("resnet18.layer4.down", batch, 256, 512, 14, 14, 3, 2, 1),
         ConvCase("resnet18.layer4", batch, 512, 512, 7, 7, 3, 1, 1),
         ConvCase("depthwise3x3", batch, 128, 128, 56, 56, 3, 1, 1, groups=128),
+        ConvCase("mobilenetv2.dw96 32x32", batch, 96, 96, 32, 32, 3, 1, 1, groups=96),
+        ConvCase("mobilenetv2.dw144 32x32 s2", batch, 144, 144, 32, 32, 3, 2, 1, groups=144),
+        ConvCase("mobilenetv2.dw96 16x16", batch, 96, 96, 16, 16, 3, 1, 1, groups=96),
+        ConvCase("mobilenetv2.dw144 16x16 s2", batch, 144, 144, 16, 16, 3, 2, 1, groups=144),
+        ConvCase("mobilenetv2.dw384 4x4", batch, 384, 384, 4, 4, 3, 1, 1, groups=384),
         ConvCase("pointwise1x1", batch, 256, 128, 28, 28, 1),
         ConvCase("dilated3x3", batch, 64, 64, 28, 28, 3, 1, 2, dilation=2),
     ]

@@ -60,6 +60,19 @@ PATHS = {
     "band_path_strided_grouped": (2, 8, 15, 13, 44, 3, 2, 1, 1, 2, "0.01"),
     "band_path_1x1": (3, 16, 10, 9, 36, 1, 1, 0, 1, 1, "0.01"),
     "band_path_1x1_grouped": (2, 16, 9, 9, 48, 1, 1, 0, 1, 4, "0.005"),
+    # groups == in_channels == out_channels: the depthwise path. On maps of <= 1024 values 16
+    # channels in the lanes (here a partial block of 8 and one and a half of 24), MobileNet's
+    # 3x3 at stride 1 and 2 on odd sizes, a dilated 5x5 at stride 3 (input columns beyond
+    # every window: their gradient is 0), 2x2 maps; on larger ones the forward by phase
+    # planes, and above 56x56 the backward too (a dilated 5x5 at stride 3; a 2x2 kernel at
+    # stride 3, whose third phase of each axis no tap reaches: its gradient is 0).
+    "depthwise_3x3": (4, 16, 13, 11, 16, 3, 1, 1, 1, 16, None),
+    "depthwise_3x3_stride2": (3, 24, 15, 16, 24, 3, 2, 1, 1, 24, None),
+    "depthwise_5x5_dilated_stride3": (2, 8, 18, 20, 8, 5, 3, 1, 2, 8, None),
+    "depthwise_2x2_maps": (5, 12, 2, 2, 12, 3, 1, 1, 1, 12, None),
+    "depthwise_planes_forward_35x31": (2, 20, 35, 31, 20, 3, 2, 1, 1, 20, None),
+    "depthwise_planes_63x57_dilated_stride3": (1, 3, 63, 57, 3, 5, 3, 1, 2, 3, None),
+    "depthwise_planes_2x2_stride3_gaps": (2, 4, 61, 59, 4, 2, 3, 0, 1, 4, None),
 }
 
 
@@ -85,7 +98,7 @@ EXPECTED_PLANS = {
 }
 for _name in PATHS:
     for _prefix, _path in (("image_path", "images"), ("window_path", "window"),
-                           ("band_path", "bands")):
+                           ("band_path", "bands"), ("depthwise", "depthwise")):
         if _name.startswith(_prefix):
             EXPECTED_PLANS[_name] = (_path,) * 4
 EXPECTED_PLANS["image_path_shared_tiles"] = ("shared_tiles",) * 4
@@ -350,3 +363,101 @@ def test_plan_checks_its_arguments():
     with pytest.raises(RuntimeError, match="conv2d_cpu_plan: expected CPU tensors"):
         torch.ops.convkit.conv2d_cpu_plan(x.to("meta"), torch.empty(4, 6, 3, 3, device="meta"),
                                           [1, 1], [1, 1], [1, 1], 1, [True, True])
+
+
+# ---- The depthwise path, beyond the PATHS shapes.
+
+
+@pytest.mark.parametrize("size", [(11, 9), (63, 57)], ids=["blocks", "planes"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (3, 2, 1), (3, 1, 0), (3, 2, 0),
+                                                   (5, 1, 2), (5, 2, 1)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_depthwise_matches_torch(dtype, kernel, stride, padding, batch, bias, size):
+    """Forward, input, weight and bias gradients of depthwise layers on odd sizes (small maps:
+    channels in the lanes; large: plane by plane): float64 against F.conv2d to 1e-10, float32
+    within twice PyTorch's error of a float64 reference."""
+    spec = (batch, 6, *size, 6, kernel, stride, padding, 1, 6, None)
+    assert _plan(spec, dtype, [True, True]) == ("depthwise",) * 3
+    x, weight, b, kwargs = _tensors(spec, dtype, True)
+    leaves = (x, weight, b) if bias else (x, weight)
+    dy = torch.randn_like(F.conv2d(x.detach(), weight.detach(), None, **kwargs))
+
+    def run(conv, tensors):
+        tensors = [t.detach().clone().requires_grad_() for t in tensors]
+        out = conv(tensors[0], tensors[1], tensors[2] if bias else None, **kwargs)
+        return [out.detach()] + list(torch.autograd.grad(out, tensors, dy))
+
+    ours = run(convkit.conv2d, leaves)
+    theirs = run(F.conv2d, leaves)
+    names = ["output", "grad_input", "grad_weight", "grad_bias"]
+    if dtype == torch.float64:
+        for name, a, c in zip(names, ours, theirs):
+            torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-10, msg=name)
+        return
+    reference = run(F.conv2d, [t.double() for t in leaves])
+    for name, a, c, r in zip(names, ours, theirs, reference):
+        assert_close_to_reference(a, c, r, name=name)
+
+
+def test_depthwise_batch_zero_and_noncontiguous():
+    """An empty batch gives empty results; a non-contiguous input the contiguous one's bits."""
+    weight = torch.randn(8, 1, 3, 3)
+    empty = torch.randn(0, 8, 7, 7, requires_grad=True)
+    out = convkit.conv2d(empty, weight, None, 2, 1, groups=8)
+    assert out.shape == (0, 8, 4, 4)
+    assert torch.ops.convkit.conv2d_backward(
+        torch.randn(0, 8, 4, 4), empty.detach(), weight, [2, 2], [1, 1], [1, 1], 8,
+        [True, True, True])[1].abs().max() == 0
+    x = torch.randn(3, 8, 10, 9)
+    strided = x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert not strided.is_contiguous()
+    dy = torch.randn(3, 8, 10, 9)
+    args = ([1, 1], [1, 1], [1, 1], 8)
+    for mask in ([True, True, False], [False, True, False], [True, False, False]):
+        a = torch.ops.convkit.conv2d_backward(dy, x, weight, *args, mask)
+        c = torch.ops.convkit.conv2d_backward(dy, strided, weight, *args, mask)
+        for u, v in zip(a, c):
+            torch.testing.assert_close(u, v, rtol=0, atol=0)
+    torch.testing.assert_close(torch.ops.convkit.conv2d_forward(strided, weight, None, *args),
+                               torch.ops.convkit.conv2d_forward(x, weight, None, *args),
+                               rtol=0, atol=0)
+
+
+def test_depthwise_gradcheck():
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    for stride in (1, 2):
+        assert torch.autograd.gradcheck(
+            lambda x_, w_, b_: convkit.conv2d(x_, w_, b_, stride, 1, groups=3), (x, weight, bias))
+
+
+@pytest.mark.parametrize("size", [16, 60], ids=["blocks", "planes"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_depthwise_same_bits_on_one_and_two_threads(stride, size):
+    """Planes and channels are each computed by one thread in a fixed order."""
+    x = torch.randn(5, 20, size, size)
+    weight = torch.randn(20, 1, 3, 3)
+    bias = torch.randn(20)
+    args = ([stride] * 2, [1, 1], [1, 1], 20)
+    dy = torch.randn_like(F.conv2d(x, weight, bias, stride, 1, groups=20))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            results.append((torch.ops.convkit.conv2d_forward(x, weight, bias, *args),)
+                           + torch.ops.convkit.conv2d_backward(dy, x, weight, *args,
+                                                               [True, True, True]))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_depthwise_multiplier_keeps_grouped_path():
+    """A channel multiplier > 1 (out_channels = 2 * groups) is not depthwise here."""
+    spec = (2, 8, 9, 9, 16, 3, 1, 1, 1, 8, None)
+    assert "depthwise" not in _plan(spec, torch.float32, [True, True])

@@ -23,6 +23,27 @@
 
 namespace convkit::cpu_conv2d {
 
+// depthwise.cpp: groups == in_channels == out_channels (depthwise_fits). The backward leaves
+// the bias gradient to the frame.
+template <typename scalar_t>
+void depthwise_forward(const at::Tensor& x, const at::Tensor& weight_acc,
+                       const at::Tensor& bias_acc, const Conv2dGeometry& g, at::Tensor& output);
+template <typename scalar_t>
+void depthwise_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight_acc,
+                        const Conv2dGeometry& g, bool need_input_grad, bool need_weight_grad,
+                        at::Tensor& grad_input, at::Tensor& grad_weight_acc);
+
+// depthwise_blocks.cpp: the same on small maps (depthwise_blocks_fit), 16 channels in the lanes.
+template <typename scalar_t>
+void depthwise_blocks_forward(const at::Tensor& x, const at::Tensor& weight_acc,
+                              const at::Tensor& bias_acc, const Conv2dGeometry& g,
+                              at::Tensor& output);
+template <typename scalar_t>
+void depthwise_blocks_backward(const at::Tensor& dy, const at::Tensor& x,
+                               const at::Tensor& weight_acc, const Conv2dGeometry& g,
+                               bool need_input_grad, bool need_weight_grad,
+                               at::Tensor& grad_input, at::Tensor& grad_weight_acc);
+
 // window.cpp: float and double only (acc_t == scalar_t).
 template <typename acc_t>
 void window_forward(const at::Tensor& x, const at::Tensor& weight_acc, const at::Tensor& bias_acc,

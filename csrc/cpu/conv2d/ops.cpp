@@ -49,6 +49,13 @@ void conv2d_forward_kernel(const at::Tensor& x, const at::Tensor& weight_acc,
   const ConvPlan plan = choose_forward(g, sizeof(acc_t), same_type);
   const TilePlan& p = plan.tiles;
   switch (plan.forward) {
+    case ConvPath::kDepthwise:
+      if (depthwise_blocks_fit(g, true)) {
+        depthwise_blocks_forward<scalar_t>(x, weight_acc, bias_acc, g, output);
+      } else {
+        depthwise_forward<scalar_t>(x, weight_acc, bias_acc, g, output);
+      }
+      return;
     case ConvPath::kWindow:
       if constexpr (same_type) window_forward<acc_t>(x, weight_acc, bias_acc, g, output);
       return;
@@ -92,6 +99,15 @@ bool conv2d_backward_kernel(const at::Tensor& dy, const at::Tensor& x, const at:
   // The paths come in these combinations only (choose_backward).
   const ConvPath path = plan.weight_grad != ConvPath::kNone ? plan.weight_grad : plan.input_grad;
   switch (path) {
+    case ConvPath::kDepthwise:
+      if (depthwise_blocks_fit(g, false)) {
+        depthwise_blocks_backward<scalar_t>(dy, x, weight_acc, g, need_input_grad,
+                                            need_weight_grad, grad_input, grad_weight_acc);
+      } else {
+        depthwise_backward<scalar_t>(dy, x, weight_acc, g, need_input_grad, need_weight_grad,
+                                     grad_input, grad_weight_acc);
+      }
+      return false;
     case ConvPath::kWindow:
       if constexpr (same_type) {
         window_backward<acc_t>(dy, x, weight_acc, g, need_input_grad, need_weight_grad,
