@@ -461,3 +461,24 @@ def test_depthwise_multiplier_keeps_grouped_path():
     """A channel multiplier > 1 (out_channels = 2 * groups) is not depthwise here."""
     spec = (2, 8, 9, 9, 16, 3, 1, 1, 1, 8, None)
     assert "depthwise" not in _plan(spec, torch.float32, [True, True])
+
+
+@pytest.mark.parametrize("size", [(11, 9), (63, 57)], ids=["blocks", "planes"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_depthwise_non_finite_input_propagates_like_torch(stride, size):
+    """Regression: the plane layout's weight gradient multiplied dY's zero borders by inputs
+    the tap does not read (the flat positions past a row's end), so an inf at a row's first
+    column made other taps of its channel NaN where torch's are finite."""
+    x = torch.randn(2, 4, *size, dtype=torch.float64)
+    x[1, 2, 5, 0] = float("inf")
+    x[0, 1, 3, -1] = float("-inf")
+    x[1, 3, 7, 4] = float("nan")
+    weight = torch.randn(4, 1, 3, 3, dtype=torch.float64)
+    args = ([stride] * 2, [1, 1], [1, 1], 4)
+    dy = torch.randn_like(F.conv2d(x, weight, None, stride, 1, groups=4))
+    ours = torch.ops.convkit.conv2d_backward(dy, x, weight, *args, [True, True, False])
+    x_t = x.clone().requires_grad_()
+    w_t = weight.clone().requires_grad_()
+    theirs = torch.autograd.grad(F.conv2d(x_t, w_t, None, stride, 1, groups=4), (x_t, w_t), dy)
+    for a, c in zip(ours[:2], theirs):
+        torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-10, equal_nan=True)

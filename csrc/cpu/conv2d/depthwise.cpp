@@ -12,14 +12,14 @@
 // ow >= out_w are computed and dropped): no per-row tails on 16-, 8- or 4-wide maps.
 //   forward       y[i] = b + sum_t w_t x_t[i]                               (sum_taps)
 //   weight grad   dw_t += sum_i dy[i] x_t[i], per plane in acc_t, over the batch in double
-//                 (dot_taps; dY is copied with zero borders, so positions ow >= out_w add 0)
+//                 (dot_taps; the positions ow >= out_w are masked out, not multiplied by
+//                 dY's zero borders: an inf there, an input the tap does not read, would add
+//                 0 * inf = NaN where torch's sum has no such term)
 //   input grad    per phase plane, dP[j] = sum over the phase's taps w_t dy_t[j] from the same
 //                 bordered dY (a stride-1 correlation: transposed convolution by phases), then
 //                 interleaved back into dX's rows (each dX element written once, no atomics)
 // Every plane is computed by one thread in a fixed order and the weight gradient of a channel
 // by the thread that owns the channel: results do not depend on the thread count.
-// Non-finite inputs: the weight gradient's dropped positions multiply dY's zero borders by
-// inputs that tap does not read, so an inf in X can turn other taps of its channel into NaN.
 // Floors: 9 FMAs per 16 outputs (a 3x3 kernel), so the layer is bound by memory: at
 // [8,128,56,56] the forward's 58 MFLOP take ~0.3 ms on two cores, reading X and writing Y
 // once (25.7 MB) 0.4-1.0 ms at 25-60 GB/s; it runs in 1.4-1.7 ms. The phase copies stay in
@@ -201,11 +201,12 @@ void sum_taps(const acc_t* src, const int64_t* offsets, const acc_t* weights, in
   }
 }
 
-// sums[t] = sum_i dy[i] * src[offsets[t] + i], i < len, N <= 9 taps in one pass: nine named
-// reductions, each its own vector accumulator (one shared sum would chain every FMA).
+// sums[t] = sum over i < len with valid[i] != 0 of dy[i] * src[offsets[t] + i], N <= 9 taps in
+// one pass: nine named reductions, each its own vector accumulator (one shared sum would chain
+// every FMA). The mask is a select, not a product: the skipped terms may be inf * 0.
 template <int N, typename acc_t>
-void dot_taps_n(const acc_t* __restrict dy, const acc_t* src, const int64_t* offsets, int64_t len,
-                acc_t* sums) {
+void dot_taps_n(const acc_t* __restrict dy, const acc_t* __restrict valid, const acc_t* src,
+                const int64_t* offsets, int64_t len, acc_t* sums) {
   const acc_t* p[kMaxTapsPerPass];
   for (int t = 0; t < kMaxTapsPerPass; ++t) p[t] = src + offsets[t < N ? t : 0];
   const acc_t *p0 = p[0], *p1 = p[1], *p2 = p[2], *p3 = p[3], *p4 = p[4], *p5 = p[5],
@@ -214,36 +215,48 @@ void dot_taps_n(const acc_t* __restrict dy, const acc_t* src, const int64_t* off
 #pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6, s7, s8)
   for (int64_t i = 0; i < len; ++i) {
     const acc_t d = dy[i];
-    s0 += d * p0[i];
-    if constexpr (N > 1) s1 += d * p1[i];
-    if constexpr (N > 2) s2 += d * p2[i];
-    if constexpr (N > 3) s3 += d * p3[i];
-    if constexpr (N > 4) s4 += d * p4[i];
-    if constexpr (N > 5) s5 += d * p5[i];
-    if constexpr (N > 6) s6 += d * p6[i];
-    if constexpr (N > 7) s7 += d * p7[i];
-    if constexpr (N > 8) s8 += d * p8[i];
+    const bool in = valid[i] != acc_t(0);
+    s0 += in ? d * p0[i] : acc_t(0);
+    if constexpr (N > 1) s1 += in ? d * p1[i] : acc_t(0);
+    if constexpr (N > 2) s2 += in ? d * p2[i] : acc_t(0);
+    if constexpr (N > 3) s3 += in ? d * p3[i] : acc_t(0);
+    if constexpr (N > 4) s4 += in ? d * p4[i] : acc_t(0);
+    if constexpr (N > 5) s5 += in ? d * p5[i] : acc_t(0);
+    if constexpr (N > 6) s6 += in ? d * p6[i] : acc_t(0);
+    if constexpr (N > 7) s7 += in ? d * p7[i] : acc_t(0);
+    if constexpr (N > 8) s8 += in ? d * p8[i] : acc_t(0);
   }
   const acc_t all[kMaxTapsPerPass] = {s0, s1, s2, s3, s4, s5, s6, s7, s8};
   for (int t = 0; t < N; ++t) sums[t] = all[t];
 }
 
 template <int N, typename acc_t>
-void dot_taps_dispatch(int64_t n, const acc_t* dy, const acc_t* src, const int64_t* offsets,
-                       int64_t len, acc_t* sums) {
+void dot_taps_dispatch(int64_t n, const acc_t* dy, const acc_t* valid, const acc_t* src,
+                       const int64_t* offsets, int64_t len, acc_t* sums) {
   if constexpr (N > 1) {
-    if (n < N) return dot_taps_dispatch<N - 1>(n, dy, src, offsets, len, sums);
+    if (n < N) return dot_taps_dispatch<N - 1>(n, dy, valid, src, offsets, len, sums);
   }
-  dot_taps_n<N>(dy, src, offsets, len, sums);
+  dot_taps_n<N>(dy, valid, src, offsets, len, sums);
 }
 
 template <typename acc_t>
-void dot_taps(const acc_t* dy, const acc_t* src, const int64_t* offsets, int64_t n, int64_t len,
-              acc_t* sums) {
+void dot_taps(const acc_t* dy, const acc_t* valid, const acc_t* src, const int64_t* offsets,
+              int64_t n, int64_t len, acc_t* sums) {
   for (int64_t first = 0; first < n; first += kMaxTapsPerPass) {
     const int64_t count = std::min<int64_t>(kMaxTapsPerPass, n - first);
-    dot_taps_dispatch<kMaxTapsPerPass>(count, dy, src, offsets + first, len, sums + first);
+    dot_taps_dispatch<kMaxTapsPerPass>(count, dy, valid, src, offsets + first, len,
+                                       sums + first);
   }
+}
+
+// 1 at the flat positions i < span that are outputs (i % row_stride < out_w), else 0.
+template <typename acc_t>
+std::vector<acc_t> output_mask(const Conv2dGeometry& g, const PhaseLayout& l) {
+  std::vector<acc_t> valid(l.span, acc_t(0));
+  for (int64_t i = 0; i < l.span; ++i) {
+    if (i / l.row_stride < g.out_h && i % l.row_stride < g.out_w) valid[i] = acc_t(1);
+  }
+  return valid;
 }
 
 // dst[iw] for iw < count from the two column phases of a row (stride 2): padded column
@@ -378,6 +391,8 @@ void depthwise_backward(const at::Tensor& dy, const at::Tensor& x, const at::Ten
   // By channel: a channel's weight gradient is summed over the batch by the thread that owns
   // it, in image order.
   const int64_t work = g.batch * (g.in_area() + g.out_area() * T);
+  const std::vector<acc_t> valid =
+      need_weight_grad ? output_mask<acc_t>(g, l) : std::vector<acc_t>();
   parallel_for_slots(0, C, grain_for(work), team, [&](int64_t begin, int64_t end, int64_t slot) {
     acc_t* bordered = buffer_base + slot * per_thread;
     acc_t* phases = bordered + l.dy_elems();
@@ -393,7 +408,8 @@ void depthwise_backward(const at::Tensor& dy, const at::Tensor& x, const at::Ten
         border_dy(dy_ptr + plane * g.out_area(), g, l, bordered);
         if (need_weight_grad) {
           split_phases(x_ptr + plane * g.in_area(), g, l, phases);
-          dot_taps(bordered + l.dy_origin(), phases, x_offsets.data(), T, l.span, sums);
+          dot_taps(bordered + l.dy_origin(), valid.data(), phases, x_offsets.data(), T, l.span,
+                   sums);
           for (int64_t t = 0; t < T; ++t) total[t] += static_cast<double>(sums[t]);
         }
         if (need_input_grad) {
