@@ -157,8 +157,8 @@ def chapter_conv_cases(batch: int) -> list[ConvCase]:
 def common_conv_cases(batch: int, only: Optional[Sequence[str]]) -> list[ConvCase]:
     """ResNet-18's convolutions from 56x56 down to 7x7 (no bias: batchnorm follows), a
     MobileNet-style depthwise 3x3 (and MobileNetV2's depthwise layers at stride 1 and 2, from
-    its 32x32 and, on 64x64 inputs, 16x16 and 4x4 maps), a bottleneck-style 1x1 and a
-    dilated 3x3."""
+    its 32x32 and, on 64x64 inputs, 16x16 and 4x4 maps), the two models' stems and
+    MobileNetV2's 1x1 expansions and projections, a bottleneck-style 1x1 and a dilated 3x3."""
     cases = [
         ConvCase("resnet18.layer1", batch, 64, 64, 56, 56, 3, 1, 1),
         ConvCase("resnet18.layer2.down", batch, 64, 128, 56, 56, 3, 2, 1),
@@ -174,6 +174,16 @@ def common_conv_cases(batch: int, only: Optional[Sequence[str]]) -> list[ConvCas
         ConvCase("mobilenetv2.dw96 16x16", batch, 96, 96, 16, 16, 3, 1, 1, groups=96),
         ConvCase("mobilenetv2.dw144 16x16 s2", batch, 144, 144, 16, 16, 3, 2, 1, groups=144),
         ConvCase("mobilenetv2.dw384 4x4", batch, 384, 384, 4, 4, 3, 1, 1, groups=384),
+        # The two models' other distinct shapes (ResNet-18 at 224x224, MobileNetV2 at 64x64):
+        # the 7x7 and 3x3 stems (first layers: no input gradient), 1x1 expansions and
+        # projections.
+        ConvCase("resnet18.stem 7x7", batch, 3, 64, 224, 224, 7, 2, 3, input_grad=False),
+        ConvCase("mobilenetv2.stem", batch, 3, 32, 64, 64, 3, 2, 1, input_grad=False),
+        ConvCase("mobilenetv2.expand16 32x32", batch, 16, 96, 32, 32, 1),
+        ConvCase("mobilenetv2.project96 16x16", batch, 96, 24, 16, 16, 1),
+        ConvCase("mobilenetv2.expand64 4x4", batch, 64, 384, 4, 4, 1),
+        ConvCase("mobilenetv2.project960 2x2", batch, 960, 320, 2, 2, 1),
+        ConvCase("mobilenetv2.head 2x2", batch, 320, 1280, 2, 2, 1),
         ConvCase("pointwise1x1", batch, 256, 128, 28, 28, 1),
         ConvCase("dilated3x3", batch, 64, 64, 28, 28, 3, 1, 2, dilation=2),
     ]
