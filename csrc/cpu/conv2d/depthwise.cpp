@@ -34,6 +34,7 @@
 
 #include "../parallel.h"
 #include "kernels.h"
+#include "simd.h"
 #include "tiles.h"
 
 namespace convkit::cpu_conv2d {
@@ -90,25 +91,6 @@ std::vector<Tap> make_taps(const Conv2dGeometry& g) {
     }
   }
   return taps;
-}
-
-// dst[j] = src[j * Stride] for j < count (Stride 1 and 2 as constants: the compiler
-// vectorises the de-interleave).
-template <int64_t Stride, typename src_t, typename dst_t>
-inline void copy_strided(const src_t* __restrict src, int64_t stride, int64_t count,
-                         dst_t* __restrict dst) {
-  const int64_t step = Stride > 0 ? Stride : stride;
-#pragma omp simd
-  for (int64_t j = 0; j < count; ++j) dst[j] = static_cast<dst_t>(src[j * step]);
-}
-
-template <typename src_t, typename dst_t>
-inline void copy_with_stride(const src_t* src, int64_t stride, int64_t count, dst_t* dst) {
-  switch (stride) {
-    case 1: copy_strided<1>(src, 1, count, dst); break;
-    case 2: copy_strided<2>(src, 2, count, dst); break;
-    default: copy_strided<0>(src, stride, count, dst); break;
-  }
 }
 
 // One input plane [H, W] into its phase planes, padding and slack written as zeros.

@@ -51,16 +51,6 @@ RowLayout make_row_layout(const Conv2dGeometry& g) {
   return r;
 }
 
-// dst[j] = src[j * Stride] for j < count; Stride 1 and 2 (the chapter's first layer) are
-// compile-time constants, which lets the compiler vectorise the de-interleave.
-template <int64_t Stride, typename scalar_t, typename acc_t>
-inline void copy_strided(const scalar_t* __restrict src, int64_t stride, int64_t count,
-                         acc_t* __restrict dst) {
-  const int64_t step = Stride > 0 ? Stride : stride;
-#pragma omp simd
-  for (int64_t j = 0; j < count; ++j) dst[j] = static_cast<acc_t>(src[j * step]);
-}
-
 // phases[(c * stride_w + ph) * plane + ih * width + j] = padded input (c, ih, j * stride_w + ph)
 // for the entries that hold input values. The rest (padding, slack) is the same for every
 // image: split_phases never writes it, so a buffer zeroed once per call keeps it zero.
@@ -78,11 +68,7 @@ void split_phases(const scalar_t* image, const Conv2dGeometry& g, const RowLayou
       for (int64_t ih = 0; ih < g.in_h; ++ih) {
         const scalar_t* src = image + (c * g.in_h + ih) * g.in_w + iw0;
         acc_t* dst = phases + (c * r.phases + ph) * plane + (ih + g.pad_h) * r.phase_width + j_begin;
-        switch (r.phases) {
-          case 1: copy_strided<1>(src, 1, j_end - j_begin, dst); break;
-          case 2: copy_strided<2>(src, 2, j_end - j_begin, dst); break;
-          default: copy_strided<0>(src, r.phases, j_end - j_begin, dst); break;
-        }
+        copy_with_stride(src, r.phases, j_end - j_begin, dst);
       }
     }
   }

@@ -12,6 +12,26 @@
 
 namespace convkit::cpu_conv2d {
 
+// dst[j] = src[j * Stride] for j < count. With Stride a constant (1 and 2: the strides
+// copy_with_stride picks) the compiler vectorises the de-interleave; Stride 0 reads `stride`.
+template <int64_t Stride, typename src_t, typename dst_t>
+inline void copy_strided(const src_t* __restrict src, int64_t stride, int64_t count,
+                         dst_t* __restrict dst) {
+  const int64_t step = Stride > 0 ? Stride : stride;
+#pragma omp simd
+  for (int64_t j = 0; j < count; ++j) dst[j] = static_cast<dst_t>(src[j * step]);
+}
+
+// copy_strided for a run-time stride, through the constant forms for 1 and 2.
+template <typename src_t, typename dst_t>
+inline void copy_with_stride(const src_t* src, int64_t stride, int64_t count, dst_t* dst) {
+  switch (stride) {
+    case 1: copy_strided<1>(src, 1, count, dst); break;
+    case 2: copy_strided<2>(src, 2, count, dst); break;
+    default: copy_strided<0>(src, stride, count, dst); break;
+  }
+}
+
 #if defined(__AVX512F__)
 // An empty asm that "changes" the value: GCC then cannot fold its load into each FMA that
 // uses it (it does with plain intrinsics, one zmm load per FMA where a core loads one or two
