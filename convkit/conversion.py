@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from convkit.functional import activation_arguments, activation_name
 from convkit.nn import (BatchNorm2d, BatchNormActivation2d, BatchNormReLU2d, Conv2d,
                         SyncBatchNorm)
 
@@ -98,13 +99,6 @@ def _has_hooks(module: nn.Module) -> bool:
     return any(getattr(module, name, None) for name in hooks)
 
 
-def _activation_name(activation: Activation) -> str:
-    name, alpha, beta = activation
-    if name == "hardtanh" and (alpha, beta) == (0.0, 6.0):
-        return "relu6"
-    return name
-
-
 def _fusable_batch_norm(module: nn.Module) -> bool:
     return (type(module) is BatchNorm2d and module.fused_activation[0] == "none"
             and not _has_hooks(module))
@@ -116,7 +110,7 @@ def _fuse(batch_norm: BatchNorm2d, activation: Activation, summary: FusionSummar
     else:
         batch_norm.__class__ = BatchNormActivation2d
         batch_norm.fused_activation = activation
-    summary.fused[_activation_name(activation)] += 1
+    summary.fused[activation_name(activation)] += 1
 
 
 def _identity_like(module: nn.Module) -> nn.Identity:
@@ -191,8 +185,6 @@ def _trace(module: nn.Module, training: bool) -> fx.Graph:
 def _function_activation(node: fx.Node) -> Optional[Activation]:
     """The activation a call_function/call_method node applies to its first argument, when
     its parameters are constants; else None."""
-    from convkit.functional import activation_arguments
-
     if node.op == "call_method":
         name = _ACTIVATION_METHODS.get(node.target)
         if name is None or len(node.args) != 1 or node.kwargs:
@@ -217,10 +209,15 @@ def _function_activation(node: fx.Node) -> Optional[Activation]:
                                 max_val=values.get("max_val", 1.0))
 
 
-def _fx_pairs(module: nn.Module, graph: fx.Graph, references: collections.Counter):
+def _module_calls(graph: fx.Graph) -> collections.Counter:
+    """How many times the traced code calls each submodule (by target)."""
+    return collections.Counter(n.target for n in graph.nodes if n.op == "call_module")
+
+
+def _fx_pairs(module: nn.Module, graph: fx.Graph, references: collections.Counter,
+              calls: collections.Counter):
     """(batch-norm node, its batch norm, activation node, activation, activation module or
     None) for each fusable pair of the traced graph."""
-    calls = collections.Counter(n.target for n in graph.nodes if n.op == "call_module")
     pairs = []
     for node in graph.nodes:
         if node.op != "call_module" or calls[node.target] != 1 or len(node.users) != 1:
@@ -265,9 +262,10 @@ class FusedForward(fx.GraphModule):
     uses)."""
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "FusedForward":
-        state = copy.deepcopy(dict(self.__dict__), memo)
+        # fx's copy first: it puts the copy in the memo, so the state copied next shares its
+        # submodules and a reference back to this module resolves to the copy.
         copied = super().__deepcopy__(memo)
-        _restore_state(copied, state)
+        _restore_state(copied, copy.deepcopy(dict(self.__dict__), memo))
         return copied
 
     def __reduce__(self):
@@ -306,13 +304,13 @@ def _fuse_forward_code(module: nn.Module, references: collections.Counter,
         summary.untraced.append(
             f"{qualified_name or 'the model'} ({type(module).__name__}, mode-dependent forward)")
         return None
-    pairs = _fx_pairs(module, graph, references)
+    calls = _module_calls(graph)
+    pairs = _fx_pairs(module, graph, references, calls)
     if not pairs:
         return None
-    activation_calls = collections.Counter(n.target for n in graph.nodes if n.op == "call_module")
     rewrite = False
     for node, batch_norm, user, activation, activation_module in pairs:
-        keeps_module = (activation_module is not None and activation_calls[user.target] == 1
+        keeps_module = (activation_module is not None and calls[user.target] == 1
                         and references[id(activation_module)] == 1)
         if not keeps_module and (references[id(module)] != 1 or _has_hooks(module)):
             continue  # its code cannot change: reached elsewhere, or hooked
@@ -429,7 +427,7 @@ def fusion_summary(model: nn.Module) -> FusionSummary:
         if isinstance(module, (BatchNorm2d, SyncBatchNorm)):
             summary.converted += 1
             if activation is not None and activation[0] != "none":
-                summary.fused[_activation_name(activation)] += 1
+                summary.fused[activation_name(activation)] += 1
         elif isinstance(module, Conv2d):
             summary.converted += 1
         if isinstance(module, FusedForward):

@@ -307,6 +307,15 @@ def batch_norm_activation(
                        spec)
 
 
+def activation_name(activation: tuple[str, float, float]) -> str:
+    """The user-facing name of a fused activation in the ops' form (activation_arguments'
+    inverse, less the parameters): "relu6" for hardtanh(0, 6), else the kernel name."""
+    name, alpha, beta = activation
+    if name == "hardtanh" and (alpha, beta) == (0.0, 6.0):
+        return "relu6"
+    return name
+
+
 _NO_ACTIVATION = ("none", 0.0, 0.0)
 _RELU = ("relu", 0.0, 0.0)
 ACTIVATION_NAMES = ("none", "relu", "relu6", "hardtanh", "leaky_relu", "silu", "hardswish")

@@ -98,9 +98,10 @@ def _local_arguments(module: nn.modules.batchnorm._BatchNorm) -> tuple:
 
 
 def _activation_repr(activation: tuple[str, float, float]) -> str:
-    name, alpha, beta = activation
+    name = functional.activation_name(activation)
+    _, alpha, beta = activation
     if name == "hardtanh":
-        return "relu6" if (alpha, beta) == (0.0, 6.0) else f"hardtanh(min_val={alpha}, max_val={beta})"
+        return f"hardtanh(min_val={alpha}, max_val={beta})"
     if name == "leaky_relu":
         return f"leaky_relu(negative_slope={alpha})"
     return name
