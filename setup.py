@@ -1,17 +1,21 @@
-"""Builds convkit._C, the C++ (and, where available, CUDA) kernels of convkit.
+"""Builds convkit._C (the ops, their autograd, the CUDA kernels where available, the CUDA
+emulator) and convkit._cpu_<capability>, the CPU kernels of csrc/cpu/ compiled once per
+instruction set, of which `import convkit` loads the best this CPU runs.
 
 CPU-only by default. The CUDA sources in csrc/cuda/ are added when a CUDA toolkit is found
 (CUDA_HOME, else the toolkit of the nvcc on PATH) and either a GPU is visible or FORCE_CUDA=1
 is set. The same CUDA code is always also compiled for the CPU against the CUDA emulator
 (csrc/cuda_emu/), which the tests use on machines without a GPU. DEBUG=1 builds with -O0 -g.
-The C++ is compiled for the building machine's CPU (-march=native: AVX2/AVX-512 in the
-kernels' loops); CONVKIT_MARCH=<arch> picks another -march, CONVKIT_MARCH=none none at all
-(a build to copy to other machines).
+On x86-64 the CPU kernels are built for avx512 (x86-64-v4), avx2 (x86-64-v3) and default
+(x86-64): one build runs on any x86-64, whatever the machine that built it, and picks at
+run time (CONVKIT_CPU_CAPABILITY overrides). CONVKIT_CPU_CAPABILITIES=avx512,default (say)
+builds fewer, for a faster development build; elsewhere only default is built.
 """
 from __future__ import annotations
 
 import glob
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -131,24 +135,60 @@ def emulator_include_dirs() -> list[str]:
             if os.path.isfile(os.path.join(path, "cuda_fp16.h"))][:1]
 
 
-def march_flags() -> list[str]:
-    """-march for the C++ sources: the host's CPU unless CONVKIT_MARCH says otherwise."""
-    march = os.environ.get("CONVKIT_MARCH", "native").strip()
-    if march.lower() in ("", "none", "0", "off"):
-        return []
-    return [f"-march={march}"]
+# The CPU kernels' instruction sets: the flags of each (convkit/cpu_kernels.py picks among
+# those built, best first, with the checks of csrc/cpu_kernels.cpp's cpu_supports).
+X86_CPU_CAPABILITIES = {
+    "avx512": ["-march=x86-64-v4", "-mtune=generic"],
+    "avx2": ["-march=x86-64-v3", "-mtune=generic"],
+    "default": ["-march=x86-64", "-mtune=generic"],
+}
 
 
-def make_extension():
-    debug = env_flag("DEBUG")
+def is_x86_64() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def cpu_capabilities() -> dict[str, list[str]]:
+    """The capabilities to build the CPU kernels for, and their flags: all three on x86-64 (or
+    those CONVKIT_CPU_CAPABILITIES names), only default elsewhere."""
+    if "CONVKIT_MARCH" in os.environ:
+        raise RuntimeError(
+            "CONVKIT_MARCH is no longer read: the CPU kernels are built for avx512, avx2 and "
+            "default in one build and picked at run time (CONVKIT_CPU_CAPABILITY=avx2 "
+            "overrides); CONVKIT_CPU_CAPABILITIES=avx512,default builds fewer. Unset it."
+        )
+    if not is_x86_64():
+        return {"default": []}
+    wanted = os.environ.get("CONVKIT_CPU_CAPABILITIES", "").strip()
+    if not wanted:
+        return dict(X86_CPU_CAPABILITIES)
+    names = [name.strip() for name in wanted.split(",") if name.strip()]
+    unknown = [name for name in names if name not in X86_CPU_CAPABILITIES]
+    if unknown or "default" not in names:
+        raise RuntimeError(
+            f"CONVKIT_CPU_CAPABILITIES must list some of avx512, avx2, default (comma-separated, "
+            f"default always among them: every CPU runs it), but got '{wanted}'"
+        )
+    return {name: X86_CPU_CAPABILITIES[name] for name in X86_CPU_CAPABILITIES if name in names}
+
+
+def common_cxx_flags(debug: bool) -> list[str]:
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # -fno-trapping-math: the loops' clamps and selects (ReLU6, Hardswish, exp's range
     # reduction) vectorise only when a comparison may not raise a floating-point exception;
     # no convkit code reads the exception flags, and no value changes.
-    cxx_flags = opt + ["-fopenmp", "-fno-trapping-math", "-DCONVKIT_PYTHON_MODULE"] + march_flags()
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp")
-                     + glob.glob("csrc/cpu/conv2d/*.cpp")
-                     + glob.glob("csrc/cuda_emu/*.cpp"))
+    return opt + ["-fopenmp", "-fno-trapping-math", "-DCONVKIT_PYTHON_MODULE"]
+
+
+def make_ops_extension():
+    """convkit._C: everything but csrc/cpu/, compiled for the baseline of the target (it runs
+    on every CPU the package is installed on)."""
+    debug = env_flag("DEBUG")
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    cxx_flags = common_cxx_flags(debug)
+    if is_x86_64():
+        cxx_flags += X86_CPU_CAPABILITIES["default"]
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cuda_emu/*.cpp"))
     for path in emulator_include_dirs():
         cxx_flags += ["-isystem", path]
     # The CUDA kernels, also compiled for the emulator, carry nvcc's `#pragma unroll`.
@@ -187,7 +227,43 @@ def make_extension():
     )
 
 
+def make_cpu_kernel_extension(capability: str, flags: list[str]):
+    """convkit._cpu_<capability>: csrc/cpu/ compiled with `flags`. Hidden visibility keeps its
+    inline code (ours, ATen's, the standard library's, compiled for this instruction set) to
+    itself: see csrc/cpu_kernel_table.h."""
+    cxx_flags = common_cxx_flags(env_flag("DEBUG")) + flags + [
+        f"-DCONVKIT_CPU_CAPABILITY={capability}",
+        "-fvisibility=hidden",
+        "-fvisibility-inlines-hidden",
+    ]
+    sources = sorted(glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/cpu/conv2d/*.cpp"))
+    return CppExtension(
+        f"convkit._cpu_{capability}",
+        sources,
+        include_dirs=[os.path.join(HERE, "csrc")],
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=["-fopenmp"],
+    )
+
+
+class BuildExtensions(BuildExtension.with_options(use_ninja=True)):
+    """torch's BuildExtension with one object folder per extension: the kernel modules compile
+    the same sources with different flags, which would otherwise overwrite each other's objects
+    (and rebuild them all on every build)."""
+
+    def build_extension(self, ext) -> None:
+        shared_build_temp = self.build_temp
+        self.build_temp = os.path.join(shared_build_temp, ext.name)
+        try:
+            super().build_extension(ext)
+        finally:
+            self.build_temp = shared_build_temp
+
+
 setup(
-    ext_modules=[make_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    ext_modules=[make_ops_extension()] + [
+        make_cpu_kernel_extension(capability, flags)
+        for capability, flags in cpu_capabilities().items()
+    ],
+    cmdclass={"build_ext": BuildExtensions},
 )

@@ -10,7 +10,9 @@ from convkit import cuda_emulation, functional, nn  # noqa: F401
 from convkit.cuda_emulation import emulated_cuda  # noqa: F401
 from convkit.functional import batch_norm, batch_norm_relu, conv2d  # noqa: F401
 from convkit.ops import cpu_cache_bytes, empty_cpu_cache  # noqa: F401
+from convkit.cpu_kernels import cpu_capabilities, cpu_capability, set_cpu_capability  # noqa: F401
 
 __version__ = "0.1.0"
 __all__ = ["conv2d", "batch_norm", "batch_norm_relu", "cpu_cache_bytes", "empty_cpu_cache",
-           "emulated_cuda", "cuda_emulation", "functional", "nn", "ops", "autograd"]
+           "cpu_capability", "cpu_capabilities", "set_cpu_capability", "emulated_cuda",
+           "cuda_emulation", "functional", "nn", "ops", "autograd"]

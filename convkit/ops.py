@@ -22,6 +22,7 @@ except ImportError as error:  # pragma: no cover - only without a build
         "`pip install -e .` from the project's root (or `pip install --no-build-isolation "
         "-e .` to build against the torch already installed). Original error: " + str(error)
     ) from error
+from convkit import cpu_kernels  # noqa: E402,F401  (installs this CPU's kernels for the CPU ops)
 
 _ops = torch.ops.convkit
 # Each op has one overload; calling it directly skips the packet's overload resolution

@@ -6,7 +6,7 @@
 //                             together), MiB > 0; default 64
 //   CONVKIT_CPU_CACHE_MB      bytes the CPU block cache may keep in free blocks, MiB >= 0
 //                             (0 turns it off); default 64
-//   CONVKIT_CPU_GEMM          "own" (default: our packed GEMM on AVX-512 builds, the BLAS
+//   CONVKIT_CPU_GEMM          "own" (default: our packed GEMM in the avx512 kernels, the BLAS
 //                             elsewhere) or "blas"
 //   CONVKIT_CPU_JUNK_FILL     "1": every tensor from the CPU block cache starts as 0xff bytes
 //                             (NaN), so a kernel that reads what it did not write fails loudly

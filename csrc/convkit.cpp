@@ -1,15 +1,13 @@
 // Every convkit operator schema, in one place. Kernels are registered per device in
-// csrc/cpu/*.cpp (and csrc/cuda/*.cu); the autograd of the conv and batch-norm ops in
-// csrc/autograd.cpp, that of im2col/col2im and every fake kernel from Python
-// (convkit/autograd.py, convkit/ops.py).
+// csrc/cpu_kernels.cpp (which calls the CPU kernels of csrc/cpu/, built per instruction set)
+// and csrc/cuda/*.cu; the autograd of the conv and batch-norm ops in csrc/autograd.cpp, that
+// of im2col/col2im and every fake kernel from Python (convkit/autograd.py, convkit/ops.py).
 //
 // The forward ops are functional (they mutate nothing); the in-place running-statistics
 // update of batch norm is an op of its own, batch_norm_update_stats, which needs no gradient.
 #include <torch/library.h>
 
-#include "column_buffer.h"
-#include "cpu/block_cache.h"
-#include "cpu/conv2d/path.h"
+#include "cpu_kernel_table.h"
 #include "cuda_emu/routing.h"
 #include "cuda_emu/self_test.h"
 
@@ -78,7 +76,7 @@ TORCH_LIBRARY(convkit, m) {
       "str activation, float alpha, float beta) -> Tensor");
   // Bytes of the largest conv column buffer since the last reset (all threads' tiles
   // together): what CONVKIT_COLUMN_BUDGET_MB bounds. Device-independent bookkeeping.
-  m.def("column_buffer_peak_bytes(bool reset=False) -> int", &convkit::column_buffer_peak_bytes);
+  m.def("column_buffer_peak_bytes(bool reset=False) -> int", &convkit::peak_column_buffer_bytes);
   // The CPU block cache (csrc/cpu/block_cache.cpp), which keeps the CPU ops' large freed
   // blocks mapped for reuse: the bytes its free blocks hold, and a call that returns them all.
   // Which CPU conv2d paths (csrc/cpu/conv2d/path.h) these arguments take, with this thread's
@@ -87,14 +85,19 @@ TORCH_LIBRARY(convkit, m) {
   m.def(
       "conv2d_cpu_plan(Tensor input, Tensor weight, int[2] stride, int[2] padding, "
       "int[2] dilation, int groups, bool[2] gradient_mask) -> (str, str, str)",
-      &convkit::cpu_conv2d::conv2d_cpu_plan);
+      &convkit::active_conv2d_cpu_plan);
   // The CPU conv kernels' GEMM (csrc/cpu/gemm.h) on its own: alpha * op(a) @ op(b) + beta * c
   // as a new tensor, a and b row-major with any leading dimension. A test aid (CPU only).
   m.def(
       "cpu_gemm(Tensor a, Tensor b, Tensor c, bool transpose_a, bool transpose_b, float alpha, "
       "float beta) -> Tensor");
-  m.def("cpu_cache_bytes() -> int", &convkit::cpu_cache_bytes);
-  m.def("empty_cpu_cache() -> ()", &convkit::empty_cpu_cache);
+  m.def("cpu_cache_bytes() -> int", &convkit::all_cpu_cache_bytes);
+  m.def("empty_cpu_cache() -> ()", &convkit::empty_all_cpu_caches);
+  // The CPU kernels in use (csrc/cpu_kernel_table.h): the instruction set they were compiled
+  // for ("avx512", "avx2", "default"; "" before convkit's Python package loads them), and
+  // whether this CPU runs a capability's instructions.
+  m.def("cpu_capability() -> str", &convkit::cpu_capability);
+  m.def("cpu_supports(str capability) -> bool", &convkit::cpu_supports);
   // CUDA emulation (csrc/cuda_emu/): while enabled in the calling thread, the ops above run
   // their CUDA kernels and host code on CPU tensors under the emulator, with the schedule seed
   // and a bound on grid-stride launches' blocks. The state reads back (enabled, seed,
@@ -112,8 +115,36 @@ TORCH_LIBRARY(convkit, m) {
 #ifdef CONVKIT_PYTHON_MODULE
 // `import convkit._C` loads this shared library, which runs the registrations above; the
 // module itself is empty (the ops live in torch.ops.convkit).
+namespace {
+
+// _C._install_cpu_kernels(capsule): installs the CpuKernelTable a kernel module
+// (convkit._cpu_<capability>) hands out as its `kernel_table` capsule, and makes it the one the
+// CPU ops call (convkit/cpu_kernels.py).
+PyObject* install_cpu_kernels_from_capsule(PyObject* /*module*/, PyObject* capsule) {
+  void* table = PyCapsule_GetPointer(capsule, "convkit.CpuKernelTable");
+  if (table == nullptr) return nullptr;  // PyCapsule_GetPointer set a Python error
+  try {
+    convkit::install_cpu_kernels(static_cast<const convkit::CpuKernelTable*>(table));
+  } catch (const c10::Error& error) {
+    PyErr_SetString(PyExc_RuntimeError, error.what_without_backtrace());
+    return nullptr;
+  } catch (const std::exception& error) {
+    PyErr_SetString(PyExc_RuntimeError, error.what());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+PyMethodDef module_methods[] = {
+    {"_install_cpu_kernels", install_cpu_kernels_from_capsule, METH_O,
+     "Installs a convkit._cpu_<capability> module's kernel_table and makes it the one in use."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
+                                          module_methods};
   return PyModule_Create(&module_def);
 }
 #endif

@@ -1,6 +1,6 @@
 """The CPU conv kernels' GEMM (csrc/cpu/gemm.h) held directly against torch.mm.
 
-Our packed GEMM (csrc/cpu/packed_gemm.h, AVX-512 builds) multiplies 12-row panels of op(A)
+Our packed GEMM (csrc/cpu/packed_gemm.h, in the avx512 kernels) multiplies 12-row panels of op(A)
 by 32-column panels of op(B) in depth blocks of 256, with a one-vector kernel for a last
 panel of <= 16 columns; the shapes below sit on and around each of those edges, with K = 0
 and 1, depths over several blocks, every transpose, leading dimensions wider than the

@@ -98,8 +98,9 @@ def render_report(out: Path, results: dict) -> str:
     if env:
         lines += [
             f"Machine: {env.get('cpu', '?')} ({env.get('cpu_count', '?')} cores, torch threads: "
-            f"{env.get('threads', '?')}); torch {env.get('torch', '?')}, convkit {env.get('convkit', '?')}, "
-            f"Python {env.get('python', '?')}; last run {env.get('date', '?')}.",
+            f"{env.get('threads', '?')}); torch {env.get('torch', '?')}, convkit {env.get('convkit', '?')} "
+            f"({env.get('cpu_kernels', '?')} CPU kernels), Python {env.get('python', '?')}; "
+            f"last run {env.get('date', '?')}.",
             "",
         ]
     lines += [

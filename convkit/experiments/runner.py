@@ -123,6 +123,7 @@ def _environment() -> dict:
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "cpu": cpu,
+        "cpu_kernels": convkit.cpu_capability(),
         "cpu_count": os.cpu_count(),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }

@@ -44,7 +44,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
-#include <torch/library.h>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -62,8 +61,7 @@
 
 #include "../batch_norm.h"
 #include "../checks.h"
-#include "../cuda_emu/emulated_ops.h"
-#include "../cuda_emu/routing.h"
+#include "../cpu_kernel_table.h"
 #include "batch_norm_planes.h"
 #include "batch_norm_rows.h"
 #include "batch_norm_tensors.h"
@@ -333,15 +331,11 @@ void batch_norm_update_stats_cpu(const at::Tensor& running_mean, const at::Tenso
 
 }  // namespace
 
-// While CUDA emulation is on in the calling thread, each op runs its CUDA code on the CPU
-// instead (csrc/cuda_emu/routing.h).
-TORCH_LIBRARY_IMPL(convkit, CPU, m) {
-  m.impl("batch_norm_forward",
-         &RoutedKernel<&batch_norm_forward_cpu, &emulated_cuda::batch_norm_forward>::call);
-  m.impl("batch_norm_backward",
-         &RoutedKernel<&batch_norm_backward_cpu, &emulated_cuda::batch_norm_backward>::call);
-  m.impl("batch_norm_update_stats",
-         &RoutedKernel<&batch_norm_update_stats_cpu, &emulated_cuda::batch_norm_update_stats>::call);
+// convkit._C registers these for the CPU dispatch key (cpu_kernels.cpp).
+void add_batch_norm_kernels(CpuKernelTable& table) {
+  table.batch_norm_forward = &batch_norm_forward_cpu;
+  table.batch_norm_backward = &batch_norm_backward_cpu;
+  table.batch_norm_update_stats = &batch_norm_update_stats_cpu;
 }
 
 }  // namespace convkit

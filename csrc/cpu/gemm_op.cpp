@@ -1,14 +1,14 @@
-// convkit::cpu_gemm: the CPU conv kernels' GEMM (gemm.h: our packed GEMM on AVX-512 builds
+// convkit::cpu_gemm: the CPU conv kernels' GEMM (gemm.h: our packed GEMM in the avx512 kernels
 // unless CONVKIT_CPU_GEMM=blas, the BLAS otherwise) as an op of its own, so that tests can
 // hold it against torch.mm on the shapes that stress it (partial 12 x 32 tiles, K = 1, depths
 // beyond a block, leading dimensions wider than the matrix) without going through a conv.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
-#include <torch/library.h>
 
 #include <cstdint>
 
+#include "../cpu_kernel_table.h"
 #include "gemm.h"
 
 namespace convkit {
@@ -64,6 +64,7 @@ at::Tensor cpu_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& 
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(convkit, CPU, m) { m.impl("cpu_gemm", &cpu_gemm); }
+// convkit._C registers it for the CPU dispatch key (cpu_kernels.cpp).
+void add_gemm_kernels(CpuKernelTable& table) { table.cpu_gemm = &cpu_gemm; }
 
 }  // namespace convkit

@@ -20,7 +20,6 @@
 #include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -30,8 +29,7 @@
 
 #include "../batch_norm.h"
 #include "../checks.h"
-#include "../cuda_emu/emulated_ops.h"
-#include "../cuda_emu/routing.h"
+#include "../cpu_kernel_table.h"
 #include "batch_norm_planes.h"
 #include "batch_norm_rows.h"
 #include "batch_norm_tensors.h"
@@ -250,20 +248,12 @@ at::Tensor batch_norm_backward_elemt_cpu(const at::Tensor& grad_output, const at
 
 }  // namespace
 
-// While CUDA emulation is on in the calling thread, each op runs its CUDA code on the CPU
-// instead (csrc/cuda_emu/routing.h).
-TORCH_LIBRARY_IMPL(convkit, CPU, m) {
-  m.impl("batch_norm_stats",
-         &RoutedKernel<&batch_norm_stats_cpu, &emulated_cuda::batch_norm_stats>::call);
-  m.impl("batch_norm_combine_stats",
-         &RoutedKernel<&batch_norm_combine_stats_cpu,
-                       &emulated_cuda::batch_norm_combine_stats>::call);
-  m.impl("batch_norm_backward_reduce",
-         &RoutedKernel<&batch_norm_backward_reduce_cpu,
-                       &emulated_cuda::batch_norm_backward_reduce>::call);
-  m.impl("batch_norm_backward_elemt",
-         &RoutedKernel<&batch_norm_backward_elemt_cpu,
-                       &emulated_cuda::batch_norm_backward_elemt>::call);
+// convkit._C registers these for the CPU dispatch key (cpu_kernels.cpp).
+void add_sync_batch_norm_kernels(CpuKernelTable& table) {
+  table.batch_norm_stats = &batch_norm_stats_cpu;
+  table.batch_norm_combine_stats = &batch_norm_combine_stats_cpu;
+  table.batch_norm_backward_reduce = &batch_norm_backward_reduce_cpu;
+  table.batch_norm_backward_elemt = &batch_norm_backward_elemt_cpu;
 }
 
 }  // namespace convkit

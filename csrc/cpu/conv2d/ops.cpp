@@ -1,7 +1,8 @@
 // The CPU conv2d ops: conv2d_forward and conv2d_backward (argument checks, the weights in
 // the compute type, the path of path.h and its kernel), the bias gradient, and im2col/col2im
-// with F.unfold/F.fold's semantics. Registered for the CPU dispatch key, each routed to its
-// CUDA code under the emulator while CUDA emulation is on in the calling thread.
+// with F.unfold/F.fold's semantics. convkit._C registers them for the CPU dispatch key through
+// the kernel table (csrc/cpu_kernels.cpp), each routed to its CUDA code under the emulator
+// while CUDA emulation is on in the calling thread.
 // Floors, the chapter CNN at N=512, fp32 (FLOPs of the forward; the weight and input gradients
 // cost as much each; "MB" = input + output read/written once):
 //   layer           GFLOP fwd   MB fwd   columns (im2col)   path
@@ -18,7 +19,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
-#include <torch/library.h>
 
 #include <array>
 #include <optional>
@@ -29,8 +29,7 @@
 #include "../../checks.h"
 #include "../../conv2d_op_frame.h"
 #include "../../conv2d.h"
-#include "../../cuda_emu/emulated_ops.h"
-#include "../../cuda_emu/routing.h"
+#include "../../cpu_kernel_table.h"
 #include "../block_cache.h"
 #include "../parallel.h"
 #include "kernels.h"
@@ -308,16 +307,14 @@ std::tuple<std::string, std::string, std::string> conv2d_cpu_plan(
 
 namespace convkit {
 
-// While CUDA emulation is on in the calling thread, each op runs its CUDA code on the CPU
-// instead (csrc/cuda_emu/routing.h).
-TORCH_LIBRARY_IMPL(convkit, CPU, m) {
+// convkit._C registers these for the CPU dispatch key (cpu_kernels.cpp).
+void add_conv2d_kernels(CpuKernelTable& table) {
   using namespace cpu_conv2d;
-  m.impl("conv2d_forward",
-         &RoutedKernel<&conv2d_forward_cpu, &emulated_cuda::conv2d_forward>::call);
-  m.impl("conv2d_backward",
-         &RoutedKernel<&conv2d_backward_cpu, &emulated_cuda::conv2d_backward>::call);
-  m.impl("im2col", &RoutedKernel<&im2col_cpu, &emulated_cuda::im2col>::call);
-  m.impl("col2im", &RoutedKernel<&col2im_cpu, &emulated_cuda::col2im>::call);
+  table.conv2d_forward = &conv2d_forward_cpu;
+  table.conv2d_backward = &conv2d_backward_cpu;
+  table.im2col = &im2col_cpu;
+  table.col2im = &col2im_cpu;
+  table.conv2d_cpu_plan = &conv2d_cpu_plan;
 }
 
 }  // namespace convkit
