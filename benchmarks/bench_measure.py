@@ -380,9 +380,11 @@ def _training_step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Cal
     return step
 
 
-def bench_training_step(bn: bool, batch: int, device: torch.device, clock: Clock) -> Row:
+def bench_training_step(bn: bool, batch: int, device: torch.device, clock: Clock,
+                        memory: bool = True) -> Row:
     """One row: a training step of the chapter CNN (with or without batchnorm) at `batch`,
-    convkit.nn.convert(model) against the same torch model (default and im2col convs)."""
+    convkit.nn.convert(model) against the same torch model (default and im2col convs); with
+    `memory`, also the memory over a longer run (memory_over_steps)."""
     torch_model = simple_cnn(norm="batch" if bn else None).to(device).train()
     convkit_model = convkit.nn.convert(torch_model)
     x = torch.randn(batch, 1, 28, 28, device=device)
@@ -400,7 +402,8 @@ def bench_training_step(bn: bool, batch: int, device: torch.device, clock: Clock
             _training_step_fn(torch_model, x, y),
             _inside_im2col_backend(device, im2col_step),
         ])
-        row.extra.update(memory_over_steps(convkit_model, x, y, device))
+        if memory:
+            row.extra.update(memory_over_steps(convkit_model, x, y, device))
     return row
 
 

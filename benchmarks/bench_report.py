@@ -17,6 +17,8 @@ SECTION_TITLES = {
     "conv common": "conv2d: common layers",
     "batchnorm_act": "BatchNorm+activation: fused (convkit) vs F.batch_norm + F.<activation> (torch)",
     "training_step": "Training step: forward, cross-entropy, backward, Adam",
+    "capabilities": ("Training step on the CPU kernels of the other instruction sets this CPU "
+                     "runs (convkit.set_cpu_capability), against the same oneDNN layers"),
     "models": ("Real models (torchvision, random weights): convkit.nn.convert(model) vs the "
                "torch model, SGD training step and eval forward"),
     "sync_bn": ("Synchronised BatchNorm+ReLU training step (forward + backward) on 2 gloo "

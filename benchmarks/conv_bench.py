@@ -15,6 +15,9 @@ What it measures (float32, on the CPU or with ``--device cuda`` on a GPU):
   * One training step (forward, cross-entropy, backward, Adam step) of the chapter's CNN at
     batch 512, with and without batchnorm: ``convkit.nn.convert(model)`` against the torch
     model it was converted from.
+  * The same training step on the CPU kernels of each other instruction set this CPU runs
+    (convkit's avx2 and default builds of csrc/cpu/ on an AVX-512 machine), against the same
+    oneDNN layers: what a user on an older CPU gets.
   * Real models: torchvision's ResNet-18 (batch 32 at 64x64, batch 8 at 224x224) and
     MobileNetV2 (batch 32 at 64x64), an SGD training step and an eval forward, convkit.nn.convert
     against the torch model (``--no-models`` leaves them out; needs torchvision).
@@ -47,6 +50,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
+
+import convkit
 
 # benchmarks/ is a folder of scripts, not a package, so the modules beside this one are
 # imported by name. Python puts a script's own folder on sys.path, but not when the file is
@@ -141,6 +146,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"ratio = convkit / PyTorch (< 1: convkit faster)")
     im2col_text = "cuDNN off" if device.type == "cuda" else "oneDNN and NNPACK off: slow_conv2d"
     print(f"torch = F.conv2d default backend; im2col = F.conv2d with {im2col_text}")
+    print(f"convkit CPU kernels: {convkit.cpu_capability()} (this CPU runs "
+          f"{', '.join(convkit.cpu_capabilities())}; CONVKIT_CPU_CAPABILITY picks)")
     started = time.perf_counter()
     cpu_share = CpuShare()
 
@@ -154,6 +161,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         section_started = time.perf_counter()
         rows = []
         for row in produce():
+            if device.type == "cpu":
+                row.extra.setdefault("cpu_capability", convkit.cpu_capability())
             print_row(row, im2col)
             rows.append(row)
         print(f"({time.perf_counter() - section_started:.0f} s)")
@@ -179,12 +188,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for bn in (True, False):
                 yield bench_training_step(bn, batch, device, clock)
 
+    def capability_rows() -> Iterator[Row]:
+        in_use = convkit.cpu_capability()
+        try:
+            for capability in convkit.cpu_capabilities():
+                if capability == in_use:
+                    continue
+                convkit.set_cpu_capability(capability)
+                for bn in (True, False):
+                    row = bench_training_step(bn, config.training_batches[0], device, clock,
+                                              memory=False)
+                    row.name = f"{row.name} [{capability}]"
+                    row.extra["cpu_capability"] = capability
+                    yield row
+        finally:
+            convkit.set_cpu_capability(in_use)
+
     run_section("conv chapter", "GFLOP/s", chapter_rows)
     run_section("conv common", "GFLOP/s", common_rows)
     print(f"\ncopy bandwidth (dst.copy_(src), {config.copy_mib} MiB, read + write): "
           f"{copy_gbps:.1f} GB/s")
     run_section("batchnorm_act", "GB/s", bn_rows)
     run_section("training_step", "img/s", training_rows)
+    if device.type == "cpu" and len(convkit.cpu_capabilities()) > 1:
+        run_section("capabilities", "img/s", capability_rows)
     if not args.no_models:
         missing = torchvision_missing()
         if missing:

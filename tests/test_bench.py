@@ -99,6 +99,12 @@ def test_quick_tiny_run_writes_json_and_plot(tmp_path):
             assert row["ms_torch_im2col"] is None and row["processes"] == 2
         else:
             assert row["ms_torch_im2col"] > 0, row
+    # Every row says which CPU kernels convkit ran; the training step again on each other
+    # capability this CPU runs.
+    assert {row["cpu_capability"] for row in rows} == set(convkit.cpu_capabilities())
+    others = [row["cpu_capability"] for row in rows
+              if row["cpu_capability"] != convkit.cpu_capability()]
+    assert sorted(others) == sorted(2 * convkit.cpu_capabilities()[1:])
     conv_rows = [row for row in rows if row["section"] == "conv"]
     # The im2col baseline really is PyTorch's slow_conv2d, not oneDNN or NNPACK.
     im2col_backends = {row["torch_im2col_backend"] for row in conv_rows}
