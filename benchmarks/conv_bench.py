@@ -51,8 +51,6 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
-import convkit
-
 # benchmarks/ is a folder of scripts, not a package, so the modules beside this one are
 # imported by name. Python puts a script's own folder on sys.path, but not when the file is
 # loaded by its path (tests/test_bench.py does), hence this.
@@ -64,6 +62,7 @@ from bench_cases import (  # noqa: E402
     FULL, QUICK, TINY, batch_norm_cases, chapter_conv_cases, common_conv_cases)
 from bench_measure import (  # noqa: E402
     bench_batch_norm_case, bench_conv_case, bench_training_step, copy_bandwidth_gbps)
+import convkit  # noqa: E402  (after bench_measure, which finds a checkout's in-place build)
 from bench_distributed import bench_sync_batch_norm  # noqa: E402
 from bench_models import (  # noqa: E402
     FULL_MODELS, QUICK_MODELS, TINY_MODELS, bench_model_case, torchvision_missing)

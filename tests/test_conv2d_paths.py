@@ -141,17 +141,7 @@ def _run(conv, x, weight, bias, kwargs, dy):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("path", list(PATHS))
 def test_conv2d_path_matches_torch(path, dtype, input_grad, monkeypatch):
-    spec = PATHS[path]
-    budget = spec[-1]
-    if budget is not None:
-        monkeypatch.setenv("CONVKIT_COLUMN_BUDGET_MB", budget)
-    threads = torch.get_num_threads()
-    if "shared_tiles" in path:
-        torch.set_num_threads(max(threads, 2))  # shared tiles are for several threads
-    try:
-        _check_path(path, spec, dtype, input_grad)
-    finally:
-        torch.set_num_threads(threads)
+    check_path_in_its_setting(path, PATHS[path], dtype, input_grad, monkeypatch)
 
 
 @pytest.mark.parametrize("gemm", ["own", "blas"])
@@ -159,17 +149,8 @@ def test_conv2d_path_matches_torch(path, dtype, input_grad, monkeypatch):
 def test_conv2d_cpu_gemm_choice_matches_torch(path, gemm, monkeypatch):
     """CONVKIT_CPU_GEMM=own (our packed GEMM where the build has AVX-512) and =blas both
     give float32 results within twice PyTorch's error of a float64 reference."""
-    spec = GEMM_PATHS[path]
     monkeypatch.setenv("CONVKIT_CPU_GEMM", gemm)
-    if spec[-1] is not None:
-        monkeypatch.setenv("CONVKIT_COLUMN_BUDGET_MB", spec[-1])
-    threads = torch.get_num_threads()
-    if "shared_tiles" in path:
-        torch.set_num_threads(max(threads, 2))
-    try:
-        _check_path(path, spec, torch.float32, True)
-    finally:
-        torch.set_num_threads(threads)
+    check_path_in_its_setting(path, GEMM_PATHS[path], torch.float32, True, monkeypatch)
 
 
 def test_conv2d_cpu_gemm_choice_rejects_unknown(monkeypatch):
@@ -178,6 +159,20 @@ def test_conv2d_cpu_gemm_choice_rejects_unknown(monkeypatch):
     weight = torch.randn(13, 40, 3, 3)
     with pytest.raises(RuntimeError, match='CONVKIT_CPU_GEMM must be "own" or "blas", got "mkl"'):
         convkit.conv2d(x, weight, stride=2, padding=1)  # the image path: a GEMM
+
+
+def check_path_in_its_setting(path, spec, dtype, input_grad, monkeypatch):
+    """_check_path under the shape's column budget (spec[-1]) and, for the shared tiles,
+    with at least two threads (they are for several)."""
+    if spec[-1] is not None:
+        monkeypatch.setenv("CONVKIT_COLUMN_BUDGET_MB", spec[-1])
+    threads = torch.get_num_threads()
+    if "shared_tiles" in path:
+        torch.set_num_threads(max(threads, 2))
+    try:
+        _check_path(path, spec, dtype, input_grad)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _check_path(path, spec, dtype, input_grad):

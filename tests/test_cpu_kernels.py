@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import convkit
 from conftest import ACTIVATION_ARGUMENTS, ACTIVATIONS, TORCH_ACTIVATIONS, assert_close_to_reference
-from test_conv2d_paths import PATHS, _check_path
+from test_conv2d_paths import PATHS, check_path_in_its_setting
 
 CAPABILITIES = convkit.cpu_capabilities()
 # The kernels in use run every other test; these run the others this CPU has.
@@ -97,16 +97,7 @@ def test_set_cpu_capability_refuses_what_this_cpu_lacks():
 
 @pytest.mark.parametrize("path", list(PATHS))
 def test_conv2d_paths_on_every_capability(capability, path, monkeypatch):
-    spec = PATHS[path]
-    if spec[-1] is not None:
-        monkeypatch.setenv("CONVKIT_COLUMN_BUDGET_MB", spec[-1])
-    threads = torch.get_num_threads()
-    if "shared_tiles" in path:
-        torch.set_num_threads(max(threads, 2))
-    try:
-        _check_path(path, spec, torch.float32, True)
-    finally:
-        torch.set_num_threads(threads)
+    check_path_in_its_setting(path, PATHS[path], torch.float32, True, monkeypatch)
 
 
 @pytest.mark.parametrize("shape", [(6, 5, 7, 9), (3, 16, 33), (37, 24)], ids=str)
