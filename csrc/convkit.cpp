@@ -113,8 +113,8 @@ TORCH_LIBRARY(convkit, m) {
 }
 
 #ifdef CONVKIT_PYTHON_MODULE
-// `import convkit._C` loads this shared library, which runs the registrations above; the
-// module itself is empty (the ops live in torch.ops.convkit).
+// `import convkit._C` loads this shared library, which runs the registrations above; the ops
+// live in torch.ops.convkit, and the module holds one function, _install_cpu_kernels.
 namespace {
 
 // _C._install_cpu_kernels(capsule): installs the CpuKernelTable a kernel module
