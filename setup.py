@@ -172,19 +172,22 @@ def cpu_capabilities() -> dict[str, list[str]]:
     return {name: X86_CPU_CAPABILITIES[name] for name in X86_CPU_CAPABILITIES if name in names}
 
 
+def optimisation_flags(debug: bool) -> list[str]:
+    return ["-O0", "-g"] if debug else ["-O3"]
+
+
 def common_cxx_flags(debug: bool) -> list[str]:
-    opt = ["-O0", "-g"] if debug else ["-O3"]
     # -fno-trapping-math: the loops' clamps and selects (ReLU6, Hardswish, exp's range
     # reduction) vectorise only when a comparison may not raise a floating-point exception;
     # no convkit code reads the exception flags, and no value changes.
-    return opt + ["-fopenmp", "-fno-trapping-math", "-DCONVKIT_PYTHON_MODULE"]
+    return optimisation_flags(debug) + ["-fopenmp", "-fno-trapping-math",
+                                        "-DCONVKIT_PYTHON_MODULE"]
 
 
 def make_ops_extension():
     """convkit._C: everything but csrc/cpu/, compiled for the baseline of the target (it runs
     on every CPU the package is installed on)."""
     debug = env_flag("DEBUG")
-    opt = ["-O0", "-g"] if debug else ["-O3"]
     cxx_flags = common_cxx_flags(debug)
     if is_x86_64():
         cxx_flags += X86_CPU_CAPABILITIES["default"]
@@ -198,7 +201,7 @@ def make_ops_extension():
         if "TORCH_CUDA_ARCH_LIST" not in os.environ:
             # sm_80 (A100), sm_90 (H100), and PTX for newer GPUs.
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
-        nvcc_flags = opt + ["--expt-relaxed-constexpr", "-DCONVKIT_PYTHON_MODULE"]
+        nvcc_flags = optimisation_flags(debug) + ["--expt-relaxed-constexpr", "-DCONVKIT_PYTHON_MODULE"]
         if debug:
             nvcc_flags.append("-lineinfo")
         sources += sorted(glob.glob("csrc/cuda/*.cu"))

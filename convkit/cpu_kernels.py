@@ -59,14 +59,20 @@ def _check(capability: str, source: str) -> None:
                          f"its instructions; it runs {', '.join(cpu_capabilities())}")
 
 
+def _install(capability: str) -> None:
+    """Imports the kernel module of ``capability`` (checked already) and makes it the one the
+    CPU ops call."""
+    module = importlib.import_module(_module_name(capability))
+    _C._install_cpu_kernels(module.kernel_table)
+
+
 def set_cpu_capability(capability: str) -> None:
     """Makes the CPU ops run the kernels compiled for ``capability`` (``"avx512"``, ``"avx2"``
     or ``"default"``), loading them if need be: for tests and benchmarks that compare one
     instruction set with another. Calls already running finish on the kernels they started
     with. A capability this build lacks or this CPU cannot run is a ``ValueError``."""
     _check(capability, "the CPU capability")
-    module = importlib.import_module(_module_name(capability))
-    _C._install_cpu_kernels(module.kernel_table)
+    _install(capability)
 
 
 def _load_at_import() -> None:
@@ -77,7 +83,7 @@ def _load_at_import() -> None:
             _check(requested, ENVIRONMENT_VARIABLE)
         except ValueError as error:
             raise ImportError(f"convkit: {error}") from None
-        set_cpu_capability(requested)
+        _install(requested)
         return
     available = cpu_capabilities()
     if not available:
@@ -85,7 +91,7 @@ def _load_at_import() -> None:
             "convkit: this build has no CPU kernel modules (convkit._cpu_*): rebuild it with "
             "`pip install -e .` from the project's root"
         )
-    set_cpu_capability(available[0])
+    _install(available[0])
 
 
 _load_at_import()

@@ -85,8 +85,8 @@ void empty_all_cpu_caches() {
 
 void install_cpu_kernels(const CpuKernelTable* table) {
   TORCH_CHECK(table != nullptr, "convkit: install_cpu_kernels got no table");
-  TORCH_CHECK(table->size == sizeof(CpuKernelTable),
-              "convkit: the CPU kernel module '", table->capability != nullptr ? table->capability : "?",
+  const char* name = table->capability != nullptr ? table->capability : "?";
+  TORCH_CHECK(table->size == sizeof(CpuKernelTable), "convkit: the CPU kernel module '", name,
               "' comes from another build (its kernel table has ", table->size,
               " bytes, convkit._C expects ", sizeof(CpuKernelTable),
               "): rebuild convkit (pip install -e .)");
@@ -97,8 +97,7 @@ void install_cpu_kernels(const CpuKernelTable* table) {
       table->batch_norm_combine_stats && table->batch_norm_backward_reduce &&
       table->batch_norm_backward_elemt && table->cpu_gemm && table->conv2d_cpu_plan &&
       table->cpu_cache_bytes && table->empty_cpu_cache && table->column_buffer_peak_bytes;
-  TORCH_CHECK(filled, "convkit: the CPU kernel module '",
-              table->capability != nullptr ? table->capability : "?",
+  TORCH_CHECK(filled, "convkit: the CPU kernel module '", name,
               "' left a slot of its kernel table empty");
   {
     std::lock_guard<std::mutex> lock(installed_mutex);

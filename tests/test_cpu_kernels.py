@@ -220,14 +220,18 @@ def test_each_capability_has_its_own_block_cache():
 FORBIDDEN_REGISTERS = {"default": ("%ymm", "%zmm"), "avx2": ("%zmm",), "avx512": ()}
 
 
-@pytest.mark.parametrize("name", convkit.cpu_kernels.built_capabilities())
-def test_kernel_module_holds_only_its_instruction_set(name):
+def _disassembly(path: str) -> str:
     objdump = shutil.which("objdump")
     if objdump is None:
         pytest.skip("objdump (binutils) is not installed")
+    return subprocess.run([objdump, "-d", "--no-show-raw-insn", path], capture_output=True,
+                          text=True, check=True).stdout
+
+
+@pytest.mark.parametrize("name", convkit.cpu_kernels.built_capabilities())
+def test_kernel_module_holds_only_its_instruction_set(name):
     module = __import__(f"convkit._cpu_{name}", fromlist=["kernel_table"])
-    listing = subprocess.run([objdump, "-d", "--no-show-raw-insn", module.__file__],
-                             capture_output=True, text=True, check=True).stdout
+    listing = _disassembly(module.__file__)
     for register in FORBIDDEN_REGISTERS[name]:
         assert register not in listing, f"convkit._cpu_{name} uses {register} registers"
     if name != "default":
@@ -236,9 +240,5 @@ def test_kernel_module_holds_only_its_instruction_set(name):
 
 def test_ops_module_holds_baseline_code_only():
     """convkit._C (the ops, autograd, the emulator) runs on every CPU: no AVX at all."""
-    objdump = shutil.which("objdump")
-    if objdump is None:
-        pytest.skip("objdump (binutils) is not installed")
-    listing = subprocess.run([objdump, "-d", "--no-show-raw-insn", convkit._C.__file__],
-                             capture_output=True, text=True, check=True).stdout
+    listing = _disassembly(convkit._C.__file__)
     assert "%ymm" not in listing and "%zmm" not in listing

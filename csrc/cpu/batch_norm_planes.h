@@ -27,8 +27,7 @@ constexpr int64_t kVectorBytes = 16;
 
 // Reductions sum blocks of this many values in acc_t (vectorised), the blocks in double: each
 // float lane sums 32 values of a block, so float rounding is that of a 32-term sum whatever
-// the vector width and however large the channel (64 terms a lane left a 3465-value
-// channel's weight gradient beyond twice torch's error about once in 40 draws).
+// the vector width and however large the channel.
 constexpr int64_t kSumBlock = 32 * kVectorBytes / static_cast<int64_t>(sizeof(float));
 
 // sum(dy') and sum(dy' * (x - mean)) over one block of a plane, dy' = dy * f'(z). The

@@ -50,7 +50,7 @@ const CpuKernelTable* cpu_kernel_table() {
 PyMODINIT_FUNC CONVKIT_CONCAT(PyInit__cpu_, CONVKIT_CPU_CAPABILITY)(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT, "_cpu_" CONVKIT_STRINGIZE(CONVKIT_CPU_CAPABILITY),
-      "convkit's CPU kernels for one instruction set; convkit.cpu_capability loads them",
+      "convkit's CPU kernels for one instruction set; convkit.cpu_kernels loads them",
       -1, nullptr};
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;
