@@ -1,10 +1,17 @@
 """Real models: torchvision's ResNet-18 and MobileNetV2 (random weights, nothing downloaded),
 ``convkit.nn.convert(model)`` against the torch model it was converted from (oneDNN on the
-CPU): an SGD training step and an eval forward, float32.
+CPU): an SGD training step and an eval forward, float32. The channels_last cases run both
+models, and the input, in channels-last memory (torch then runs oneDNN on NHWC), and time
+convkit's NCHW model beside them: "a channels_last model trains at least as fast as NCHW".
 
 Each model is first checked as the chapter's CNN is (bench_measure.validate_training: the loss
 and every parameter gradient of one step against the torch model in float64), then both steps
-are timed in interleaved rounds (Clock.compare). torchvision is needed; without it the section
+are timed in interleaved rounds (Clock.compare). A channels_last model is checked in float64
+against the torch model in float64 (validate_float64): in float32 a ResNet's errors against
+the float64 model are dominated by ReLUs whose input rounds to the other side of zero, and
+which ones do changes with the memory format, so torch's own channels_last model's error is
+up to 10x its NCHW model's at some parameter, and ours alike (tests/test_channels_last.py
+checks the float32 kernels layer by layer). torchvision is needed; without it the section
 says so and is left out.
 """
 from __future__ import annotations
@@ -21,10 +28,16 @@ import convkit
 from bench_measure import validate_training
 from bench_timing import Clock, Row
 
-# (model, batch, input size) per run size: the issue-26 goals' cases in the full run.
-FULL_MODELS = (("resnet18", 32, 64), ("resnet18", 8, 224), ("mobilenet_v2", 32, 64))
-QUICK_MODELS = (("resnet18", 8, 64), ("mobilenet_v2", 8, 64))
-TINY_MODELS = (("resnet18", 4, 64),)
+# (model, batch, input size, memory format) per run size: the issue-26 goals' cases in the
+# full run.
+NCHW, CHANNELS_LAST = "contiguous", "channels_last"
+FULL_MODELS = (("resnet18", 32, 64, NCHW), ("resnet18", 8, 224, NCHW),
+               ("mobilenet_v2", 32, 64, NCHW), ("resnet18", 32, 64, CHANNELS_LAST),
+               ("mobilenet_v2", 32, 64, CHANNELS_LAST))
+QUICK_MODELS = (("resnet18", 8, 64, NCHW), ("mobilenet_v2", 8, 64, NCHW),
+                ("resnet18", 8, 64, CHANNELS_LAST), ("mobilenet_v2", 8, 64, CHANNELS_LAST))
+TINY_MODELS = (("resnet18", 4, 64, NCHW), ("resnet18", 4, 64, CHANNELS_LAST))
+_FORMATS = {NCHW: torch.contiguous_format, CHANNELS_LAST: torch.channels_last}
 
 
 def torchvision_missing() -> Optional[str]:
@@ -77,28 +90,66 @@ def _eval_forward(model: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
     return forward
 
 
-def bench_model_case(name: str, batch: int, size: int, device: torch.device,
-                     clock: Clock) -> list[Row]:
-    """Two rows: the training step and the eval forward of one model at one batch and size."""
-    torch_model = _model(name).to(device).train()
-    convkit_model = convkit.nn.convert(torch_model)
+def validate_float64(torch_model: nn.Module, convkit_model: nn.Module, x: torch.Tensor,
+                     y: torch.Tensor, rtol: float = 1e-9) -> Optional[str]:
+    """The loss and every parameter gradient of one step of both models in float64: None when
+    they agree within rtol of each result's scale, otherwise what differs."""
+    results = []
+    for model in (convkit_model, torch_model):
+        model = copy.deepcopy(model).double()
+        loss = F.cross_entropy(model(x.double()), y)
+        loss.backward()
+        results.append([("loss", loss.detach())] +
+                       [(f"grad {name}", p.grad) for name, p in model.named_parameters()])
+    for (name, ours), (_, theirs) in zip(*results):
+        error = (ours - theirs).abs().max().item()
+        allowed = rtol * max(theirs.abs().max().item(), 1.0)
+        if not error <= allowed:
+            return f"{name}: convkit differs from PyTorch by {error:.3e} in float64 (allowed {allowed:.1e})"
+    return None
+
+
+def bench_model_case(name: str, batch: int, size: int, device: torch.device, clock: Clock,
+                     memory_format: str = NCHW) -> list[Row]:
+    """Two rows: the training step and the eval forward of one model at one batch and size,
+    its parameters and input in `memory_format` (NCHW or CHANNELS_LAST); a channels_last row
+    also has convkit's NCHW model's time (ms_convkit_nchw), measured in the same rounds."""
+    layout = _FORMATS[memory_format]
+    nchw_torch_model = _model(name).to(device).train()
+    nchw_model = convkit.nn.convert(nchw_torch_model)
+    torch_model = copy.deepcopy(nchw_torch_model).to(memory_format=layout)
+    convkit_model = copy.deepcopy(nchw_model).to(memory_format=layout)
     fused = convkit.nn.fusion_summary(convkit_model).pairs
-    x = torch.randn(batch, 3, size, size, device=device)
+    x_nchw = torch.randn(batch, 3, size, size, device=device)
+    x = x_nchw.contiguous(memory_format=layout)
     y = torch.randint(0, 10, (batch,), device=device)
     with dropout_off(torch_model), dropout_off(convkit_model):
-        error = validate_training(torch_model, convkit_model, x, y)
+        if memory_format == NCHW:
+            error = validate_training(torch_model, convkit_model, x, y)
+        else:
+            error = validate_float64(torch_model, convkit_model, x, y)
     shape = f"[{batch},3,{size},{size}]"
+    label = "" if memory_format == NCHW else f" {memory_format}"
     rows = []
     for direction in ("train step", "eval forward"):
-        row = Row("models", f"{name} N={batch} {size}x{size} {direction}", shape, error is None,
-                  rate_unit="img/s", work=float(batch), error=error,
-                  extra={"direction": direction, "model": name, "fused_bn_act": fused})
+        row = Row("models", f"{name} N={batch} {size}x{size}{label} {direction}", shape,
+                  error is None, rate_unit="img/s", work=float(batch), error=error,
+                  extra={"direction": direction, "model": name, "fused_bn_act": fused,
+                         "memory_format": memory_format})
         if error is None:
             ours, theirs = copy.deepcopy(convkit_model), copy.deepcopy(torch_model)
+            ours_nchw = copy.deepcopy(nchw_model)
             if direction == "train step":
-                fns = [_sgd_step(ours, x, y), _sgd_step(theirs, x, y)]
+                fns = [_sgd_step(ours, x, y), _sgd_step(theirs, x, y),
+                       _sgd_step(ours_nchw, x_nchw, y)]
             else:
-                fns = [_eval_forward(ours.eval(), x), _eval_forward(theirs.eval(), x)]
-            row.ms_convkit, row.ms_torch = clock.compare(fns)
+                fns = [_eval_forward(ours.eval(), x), _eval_forward(theirs.eval(), x),
+                       _eval_forward(ours_nchw.eval(), x_nchw)]
+            if memory_format == NCHW:
+                fns = fns[:2]
+            times = clock.compare(fns)
+            row.ms_convkit, row.ms_torch = times[0], times[1]
+            if memory_format != NCHW:
+                row.extra["ms_convkit_nchw"] = times[2]
         rows.append(row)
     return rows

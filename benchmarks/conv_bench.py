@@ -218,7 +218,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             cases = TINY_MODELS if args.tiny else QUICK_MODELS if args.quick else FULL_MODELS
             run_section("models", "img/s", lambda: (
-                row for case in cases for row in bench_model_case(*case, device, clock)))
+                row for name, batch, size, memory_format in cases
+                for row in bench_model_case(name, batch, size, device, clock, memory_format)))
     if device.type == "cpu" and not args.no_distributed:
         run_section("sync_bn", "GB/s",
                     lambda: iter(bench_sync_batch_norm(args.quick, args.tiny, min_run_time)))

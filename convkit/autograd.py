@@ -171,7 +171,7 @@ class BatchNormFunction(torch.autograd.Function):
         training, eps, activation, alpha, beta = ctx.bn_args
         tangent = None
         if input_t is not None:
-            tangent = ops.batch_norm_backward(input_t.contiguous(), input, weight, bias, save_mean,
+            tangent = ops.batch_norm_backward(input_t, input, weight, bias, save_mean,
                                               save_var, training, eps, "none", 0.0, 0.0,
                                               [True, False, False])[0]
         if weight_t is not None or bias_t is not None:
@@ -195,7 +195,7 @@ class BatchNormFunction(torch.autograd.Function):
         if not any(mask):
             return (None,) * 10
         grad_input, grad_weight, grad_bias = ops.batch_norm_backward(
-            grad_output.contiguous(),
+            grad_output,
             input,
             weight,
             bias,

@@ -2,8 +2,9 @@
 
 The fake kernels describe each op's outputs (shape, dtype, device, strides) without
 computing them, which is what ``torch.compile`` and ``torch.library.opcheck`` need. They
-must agree exactly with the C++ kernels: outputs are contiguous, statistics are float32
-(float64 for float64 input); and they refuse what the C++ kernels refuse, with the same
+must agree exactly with the C++ kernels: outputs are in the memory format torch's own ops
+give (csrc/memory_format.h: channels-last when conv2d's input or weight is, a batch norm's
+input's format), statistics are float32 (float64 for float64 input); and they refuse what the C++ kernels refuse, with the same
 messages (``convkit.checks``), since they also run whenever an argument is on the meta device.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+from torch._prims_common import suggest_memory_format
 
 from convkit import checks
 
@@ -220,12 +222,25 @@ def _stats_dtype(input: torch.Tensor) -> torch.dtype:
     return torch.float64 if input.dtype == torch.float64 else torch.float32
 
 
+def _conv2d_memory_format(input: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
+    """conv2d's outputs are channels-last when its input or weight is (torch's rule)."""
+    formats = (suggest_memory_format(input), suggest_memory_format(weight))
+    if torch.channels_last in formats:
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _empty_in(like: torch.Tensor, shape: Sequence[int],
+              memory_format: torch.memory_format) -> torch.Tensor:
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=memory_format)
+
+
 @torch.library.register_fake("convkit::conv2d_forward")
 def _conv2d_forward_fake(input, weight, bias, stride, padding, dilation, groups):
     op = "convkit::conv2d_forward"
     shape = checks.conv2d_output_shape(op, input, weight, stride, padding, dilation, groups)
     checks.check_conv2d_bias(op, input, bias, weight.shape[0])
-    return input.new_empty(shape)
+    return _empty_in(input, shape, _conv2d_memory_format(input, weight))
 
 
 @torch.library.register_fake("convkit::conv2d_backward")
@@ -233,8 +248,14 @@ def _conv2d_backward_fake(grad_output, input, weight, stride, padding, dilation,
     op = "convkit::conv2d_backward"
     shape = checks.conv2d_output_shape(op, input, weight, stride, padding, dilation, groups)
     checks.check_conv2d_grad_output(op, input, grad_output, shape)
-    grad_input = input.new_empty(input.shape) if output_mask[0] else input.new_empty((0,))
-    grad_weight = weight.new_empty(weight.shape) if output_mask[1] else input.new_empty((0,))
+    memory_format = _conv2d_memory_format(input, weight)
+    grad_input = (
+        _empty_in(input, input.shape, memory_format) if output_mask[0] else input.new_empty((0,))
+    )
+    grad_weight = (
+        _empty_in(weight, weight.shape, suggest_memory_format(weight))
+        if output_mask[1] else input.new_empty((0,))
+    )
     grad_bias = input.new_empty((weight.shape[0],)) if output_mask[2] else input.new_empty((0,))
     return grad_input, grad_weight, grad_bias
 
@@ -263,7 +284,7 @@ def _batch_norm_forward_fake(input, weight, bias, running_mean, running_var, tra
     channels = input.shape[1]
     stats_dtype = _stats_dtype(input)
     return (
-        input.new_empty(input.shape),
+        _empty_in(input, input.shape, suggest_memory_format(input)),
         input.new_empty((channels,), dtype=stats_dtype),
         input.new_empty((channels,), dtype=stats_dtype),
     )
@@ -280,7 +301,10 @@ def _batch_norm_backward_fake(
     channels = input.shape[1]
     weight_dtype = weight.dtype if weight is not None else input.dtype
     bias_dtype = bias.dtype if bias is not None else input.dtype
-    grad_input = input.new_empty(input.shape) if output_mask[0] else input.new_empty((0,))
+    grad_input = (
+        _empty_in(input, input.shape, suggest_memory_format(input))
+        if output_mask[0] else input.new_empty((0,))
+    )
     grad_weight = (
         input.new_empty((channels,), dtype=weight_dtype) if output_mask[1] else input.new_empty((0,))
     )
@@ -337,4 +361,4 @@ def _batch_norm_backward_elemt_fake(
     checks.activation_spec(op, activation, alpha, beta)
     checks.check_batch_norm_backward(op, grad_output, input, weight, bias, mean, var)
     checks.check_batch_norm_backward_elemt(op, input, sum_dy, sum_dy_xmu, count)
-    return input.new_empty(input.shape)
+    return _empty_in(input, input.shape, suggest_memory_format(input))

@@ -124,7 +124,6 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, momentum, eps, activation, group,
                 world_size, handshake):
-        input = input.contiguous()
         mean, var = ops.batch_norm_stats(input)
         counts, means, variances = _gather_statistics(input, mean, var, group, world_size,
                                                       handshake)
@@ -155,7 +154,6 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         input, weight, bias, mean, var = ctx.saved_tensors
-        grad_output = grad_output.contiguous()
         channels = input.shape[1]
         sum_dy, sum_dy_xmu, grad_weight, grad_bias = ops.batch_norm_backward_reduce(
             grad_output, input, mean, var, weight, bias, ctx.eps, *ctx.activation

@@ -255,7 +255,7 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     if (!mask[0] && !mask[1] && !mask[2]) return grads;
     const variable_list saved = ctx->get_saved_variables();
     auto [grad_input, grad_weight, grad_bias] = call_batch_norm_backward(
-        grad_output.contiguous(), saved[0], defined_or_nullopt(saved[1]),
+        grad_output, saved[0], defined_or_nullopt(saved[1]),
         defined_or_nullopt(saved[2]), saved[3], saved[4], ctx->saved_data["training"].toBool(),
         ctx->saved_data["eps"].toDouble(), ctx->saved_data["activation"].toStringRef(),
         ctx->saved_data["alpha"].toDouble(), ctx->saved_data["beta"].toDouble(), mask);

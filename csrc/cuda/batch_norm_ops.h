@@ -18,6 +18,7 @@
 
 #include "../batch_norm.h"
 #include "../checks.h"
+#include "../memory_format.h"
 #include "batch_norm_kernels.cuh"
 
 namespace convkit::CONVKIT_CUDA_NAMESPACE {
@@ -139,7 +140,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
                                     static_cast<const acc_t*>(shift), C, S, spec, output);
     }
   });
-  return std::make_tuple(output.view(input.sizes()), save_mean, save_var);
+  // The kernels walk contiguous [N, C, S] memory: a channels-last input's output is converted
+  // back to its format (csrc/memory_format.h).
+  return std::make_tuple(restride_to(output.view(input.sizes()), batch_norm_memory_format(input)),
+                         save_mean, save_var);
 }
 
 // The backward's reduction pass: every channel's scale and shift into `scale`, `shift`
@@ -232,7 +236,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
   at::Tensor grad_bias = output_mask[2]
                              ? per_channel[3].to(bias_type, /*non_blocking=*/false, /*copy=*/true)
                              : at::empty({0}, x.options());
-  if (output_mask[0]) grad_input = grad_input.view(input.sizes());
+  if (output_mask[0]) {
+    grad_input = restride_to(grad_input.view(input.sizes()), batch_norm_memory_format(input));
+  }
   return std::make_tuple(grad_input, grad_weight, grad_bias);
 }
 

@@ -54,7 +54,7 @@ at::Tensor conv2d_forward_impl(const at::Tensor& input, const at::Tensor& weight
     return Backend::empty(sizes, options);
   };
   auto forward = [&](const at::Tensor& x, const at::Tensor& bias_or_undefined,
-                     const Conv2dGeometry& g, at::Tensor& output) {
+                     const Conv2dGeometry& g, at::Tensor& output, bool /*channels_last*/) {
     const int64_t O = g.out_channels;
     const int64_t K = g.column_rows();
     const int64_t L = g.out_area();
@@ -86,8 +86,9 @@ at::Tensor conv2d_forward_impl(const at::Tensor& input, const at::Tensor& weight
       }
     });
   };
-  return run_conv2d_forward(input, weight, bias, stride, padding, dilation, groups, empty,
-                            forward);
+  // Contiguous memory only: the frame converts a channels-last layer's output.
+  return run_conv2d_forward(input, weight, bias, stride, padding, dilation, groups,
+                            /*native_channels_last=*/false, empty, forward);
 }
 
 template <typename Backend>
@@ -147,14 +148,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_impl(
     });
     return false;  // the bias gradient is a pass of its own
   };
-  auto bias_grad = [](const at::Tensor& dy, const Conv2dGeometry& g, at::Tensor& grad_bias) {
+  auto bias_grad = [](const at::Tensor& dy, const Conv2dGeometry& g, at::Tensor& grad_bias,
+                      bool /*channels_last*/) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dy.scalar_type(), "conv2d_bias_grad",
                                     [&] {
       Backend::bias_grad(dy.const_data_ptr<scalar_t>(), g, grad_bias.mutable_data_ptr<scalar_t>());
     });
   };
   return run_conv2d_backward(grad_output, input, weight, stride, padding, dilation, groups,
-                             output_mask, empty, columns_pass, bias_grad);
+                             output_mask, /*native_channels_last=*/false, empty, columns_pass,
+                             bias_grad);
 }
 
 }  // namespace convkit

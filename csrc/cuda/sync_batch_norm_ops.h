@@ -182,7 +182,7 @@ inline at::Tensor batch_norm_backward_elemt(const at::Tensor& grad_output, const
           spec.params<acc_t>(), /*training=*/true, C, S, x.numel(), grad_input.mutable_data_ptr<scalar_t>());
     }
   });
-  return grad_input.view(input.sizes());
+  return restride_to(grad_input.view(input.sizes()), batch_norm_memory_format(input));
 }
 
 }  // namespace convkit::CONVKIT_CUDA_NAMESPACE

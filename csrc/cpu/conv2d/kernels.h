@@ -4,8 +4,9 @@
 // row-major) arrive converted to it, the weight gradient accumulates in it (grad_weight_acc,
 // zeroed by the caller), and half types are widened to it as tiles are written, each result
 // rounded once.
-// Invariants of every entry point: x and dy are contiguous NCHW; batch, output area and the
-// wanted gradients are non-empty; the geometry passed make_conv2d_geometry's checks.
+// Invariants of every entry point: x and dy are contiguous NCHW (channels-last memory for the
+// channels_last_* ones, and output and grad_input too); batch, output area and the wanted
+// gradients are non-empty; the geometry passed make_conv2d_geometry's checks.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -90,6 +91,31 @@ void shared_tiles_backward(const at::Tensor& dy, const at::Tensor& x, const at::
                            const Conv2dGeometry& g, const TilePlan& p, bool need_input_grad,
                            bool need_weight_grad, at::Tensor& grad_input,
                            at::Tensor& grad_weight_acc);
+
+// channels_last.cpp: any geometry in channels-last memory. The backward leaves the bias
+// gradient to channels_last_bias_grad.
+template <typename scalar_t>
+void channels_last_forward(const at::Tensor& x, const at::Tensor& weight_acc,
+                           const at::Tensor& bias_acc, const Conv2dGeometry& g,
+                           at::Tensor& output);
+template <typename scalar_t>
+void channels_last_backward(const at::Tensor& dy, const at::Tensor& x,
+                            const at::Tensor& weight_acc, const Conv2dGeometry& g,
+                            bool need_input_grad, bool need_weight_grad, at::Tensor& grad_input,
+                            at::Tensor& grad_weight_acc);
+template <typename scalar_t>
+void channels_last_bias_grad(const at::Tensor& dy, const Conv2dGeometry& g, scalar_t* grad_bias);
+
+// channels_last_depthwise.cpp: depthwise_fits layers in channels-last memory.
+template <typename scalar_t>
+void channels_last_depthwise_forward(const at::Tensor& x, const at::Tensor& weight_acc,
+                                     const at::Tensor& bias_acc, const Conv2dGeometry& g,
+                                     at::Tensor& output);
+template <typename scalar_t>
+void channels_last_depthwise_backward(const at::Tensor& dy, const at::Tensor& x,
+                                      const at::Tensor& weight_acc, const Conv2dGeometry& g,
+                                      bool need_input_grad, bool need_weight_grad,
+                                      at::Tensor& grad_input, at::Tensor& grad_weight_acc);
 
 // bands.cpp: any geometry (the fallback of every other path).
 template <typename scalar_t>

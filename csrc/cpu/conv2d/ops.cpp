@@ -30,6 +30,7 @@
 #include "../../conv2d_op_frame.h"
 #include "../../conv2d.h"
 #include "../../cpu_kernel_table.h"
+#include "../../memory_format.h"
 #include "../block_cache.h"
 #include "../parallel.h"
 #include "kernels.h"
@@ -42,12 +43,18 @@ namespace {
 template <typename scalar_t>
 void conv2d_forward_kernel(const at::Tensor& x, const at::Tensor& weight_acc,
                            const at::Tensor& bias_acc, const Conv2dGeometry& g,
-                           at::Tensor& output) {
+                           bool channels_last, at::Tensor& output) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool same_type = std::is_same_v<scalar_t, acc_t>;
-  const ConvPlan plan = choose_forward(g, sizeof(acc_t), same_type);
+  const ConvPlan plan = choose_forward(g, sizeof(acc_t), same_type, channels_last);
   const TilePlan& p = plan.tiles;
   switch (plan.forward) {
+    case ConvPath::kChannelsLast:
+      channels_last_forward<scalar_t>(x, weight_acc, bias_acc, g, output);
+      return;
+    case ConvPath::kChannelsLastDepthwise:
+      channels_last_depthwise_forward<scalar_t>(x, weight_acc, bias_acc, g, output);
+      return;
     case ConvPath::kDepthwise:
       if (depthwise_blocks_fit(g, true)) {
         depthwise_blocks_forward<scalar_t>(x, weight_acc, bias_acc, g, output);
@@ -85,19 +92,27 @@ void conv2d_forward_kernel(const at::Tensor& x, const at::Tensor& weight_acc,
 // implicit GEMM's weight gradient sum dY on the way.
 template <typename scalar_t>
 bool conv2d_backward_kernel(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight_acc,
-                            const Conv2dGeometry& g, bool need_input_grad, bool need_weight_grad,
-                            at::Tensor& grad_input, at::Tensor& grad_weight_acc,
-                            at::Tensor* grad_bias) {
+                            const Conv2dGeometry& g, bool channels_last, bool need_input_grad,
+                            bool need_weight_grad, at::Tensor& grad_input,
+                            at::Tensor& grad_weight_acc, at::Tensor* grad_bias) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool same_type = std::is_same_v<scalar_t, acc_t>;
-  const ConvPlan plan =
-      choose_backward(g, sizeof(acc_t), same_type, need_input_grad, need_weight_grad);
+  const ConvPlan plan = choose_backward(g, sizeof(acc_t), same_type, channels_last,
+                                        need_input_grad, need_weight_grad);
   const TilePlan& p = plan.tiles;
   scalar_t* grad_bias_ptr =
       grad_bias != nullptr ? grad_bias->mutable_data_ptr<scalar_t>() : nullptr;
   // The paths come in these combinations only (choose_backward).
   const ConvPath path = plan.weight_grad != ConvPath::kNone ? plan.weight_grad : plan.input_grad;
   switch (path) {
+    case ConvPath::kChannelsLast:
+      channels_last_backward<scalar_t>(dy, x, weight_acc, g, need_input_grad, need_weight_grad,
+                                       grad_input, grad_weight_acc);
+      return false;
+    case ConvPath::kChannelsLastDepthwise:
+      channels_last_depthwise_backward<scalar_t>(dy, x, weight_acc, g, need_input_grad,
+                                                 need_weight_grad, grad_input, grad_weight_acc);
+      return false;
     case ConvPath::kDepthwise:
       if (depthwise_blocks_fit(g, false)) {
         depthwise_blocks_backward<scalar_t>(dy, x, weight_acc, g, need_input_grad,
@@ -145,7 +160,7 @@ at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
     return cached_empty(sizes, options);
   };
   auto forward = [&](const at::Tensor& x, const at::Tensor& bias_or_undefined,
-                     const Conv2dGeometry& g, at::Tensor& output) {
+                     const Conv2dGeometry& g, at::Tensor& output, bool channels_last) {
     const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());
     // Weights and bias in the compute type, [O, K/groups] row-major: converted once per call.
     const at::Tensor weight_acc = weight.to(acc_type).contiguous();
@@ -154,11 +169,11 @@ at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
                                     : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv2d_forward",
                                     [&] {
-      conv2d_forward_kernel<scalar_t>(x, weight_acc, bias_acc, g, output);
+      conv2d_forward_kernel<scalar_t>(x, weight_acc, bias_acc, g, channels_last, output);
     });
   };
-  return run_conv2d_forward(input, weight, bias, stride, padding, dilation, groups, empty,
-                            forward);
+  return run_conv2d_forward(input, weight, bias, stride, padding, dilation, groups,
+                            /*native_channels_last=*/true, empty, forward);
 }
 
 // The bias gradient: each (image, channel) plane summed in acc_t, planes in double.
@@ -195,21 +210,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
     bool bias_done = false;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv2d_backward",
                                     [&] {
-      bias_done = conv2d_backward_kernel<scalar_t>(dy, x, weight_acc, g, grads.want_input,
-                                                   grads.want_weight, grads.input,
+      bias_done = conv2d_backward_kernel<scalar_t>(dy, x, weight_acc, g, grads.channels_last,
+                                                   grads.want_input, grads.want_weight,
+                                                   grads.input,
                                                    grads.weight_acc,
                                                    grads.want_bias ? &grads.bias : nullptr);
     });
     return bias_done;
   };
-  auto bias_grad = [](const at::Tensor& dy, const Conv2dGeometry& g, at::Tensor& grad_bias) {
+  auto bias_grad = [](const at::Tensor& dy, const Conv2dGeometry& g, at::Tensor& grad_bias,
+                      bool channels_last) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dy.scalar_type(), "conv2d_bias_grad",
                                     [&] {
-      conv2d_bias_grad(dy.const_data_ptr<scalar_t>(), g, grad_bias.mutable_data_ptr<scalar_t>());
+      if (channels_last) {
+        channels_last_bias_grad(dy, g, grad_bias.mutable_data_ptr<scalar_t>());
+      } else {
+        conv2d_bias_grad(dy.const_data_ptr<scalar_t>(), g, grad_bias.mutable_data_ptr<scalar_t>());
+      }
     });
   };
   return run_conv2d_backward(grad_output, input, weight, stride, padding, dilation, groups,
-                             output_mask, empty, columns_pass, bias_grad);
+                             output_mask, /*native_channels_last=*/true, empty, columns_pass,
+                             bias_grad);
 }
 
 // col2im of one image by gather (csrc/conv2d.h's col2im_gather, the index math the CUDA
@@ -296,9 +318,10 @@ std::tuple<std::string, std::string, std::string> conv2d_cpu_plan(
   const at::ScalarType acc_type = at::toOpMathType(input.scalar_type());
   const int64_t acc_size = static_cast<int64_t>(c10::elementSize(acc_type));
   const bool same_type = acc_type == input.scalar_type();
-  const ConvPlan forward = choose_forward(g, acc_size, same_type);
-  const ConvPlan backward =
-      choose_backward(g, acc_size, same_type, gradient_mask[0], gradient_mask[1]);
+  const bool channels_last = is_channels_last_format(conv2d_memory_format(input, weight));
+  const ConvPlan forward = choose_forward(g, acc_size, same_type, channels_last);
+  const ConvPlan backward = choose_backward(g, acc_size, same_type, channels_last,
+                                            gradient_mask[0], gradient_mask[1]);
   return {path_name(forward.forward), path_name(backward.input_grad),
           path_name(backward.weight_grad)};
 }

@@ -1,5 +1,11 @@
 // Which algorithm the CPU conv2d runs for a layer: the one place that decides, top-down.
 //
+//   channels_last            the layer's input or weight is channels-last (torch's rule,
+//                 csrc/memory_format.h): columns of NHWC runs and our GEMM, positions as the
+//                 GEMM's rows, any geometry (channels_last.cpp); its output stays NHWC.
+//   channels_last_depthwise  the same for depthwise layers: direct, channels in the lanes
+//                 (channels_last_depthwise.cpp).
+//   Contiguous (NCHW) layers take one of:
 //   depthwise     groups == in_channels == out_channels > 1 (one filter per channel,
 //                 MobileNet's 3x3): direct convolution, 16 channels in the lanes on small
 //                 maps (depthwise_blocks.cpp), positions in the lanes plane by plane on
@@ -54,6 +60,8 @@ namespace convkit::cpu_conv2d {
 
 enum class ConvPath : uint8_t {
   kNone,  // the gradient is not wanted
+  kChannelsLast,
+  kChannelsLastDepthwise,
   kDepthwise,
   kWindow,
   kRows,
@@ -67,6 +75,8 @@ enum class ConvPath : uint8_t {
 inline const char* path_name(ConvPath path) {
   switch (path) {
     case ConvPath::kNone: return "none";
+    case ConvPath::kChannelsLast: return "channels_last";
+    case ConvPath::kChannelsLastDepthwise: return "channels_last_depthwise";
     case ConvPath::kDepthwise: return "depthwise";
     case ConvPath::kWindow: return "window";
     case ConvPath::kRows: return "rows";
@@ -181,9 +191,15 @@ struct ConvPlan {
 };
 
 // acc_size: bytes of the compute type; same_type: the input is already of the compute type
-// (float, double), which the window path needs.
-inline ConvPlan choose_forward(const Conv2dGeometry& g, int64_t acc_size, bool same_type) {
+// (float, double), which the window path needs; channels_last: the frame hands the kernels
+// channels-last memory.
+inline ConvPlan choose_forward(const Conv2dGeometry& g, int64_t acc_size, bool same_type,
+                               bool channels_last) {
   ConvPlan plan;
+  if (channels_last) {
+    plan.forward = depthwise_fits(g) ? ConvPath::kChannelsLastDepthwise : ConvPath::kChannelsLast;
+    return plan;
+  }
   if (depthwise_fits(g)) {
     plan.forward = ConvPath::kDepthwise;
     return plan;
@@ -210,13 +226,17 @@ inline ConvPlan choose_forward(const Conv2dGeometry& g, int64_t acc_size, bool s
 }
 
 inline ConvPlan choose_backward(const Conv2dGeometry& g, int64_t acc_size, bool same_type,
-                                bool need_input_grad, bool need_weight_grad) {
+                                bool channels_last, bool need_input_grad, bool need_weight_grad) {
   ConvPlan plan;
   auto both = [&](ConvPath path) {
     plan.input_grad = need_input_grad ? path : ConvPath::kNone;
     plan.weight_grad = need_weight_grad ? path : ConvPath::kNone;
   };
   if (!need_input_grad && !need_weight_grad) return plan;
+  if (channels_last) {
+    both(depthwise_fits(g) ? ConvPath::kChannelsLastDepthwise : ConvPath::kChannelsLast);
+    return plan;
+  }
   if (depthwise_fits(g)) {
     both(ConvPath::kDepthwise);
     return plan;
@@ -250,7 +270,8 @@ inline ConvPlan choose_backward(const Conv2dGeometry& g, int64_t acc_size, bool 
 // The op convkit::conv2d_cpu_plan (ops.cpp): the names of the paths a CPU conv2d of these
 // tensors' shapes and dtype runs on this thread count, (forward, input gradient, weight
 // gradient) for the wanted gradients gradient_mask = (input, weight), "none" where a
-// gradient is not wanted. For tests and for users who read the kernels.
+// gradient is not wanted. For tests and for users who read the kernels. The memory format is
+// the tensors' own (a channels-last input or weight: the channels_last paths).
 std::tuple<std::string, std::string, std::string> conv2d_cpu_plan(
     const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
