@@ -105,7 +105,8 @@ def validate_float64(torch_model: nn.Module, convkit_model: nn.Module, x: torch.
         error = (ours - theirs).abs().max().item()
         allowed = rtol * max(theirs.abs().max().item(), 1.0)
         if not error <= allowed:
-            return f"{name}: convkit differs from PyTorch by {error:.3e} in float64 (allowed {allowed:.1e})"
+            return (f"{name}: convkit differs from PyTorch by {error:.3e} in float64 "
+                    f"(allowed {allowed:.1e})")
     return None
 
 

@@ -26,6 +26,11 @@ CONV_SHAPES = [
     ((2, 6, 9, 10), 6, (3, 3), 2, 1, 1, 6),
     ((2, 4, 8, 8), 8, (3, 3), 1, 1, 1, 4),
     ((1, 4, 5, 6), 3, (2, 3), (2, 1), (0, 1), (1, 2), 1),
+    # 144 columns: the weight gradient's column ranges split taps between threads.
+    ((2, 16, 6, 7), 8, (3, 3), 1, 1, 1, 1),
+    # Weights of >= 2 MiB (in float64): tiles shared by all threads, the GEMM threaded.
+    ((2, 128, 4, 4), 256, (3, 3), 1, 1, 1, 1),
+    ((2, 128, 5, 5), 256, (3, 3), 2, 1, 1, 1),
 ]
 SHAPE_IDS = [f"{s[0]}-{s[1]}-k{s[2]}-s{s[3]}-p{s[4]}-d{s[5]}-g{s[6]}" for s in CONV_SHAPES]
 
@@ -130,10 +135,12 @@ def test_conv2d_cpu_plan_names_the_channels_last_paths(shape, path):
     assert path not in nchw
 
 
-def test_conv2d_channels_last_results_do_not_depend_on_threads():
-    x, weight, b, args = _conv_inputs(((4, 16, 12, 12), 24, (3, 3), 1, 1, 1, 1), torch.float32,
-                                      "cpu")
-    grad = torch.randn(4, 24, 12, 12).to(memory_format=CL)
+@pytest.mark.parametrize("shape", [((4, 16, 12, 12), 24, (3, 3), 1, 1, 1, 1),
+                                   ((4, 256, 4, 4), 512, (3, 3), 2, 1, 1, 1)],
+                         ids=["spread-tiles", "shared-tiles"])
+def test_conv2d_channels_last_results_do_not_depend_on_threads(shape):
+    x, weight, b, args = _conv_inputs(shape, torch.float32, "cpu")
+    grad = torch.randn_like(F.conv2d(x, weight, b, **args))
     before = torch.get_num_threads()
     results = []
     try:
@@ -279,7 +286,8 @@ def test_sync_batch_norm_ops_channels_last(shape, device):
     b = torch.randn(c, dtype=torch.float64, device=device)
     results = []
     for memory_format in (torch.contiguous_format, CL):
-        xs, dys = x.contiguous(memory_format=memory_format), dy.contiguous(memory_format=memory_format)
+        xs = x.contiguous(memory_format=memory_format)
+        dys = dy.contiguous(memory_format=memory_format)
         mean, var = ops.batch_norm_stats(xs)
         sums = ops.batch_norm_backward_reduce(dys, xs, mean, var, w, b, 1e-5, "silu", 0.0, 0.0)
         grad_input = ops.batch_norm_backward_elemt(dys, xs, mean, var, w, b, sums[0], sums[1],

@@ -64,7 +64,6 @@
 #include "../batch_norm.h"
 #include "../checks.h"
 #include "../cpu_kernel_table.h"
-#include "../memory_format.h"
 #include "batch_norm_planes.h"
 #include "batch_norm_rows.h"
 #include "batch_norm_tensors.h"
@@ -89,15 +88,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
   const ActivationSpec spec = activation_spec(op, activation, alpha, beta);
   const auto [N, C, S, count] = check_batch_norm_forward(op, input, weight, bias, running_mean,
                                                          running_var, training, eps);
-  const at::MemoryFormat format = batch_norm_memory_format(input);
-  const at::Tensor x = input.contiguous(format);
-  // The [N, C, S] the loops walk: channels-last memory is N*S images of C planes of 1 value.
-  const bool channels_last = is_channels_last_format(format);
-  const int64_t images = channels_last ? N * S : N;
-  const int64_t plane = channels_last ? 1 : S;
+  const RowView view = row_view(input, N, C, S);
+  const at::Tensor x = input.contiguous(view.format);
   const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());
   const at::TensorOptions acc_options = x.options().dtype(acc_type);
-  at::Tensor output = empty_in_format(x.sizes(), x.options(), format, cached_empty);
+  at::Tensor output = empty_in_format(x.sizes(), x.options(), view.format, cached_empty);
   at::Tensor save_mean = at::empty({C}, acc_options);
   at::Tensor save_var = at::empty({C}, acc_options);
   const at::Tensor w = per_channel_or(weight, C, acc_type, 1.0, x.options());
@@ -123,13 +118,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
     acc_t* var_ptr = save_var.mutable_data_ptr<acc_t>();
     const acc_t* w_ptr = w.const_data_ptr<acc_t>();
     const acc_t* b_ptr = b.const_data_ptr<acc_t>();
-    if (channels_last || use_row_path(C, S)) {
+    if (view.rows) {
       if (training) {
         if (count == 0) {
           std::fill(mean_ptr, mean_ptr + C, acc_t(0));
           std::fill(var_ptr, var_ptr + C, acc_t(0));
         } else {
-          row_statistics<scalar_t, acc_t>(x_ptr, images, C, plane, mean_ptr, var_ptr);
+          row_statistics<scalar_t, acc_t>(x_ptr, view.images, C, view.plane, mean_ptr,
+                                          var_ptr);
         }
       }
       std::vector<acc_t> scale(C), shift(C);
@@ -141,7 +137,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
       }
       dispatch_activation(spec.kind, [&](auto kind) {
         constexpr Activation kAct = decltype(kind)::value;
-        row_normalize<kAct>(x_ptr, images, C, plane, scale.data(), shift.data(), act, y_ptr);
+        row_normalize<kAct>(x_ptr, view.images, C, view.plane, scale.data(), shift.data(), act,
+                            y_ptr);
       });
       return;
     }
@@ -193,21 +190,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
   const ActivationSpec spec = activation_spec(op, activation, alpha, beta);
   const auto [N, C, S, count] =
       check_batch_norm_backward(op, grad_output, input, weight, bias, save_mean, save_var);
-  const at::MemoryFormat format = batch_norm_memory_format(input);
-  const at::Tensor x = input.contiguous(format);
-  const at::Tensor dy = grad_output.contiguous(format);
-  const bool channels_last = is_channels_last_format(format);
-  const int64_t images = channels_last ? N * S : N;
-  const int64_t plane = channels_last ? 1 : S;
+  const RowView view = row_view(input, N, C, S);
+  const at::Tensor x = input.contiguous(view.format);
+  const at::Tensor dy = grad_output.contiguous(view.format);
   const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());
   const at::Tensor w = per_channel_or(weight, C, acc_type, 1.0, x.options());
   const at::Tensor b = per_channel_or(bias, C, acc_type, 0.0, x.options());
   const at::Tensor mean = as_acc_contiguous(save_mean, acc_type);
   const at::Tensor var = as_acc_contiguous(save_var, acc_type);
 
-  at::Tensor grad_input = output_mask[0]
-                             ? empty_in_format(x.sizes(), x.options(), format, cached_empty)
-                             : at::empty({0}, x.options());
+  at::Tensor grad_input =
+      output_mask[0] ? empty_in_format(x.sizes(), x.options(), view.format, cached_empty)
+                     : at::empty({0}, x.options());
   const at::ScalarType param_type =
       weight.has_value() && weight->defined() ? weight->scalar_type() : x.scalar_type();
   at::Tensor grad_weight_acc = at::empty({C}, x.options().dtype(acc_type));
@@ -226,7 +220,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
     const acc_t* var_ptr = var.const_data_ptr<acc_t>();
     acc_t* gw_ptr = grad_weight_acc.mutable_data_ptr<acc_t>();
     acc_t* gb_ptr = grad_bias_acc.mutable_data_ptr<acc_t>();
-    if (channels_last || use_row_path(C, S)) {
+    if (view.rows) {
       std::vector<acc_t> scale(C), shift(C), invstd(C);
       for (int64_t c = 0; c < C; ++c) {
         const ChannelAffine<acc_t> affine =
@@ -238,9 +232,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
       std::vector<double> sum_dy(C), sum_dy_xmu(C);
       dispatch_activation(spec.kind, [&](auto kind) {
         constexpr Activation kAct = decltype(kind)::value;
-        row_backward<kAct>(x_ptr, dy_ptr, images, C, plane, scale.data(), shift.data(), act,
-                           mean_ptr, invstd.data(), training, sum_dy.data(), sum_dy_xmu.data(),
-                           dx_ptr);
+        row_backward<kAct>(x_ptr, dy_ptr, view.images, C, view.plane, scale.data(),
+                           shift.data(), act, mean_ptr, invstd.data(), training, sum_dy.data(),
+                           sum_dy_xmu.data(), dx_ptr);
       });
       for (int64_t c = 0; c < C; ++c) {
         const ChannelGradient<acc_t> grad =

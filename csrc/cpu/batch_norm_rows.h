@@ -2,11 +2,14 @@
 // values one contiguous row, every pass a vectorised loop along it (batch_norm.cpp).
 #pragma once
 
+#include <ATen/core/Tensor.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <vector>
 
 #include "../batch_norm.h"
+#include "../memory_format.h"
 #include "batch_norm_planes.h"
 #include "parallel.h"
 
@@ -34,6 +37,24 @@ inline int64_t block_grain(int64_t R) {
 }
 
 inline bool use_row_path(int64_t C, int64_t S) { return C * S <= kMaxRowLength; }
+
+// How the ops walk an input [N, C, S] held in `format` (csrc/memory_format.h): contiguous
+// memory is N images of C planes of S values, in the rows layout when C*S is small
+// (use_row_path); channels-last memory is N*S images of C planes of one value, always in the
+// rows layout (read and written in place).
+struct RowView {
+  at::MemoryFormat format;
+  bool rows;       // the rows layout runs (else the planes layout, on [N, C, S])
+  int64_t images;  // the rows layout's N
+  int64_t plane;   // the rows layout's S
+};
+
+inline RowView row_view(const at::Tensor& input, int64_t N, int64_t C, int64_t S) {
+  const at::MemoryFormat format = batch_norm_memory_format(input);
+  const bool channels_last = is_channels_last_format(format);
+  return {format, channels_last || use_row_path(C, S), channels_last ? N * S : N,
+          channels_last ? 1 : S};
+}
 
 // row[c * S + s] = per_channel[c]
 template <typename acc_t>

@@ -30,7 +30,6 @@
 #include "../batch_norm.h"
 #include "../checks.h"
 #include "../cpu_kernel_table.h"
-#include "../memory_format.h"
 #include "batch_norm_planes.h"
 #include "batch_norm_rows.h"
 #include "batch_norm_tensors.h"
@@ -54,12 +53,8 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& input)
   const int64_t N = input.size(0);
   const int64_t C = input.size(1);
   const int64_t S = N == 0 ? 0 : input.numel() / (N * C);
-  // Channels-last memory is N*S images of C planes of 1 value (the rows layout).
-  const at::MemoryFormat format = batch_norm_memory_format(input);
-  const at::Tensor x = input.contiguous(format);
-  const bool channels_last = is_channels_last_format(format);
-  const int64_t images = channels_last ? N * S : N;
-  const int64_t plane = channels_last ? 1 : S;
+  const RowView view = row_view(input, N, C, S);
+  const at::Tensor x = input.contiguous(view.format);
   if (N * S == 0) {
     const at::Tensor zeros = at::zeros({C}, x.options().dtype(at::kDouble));
     return std::make_tuple(zeros, zeros.clone());
@@ -72,8 +67,8 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& input)
     const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
     double* mean_ptr = mean.mutable_data_ptr<double>();
     double* var_ptr = var.mutable_data_ptr<double>();
-    if (channels_last || use_row_path(C, S)) {
-      row_statistics<scalar_t, acc_t>(x_ptr, images, C, plane, mean_ptr, var_ptr);
+    if (view.rows) {
+      row_statistics<scalar_t, acc_t>(x_ptr, view.images, C, view.plane, mean_ptr, var_ptr);
       return;
     }
     parallel_for(0, C, channel_grain(N * S), [&](int64_t begin, int64_t end) {
@@ -125,12 +120,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_r
   const ActivationSpec spec = activation_spec(op, activation, alpha, beta);
   const auto [N, C, S, count] =
       check_batch_norm_backward(op, grad_output, input, weight, bias, mean, var);
-  const at::MemoryFormat format = batch_norm_memory_format(input);
-  const at::Tensor x = input.contiguous(format);
-  const at::Tensor dy = grad_output.contiguous(format);
-  const bool channels_last = is_channels_last_format(format);
-  const int64_t images = channels_last ? N * S : N;
-  const int64_t plane = channels_last ? 1 : S;
+  const RowView view = row_view(input, N, C, S);
+  const at::Tensor x = input.contiguous(view.format);
+  const at::Tensor dy = grad_output.contiguous(view.format);
   const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());
   const at::Tensor w = per_channel_or(weight, C, acc_type, 1.0, x.options());
   const at::Tensor b = per_channel_or(bias, C, acc_type, 0.0, x.options());
@@ -152,12 +144,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_r
     const auto [invstd, scale, shift] =
         affine_rows(mean_ptr, sigma2.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(),
                     b.const_data_ptr<acc_t>(), C, eps);
-    if (count > 0 && (channels_last || use_row_path(C, S))) {
-      const BackwardRows<acc_t> rows(scale.data(), shift.data(), mean_ptr, C, plane);
+    if (count > 0 && view.rows) {
+      const BackwardRows<acc_t> rows(scale.data(), shift.data(), mean_ptr, C, view.plane);
       dispatch_activation(spec.kind, [&](auto kind) {
         constexpr Activation kAct = decltype(kind)::value;
-        row_gradient_sums<kAct>(x_ptr, dy_ptr, images, C, plane, rows, act, sum_dy_ptr,
-                                sum_dy_xmu_ptr);
+        row_gradient_sums<kAct>(x_ptr, dy_ptr, view.images, C, view.plane, rows, act,
+                                sum_dy_ptr, sum_dy_xmu_ptr);
       });
     } else if (count > 0) {
       dispatch_activation(spec.kind, [&](auto kind) {
@@ -202,12 +194,9 @@ at::Tensor batch_norm_backward_elemt_cpu(const at::Tensor& grad_output, const at
   const auto [N, C, S, local_count] =
       check_batch_norm_backward(op, grad_output, input, weight, bias, mean, var);
   check_batch_norm_backward_elemt(op, input, sum_dy, sum_dy_xmu, count, local_count);
-  const at::MemoryFormat format = batch_norm_memory_format(input);
-  const at::Tensor x = input.contiguous(format);
-  const at::Tensor dy = grad_output.contiguous(format);
-  const bool channels_last = is_channels_last_format(format);
-  const int64_t images = channels_last ? N * S : N;
-  const int64_t plane = channels_last ? 1 : S;
+  const RowView view = row_view(input, N, C, S);
+  const at::Tensor x = input.contiguous(view.format);
+  const at::Tensor dy = grad_output.contiguous(view.format);
   const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());
   const at::Tensor w = per_channel_or(weight, C, acc_type, 1.0, x.options());
   const at::Tensor b = per_channel_or(bias, C, acc_type, 0.0, x.options());
@@ -215,7 +204,7 @@ at::Tensor batch_norm_backward_elemt_cpu(const at::Tensor& grad_output, const at
   const at::Tensor sigma2 = as_acc_contiguous(var, acc_type);
   const at::Tensor total_dy = sum_dy.contiguous();
   const at::Tensor total_dy_xmu = sum_dy_xmu.contiguous();
-  at::Tensor grad_input = empty_in_format(x.sizes(), x.options(), format, cached_empty);
+  at::Tensor grad_input = empty_in_format(x.sizes(), x.options(), view.format, cached_empty);
   if (local_count == 0) return grad_input.view(input.sizes());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
                                   "batch_norm_backward_elemt_cpu", [&] {
@@ -236,11 +225,11 @@ at::Tensor batch_norm_backward_elemt_cpu(const at::Tensor& grad_output, const at
       mean_dy[c] = grad.mean_dy;
       proj[c] = grad.proj;
     }
-    if (channels_last || use_row_path(C, S)) {
-      const BackwardRows<acc_t> rows(scale.data(), shift.data(), mean_ptr, C, plane);
+    if (view.rows) {
+      const BackwardRows<acc_t> rows(scale.data(), shift.data(), mean_ptr, C, view.plane);
       dispatch_activation(spec.kind, [&](auto kind) {
         constexpr Activation kAct = decltype(kind)::value;
-        row_grad_input<kAct>(x_ptr, dy_ptr, images, C, plane, rows, act, mean_dy.data(),
+        row_grad_input<kAct>(x_ptr, dy_ptr, view.images, C, view.plane, rows, act, mean_dy.data(),
                              proj.data(), true, dx_ptr);
       });
       return;

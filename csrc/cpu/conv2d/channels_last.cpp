@@ -15,6 +15,9 @@
 //                    of each phase instead of all 9.
 // 1x1 stride-1 unpadded layers (ResNet's and MobileNet's projections) need no columns when
 // the tensors are of the compute type: X is the column matrix, dY the input gradient's rows.
+// Tiles of positions (or pixels) are spread over the threads, one GEMM each on its thread;
+// a layer with a large weight operand runs one tile at a time on all threads instead, the
+// gather split between them and the GEMM threaded (TileSchedule).
 // Every output element is written by one task (tiles of positions or pixels, column ranges of
 // dW), each summing in a fixed order: results do not depend on the thread count.
 // Non-finite values: the padding enters the products as zeros, as in the NCHW column paths; an
@@ -43,6 +46,37 @@ constexpr int64_t kMinTilePositions = 32;
 constexpr int64_t kMaxTilePositions = 512;
 // The weight gradient's column ranges are at least this wide (a GEMM panel or two).
 constexpr int64_t kMinWeightColumns = 32;
+// A group's weight operand at least this large (ResNet's 512-channel 3x3: 9.4 MB) does not stay
+// in a core's cache next to a tile: tiles then run one at a time, shared by all threads (the
+// gather split between them, the GEMM threaded over the output's columns), as the NCHW
+// shared_tiles path does; their columns take up to kSharedTileBytes.
+constexpr int64_t kSharedWeightBytes = int64_t(2) << 20;
+constexpr int64_t kSharedTileBytes = int64_t(4) << 20;
+
+// How a layer's tiles run: spread over the threads, or (shared) one at a time on all of them.
+struct TileSchedule {
+  int64_t tile;  // positions (or pixels) a tile
+  bool shared;
+  int64_t tiles(int64_t total) const { return (total + tile - 1) / tile; }
+  // fn(begin, end) over [0, count) rows of a tile: split between the threads when shared.
+  template <typename F>
+  void spread(int64_t count, const F& fn) const {
+    if (shared) {
+      parallel_for(0, count, 8, fn);
+    } else {
+      fn(int64_t(0), count);
+    }
+  }
+  // body(begin, end) over the tiles: on the calling thread when shared (its GEMMs threaded).
+  template <typename F>
+  void run(int64_t total, const F& body) const {
+    if (shared) {
+      body(int64_t(0), tiles(total));
+    } else {
+      parallel_for(0, tiles(total), 1, body);
+    }
+  }
+};
 
 template <typename T>
 std::unique_ptr<T[]> scratch(int64_t count) {
@@ -57,6 +91,18 @@ int64_t tile_positions(int64_t row_values, int64_t value_bytes, int64_t position
   const int64_t tile = std::clamp(by_bytes, kMinTilePositions, kMaxTilePositions);
   const int64_t per_thread = (positions + threads - 1) / std::max<int64_t>(threads, 1);
   return std::max<int64_t>(1, std::min(tile, per_thread));
+}
+
+// Tiles of `total` rows of `row_values` values, for a group weight operand of weight_bytes.
+TileSchedule schedule_tiles(int64_t row_values, int64_t value_bytes, int64_t total,
+                            int64_t threads, int64_t weight_bytes) {
+  if (threads > 1 && weight_bytes >= kSharedWeightBytes) {
+    const int64_t by_bytes = kSharedTileBytes / std::max<int64_t>(row_values * value_bytes, 1);
+    return {std::min(std::clamp(by_bytes, kMinTilePositions, kMaxTilePositions),
+                     std::max<int64_t>(total, 1)),
+            true};
+  }
+  return {tile_positions(row_values, value_bytes, total, threads), false};
 }
 
 template <typename scalar_t, typename acc_t>
@@ -85,6 +131,9 @@ void gather_columns(const scalar_t* x, const Conv2dGeometry& g, int64_t group, i
   const int64_t area = g.out_area();
   const int64_t first_tap = k0 / Cg;
   const int64_t end_tap = (k1 + Cg - 1) / Cg;
+  // A kernel row's taps are adjacent pixels, their channels one run, when nothing between
+  // them is skipped (one group, no dilation).
+  const bool whole_rows = g.groups == 1 && g.dilation_w == 1 && g.kernel_w > 1;
   for (int64_t q = 0; q < count; ++q) {
     const int64_t p = p0 + q;
     const int64_t n = p / area;
@@ -94,6 +143,17 @@ void gather_columns(const scalar_t* x, const Conv2dGeometry& g, int64_t group, i
     for (int64_t t = first_tap; t < end_tap; ++t) {
       const int64_t kh = t / g.kernel_w;
       const int64_t kw = t % g.kernel_w;
+      if (whole_rows && kw == 0 && t * Cg >= k0 && (t + g.kernel_w) * Cg <= k1) {
+        // A kernel row inside the image, undilated, with every channel: one run of kW*C
+        // values (the stem's 7 taps of 3 channels: 21 values, not 7 runs of 3).
+        const int64_t ih = conv_input_coordinate(oh, kh, g.stride_h, g.pad_h, g.dilation_h);
+        const int64_t iw = conv_input_coordinate(ow, 0, g.stride_w, g.pad_w, 1);
+        if (ih >= 0 && ih < g.in_h && iw >= 0 && iw + g.kernel_w <= g.in_w) {
+          copy_run(x + ((n * g.in_h + ih) * g.in_w + iw) * C, g.kernel_w * C, row + t * Cg);
+          t += g.kernel_w - 1;
+          continue;
+        }
+      }
       const int64_t c0 = std::max<int64_t>(k0 - t * Cg, 0);
       const int64_t c1 = std::min<int64_t>(k1 - t * Cg, Cg);
       const int64_t ih = conv_input_coordinate(oh, kh, g.stride_h, g.pad_h, g.dilation_h);
@@ -118,6 +178,18 @@ void add_bias_rows(const acc_t* bias, int64_t count, int64_t O, acc_t* y, int64_
   }
 }
 
+// The input pixels of one phase (ph, pw): rows ph, ph + s_h, ... and columns pw, pw + s_w, ...
+// of every image, numbered image by image, row by row.
+struct PhasePixels {
+  int64_t ph, pw, rows_h, rows_w, stride_h, stride_w;
+  int64_t count(int64_t batch) const { return batch * rows_h * rows_w; }
+  void locate(int64_t pixel, int64_t* n, int64_t* ih, int64_t* iw) const {
+    *n = pixel / (rows_h * rows_w);
+    *ih = ph + ((pixel / rows_w) % rows_h) * stride_h;
+    *iw = pw + (pixel % rows_w) * stride_w;
+  }
+};
+
 // The taps of a phase along one dimension: offsets k whose input coordinate has the phase's
 // residue modulo the stride.
 std::vector<int64_t> phase_taps(int64_t phase, int64_t kernel, int64_t stride, int64_t pad,
@@ -133,7 +205,7 @@ std::vector<int64_t> phase_taps(int64_t phase, int64_t kernel, int64_t stride, i
 }  // namespace
 
 template <typename scalar_t>
-void channels_last_forward(const at::Tensor& x, const at::Tensor& weight_acc,
+void channels_last_forward(const at::Tensor& x, const at::Tensor& weight_ohwc,
                            const at::Tensor& bias_acc, const Conv2dGeometry& g,
                            at::Tensor& output) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -142,17 +214,16 @@ void channels_last_forward(const at::Tensor& x, const at::Tensor& weight_acc,
   const int64_t Cg = C / g.groups, Og = O / g.groups;
   const int64_t Kg = g.kernel_area() * Cg;
   const int64_t P = g.batch * g.out_area();
-  // W as [O, kH, kW, C/groups]: the order of a column row.
-  const at::Tensor w = weight_acc.view({O, Cg, g.kernel_area()}).transpose(1, 2).contiguous();
-  const acc_t* w_ptr = w.const_data_ptr<acc_t>();
+  const acc_t* w_ptr = weight_ohwc.const_data_ptr<acc_t>();
   const acc_t* bias = bias_acc.defined() ? bias_acc.const_data_ptr<acc_t>() : nullptr;
   const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
   scalar_t* y_ptr = output.mutable_data_ptr<scalar_t>();
   const bool direct = same_type && is_pointwise(g);
-  const int64_t threads = team_size();
-  const int64_t tile = tile_positions(direct ? O : Kg + O, sizeof(acc_t), P, threads);
-  const int64_t tiles = (P + tile - 1) / tile;
-  parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+  const TileSchedule schedule =
+      schedule_tiles(direct ? O : Kg + O, sizeof(acc_t), P, team_size(),
+                     Og * Kg * static_cast<int64_t>(sizeof(acc_t)));
+  const int64_t tile = schedule.tile;
+  schedule.run(P, [&](int64_t begin, int64_t end) {
     auto columns = scratch<acc_t>(direct ? 0 : tile * Kg);
     auto block = scratch<acc_t>(same_type ? 0 : tile * O);
     for (int64_t t = begin; t < end; ++t) {
@@ -171,7 +242,10 @@ void channels_last_forward(const at::Tensor& x, const at::Tensor& weight_acc,
           a = reinterpret_cast<const acc_t*>(x_ptr) + p0 * C + group * Cg;
           lda = C;
         } else {
-          gather_columns(x_ptr, g, group, p0, count, 0, Kg, columns.get(), Kg);
+          schedule.spread(count, [&](int64_t first, int64_t last) {
+            gather_columns(x_ptr, g, group, p0 + first, last - first, 0, Kg,
+                           columns.get() + first * Kg, Kg);
+          });
           a = columns.get();
         }
         cpu::gemm<acc_t>(false, true, count, Og, Kg, acc_t(1), a, lda, w_ptr + group * Og * Kg,
@@ -246,14 +320,14 @@ void channels_last_weight_grad(const at::Tensor& dy, const at::Tensor& x, const 
 
 // dX [N, H, W, C] by phases of the input coordinates (see the top of the file).
 template <typename scalar_t>
-void channels_last_input_grad(const at::Tensor& dy, const at::Tensor& weight_acc,
+void channels_last_input_grad(const at::Tensor& dy, const at::Tensor& weight_ohwc,
                               const Conv2dGeometry& g, at::Tensor& grad_input) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool same_type = std::is_same_v<scalar_t, acc_t>;
   const int64_t C = g.in_channels, O = g.out_channels;
   const int64_t Cg = C / g.groups, Og = O / g.groups;
   const int64_t KA = g.kernel_area();
-  const acc_t* w_ptr = weight_acc.const_data_ptr<acc_t>();  // [O, Cg, kH, kW]
+  const acc_t* w_ptr = weight_ohwc.const_data_ptr<acc_t>();  // [O, kH, kW, Cg]
   const scalar_t* dy_ptr = dy.const_data_ptr<scalar_t>();
   scalar_t* dx_ptr = grad_input.mutable_data_ptr<scalar_t>();
   const int64_t threads = team_size();
@@ -265,9 +339,10 @@ void channels_last_input_grad(const at::Tensor& dy, const at::Tensor& weight_acc
       const std::vector<int64_t> taps_w =
           phase_taps(pw, g.kernel_w, g.stride_w, g.pad_w, g.dilation_w);
       const int64_t taps = static_cast<int64_t>(taps_h.size() * taps_w.size());
-      const int64_t rows_h = (g.in_h - ph + g.stride_h - 1) / g.stride_h;
-      const int64_t rows_w = (g.in_w - pw + g.stride_w - 1) / g.stride_w;
-      const int64_t Q = g.batch * rows_h * rows_w;
+      const PhasePixels pixels{ph, pw, (g.in_h - ph + g.stride_h - 1) / g.stride_h,
+                               (g.in_w - pw + g.stride_w - 1) / g.stride_w, g.stride_h,
+                               g.stride_w};
+      const int64_t Q = pixels.count(g.batch);
       const int64_t Kt = taps * Og;
       // W' of the phase: [groups][taps * Og][Cg].
       std::vector<acc_t> wt(static_cast<size_t>(g.groups * Kt * Cg));
@@ -276,17 +351,17 @@ void channels_last_input_grad(const at::Tensor& dy, const at::Tensor& weight_acc
           const int64_t kh = taps_h[t / taps_w.size()];
           const int64_t kw = taps_w[t % taps_w.size()];
           for (int64_t o = 0; o < Og; ++o) {
-            const acc_t* src = w_ptr + (group * Og + o) * Cg * KA + kh * g.kernel_w + kw;
-            acc_t* dst = wt.data() + ((group * taps + t) * Og + o) * Cg;
-            for (int64_t c = 0; c < Cg; ++c) dst[c] = src[c * KA];
+            const acc_t* src = w_ptr + ((group * Og + o) * KA + kh * g.kernel_w + kw) * Cg;
+            std::copy_n(src, Cg, wt.data() + ((group * taps + t) * Og + o) * Cg);
           }
         }
       }
-      const int64_t tile = tile_positions(Kt + Cg, sizeof(acc_t), Q, threads);
-      const int64_t tiles = (Q + tile - 1) / tile;
+      const TileSchedule schedule = schedule_tiles(
+          Kt + Cg, sizeof(acc_t), Q, threads, Kt * Cg * static_cast<int64_t>(sizeof(acc_t)));
+      const int64_t tile = schedule.tile;
       // One phase at stride 1: its pixels are the image's, rows of dX in memory order.
       const bool in_place = same_type && g.stride_h == 1 && g.stride_w == 1;
-      parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+      schedule.run(Q, [&](int64_t begin, int64_t end) {
         auto rows = scratch<acc_t>(direct ? 0 : tile * Kt);
         auto block = scratch<acc_t>(in_place ? 0 : tile * Cg);
         for (int64_t t_index = begin; t_index < end; ++t_index) {
@@ -310,43 +385,43 @@ void channels_last_input_grad(const at::Tensor& dy, const at::Tensor& weight_acc
                 a = reinterpret_cast<const acc_t*>(dy_ptr) + q0 * O + group * Og;
                 lda = O;
               } else {
-                for (int64_t q = 0; q < count; ++q) {
-                  const int64_t pixel = q0 + q;
-                  const int64_t n = pixel / (rows_h * rows_w);
-                  const int64_t ih = ph + ((pixel / rows_w) % rows_h) * g.stride_h;
-                  const int64_t iw = pw + (pixel % rows_w) * g.stride_w;
-                  acc_t* row = rows.get() + q * Kt;
-                  for (int64_t t = 0; t < taps; ++t) {
-                    const int64_t kh = taps_h[t / taps_w.size()];
-                    const int64_t kw = taps_w[t % taps_w.size()];
-                    const int64_t oh = (ih + g.pad_h - kh * g.dilation_h) / g.stride_h;
-                    const int64_t ow = (iw + g.pad_w - kw * g.dilation_w) / g.stride_w;
-                    const bool inside = ih + g.pad_h - kh * g.dilation_h >= 0 && oh < g.out_h &&
-                                        iw + g.pad_w - kw * g.dilation_w >= 0 && ow < g.out_w;
-                    if (inside) {
-                      copy_run(dy_ptr + ((n * g.out_h + oh) * g.out_w + ow) * O + group * Og, Og,
-                               row + t * Og);
-                    } else {
-                      zero_run(Og, row + t * Og);
+                schedule.spread(count, [&](int64_t first, int64_t last) {
+                  for (int64_t q = first; q < last; ++q) {
+                    int64_t n, ih, iw;
+                    pixels.locate(q0 + q, &n, &ih, &iw);
+                    acc_t* row = rows.get() + q * Kt;
+                    for (int64_t t = 0; t < taps; ++t) {
+                      const int64_t kh = taps_h[t / taps_w.size()];
+                      const int64_t kw = taps_w[t % taps_w.size()];
+                      const int64_t oh_scaled = ih + g.pad_h - kh * g.dilation_h;
+                      const int64_t ow_scaled = iw + g.pad_w - kw * g.dilation_w;
+                      const int64_t oh = oh_scaled / g.stride_h;
+                      const int64_t ow = ow_scaled / g.stride_w;
+                      if (oh_scaled >= 0 && oh < g.out_h && ow_scaled >= 0 && ow < g.out_w) {
+                        copy_run(dy_ptr + ((n * g.out_h + oh) * g.out_w + ow) * O + group * Og,
+                                 Og, row + t * Og);
+                      } else {
+                        zero_run(Og, row + t * Og);
+                      }
                     }
                   }
-                }
+                });
                 a = rows.get();
               }
               cpu::gemm<acc_t>(false, false, count, Cg, Kt, acc_t(1), a, lda,
                                wt.data() + group * Kt * Cg, Cg, acc_t(0), out, ldc);
             }
             if (in_place) continue;
-            for (int64_t q = 0; q < count; ++q) {
-              const int64_t pixel = q0 + q;
-              const int64_t n = pixel / (rows_h * rows_w);
-              const int64_t ih = ph + ((pixel / rows_w) % rows_h) * g.stride_h;
-              const int64_t iw = pw + (pixel % rows_w) * g.stride_w;
-              scalar_t* dst = dx_ptr + ((n * g.in_h + ih) * g.in_w + iw) * C + group * Cg;
-              const acc_t* src = out + q * Cg;
+            schedule.spread(count, [&](int64_t first, int64_t last) {
+              for (int64_t q = first; q < last; ++q) {
+                int64_t n, ih, iw;
+                pixels.locate(q0 + q, &n, &ih, &iw);
+                scalar_t* dst = dx_ptr + ((n * g.in_h + ih) * g.in_w + iw) * C + group * Cg;
+                const acc_t* src = out + q * Cg;
 #pragma omp simd
-              for (int64_t c = 0; c < Cg; ++c) dst[c] = static_cast<scalar_t>(src[c]);
-            }
+                for (int64_t c = 0; c < Cg; ++c) dst[c] = static_cast<scalar_t>(src[c]);
+              }
+            });
           }
         }
       });
@@ -356,11 +431,11 @@ void channels_last_input_grad(const at::Tensor& dy, const at::Tensor& weight_acc
 
 template <typename scalar_t>
 void channels_last_backward(const at::Tensor& dy, const at::Tensor& x,
-                            const at::Tensor& weight_acc, const Conv2dGeometry& g,
+                            const at::Tensor& weight_ohwc, const Conv2dGeometry& g,
                             bool need_input_grad, bool need_weight_grad, at::Tensor& grad_input,
                             at::Tensor& grad_weight_acc) {
   using acc_t = at::opmath_type<scalar_t>;
-  if (need_input_grad) channels_last_input_grad<scalar_t>(dy, weight_acc, g, grad_input);
+  if (need_input_grad) channels_last_input_grad<scalar_t>(dy, weight_ohwc, g, grad_input);
   if (!need_weight_grad) return;
   const int64_t O = g.out_channels;
   const int64_t Cg = g.in_channels / g.groups;

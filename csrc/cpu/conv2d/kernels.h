@@ -92,21 +92,23 @@ void shared_tiles_backward(const at::Tensor& dy, const at::Tensor& x, const at::
                            bool need_weight_grad, at::Tensor& grad_input,
                            at::Tensor& grad_weight_acc);
 
-// channels_last.cpp: any geometry in channels-last memory. The backward leaves the bias
-// gradient to channels_last_bias_grad.
+// channels_last.cpp: any geometry in channels-last memory; the weights arrive as weight_ohwc,
+// [O, kH, kW, C/groups] in the compute type (a channels-last weight's own memory). The
+// backward leaves the bias gradient to channels_last_bias_grad.
 template <typename scalar_t>
-void channels_last_forward(const at::Tensor& x, const at::Tensor& weight_acc,
+void channels_last_forward(const at::Tensor& x, const at::Tensor& weight_ohwc,
                            const at::Tensor& bias_acc, const Conv2dGeometry& g,
                            at::Tensor& output);
 template <typename scalar_t>
 void channels_last_backward(const at::Tensor& dy, const at::Tensor& x,
-                            const at::Tensor& weight_acc, const Conv2dGeometry& g,
+                            const at::Tensor& weight_ohwc, const Conv2dGeometry& g,
                             bool need_input_grad, bool need_weight_grad, at::Tensor& grad_input,
                             at::Tensor& grad_weight_acc);
 template <typename scalar_t>
 void channels_last_bias_grad(const at::Tensor& dy, const Conv2dGeometry& g, scalar_t* grad_bias);
 
-// channels_last_depthwise.cpp: depthwise_fits layers in channels-last memory.
+// channels_last_depthwise.cpp: depthwise_fits layers in channels-last memory (weight_acc as
+// the others': [C, kH*kW], which is also the memory of its [C, kH, kW, 1] OHWC form).
 template <typename scalar_t>
 void channels_last_depthwise_forward(const at::Tensor& x, const at::Tensor& weight_acc,
                                      const at::Tensor& bias_acc, const Conv2dGeometry& g,

@@ -40,6 +40,13 @@
 namespace convkit::cpu_conv2d {
 namespace {
 
+// The weights in the compute type as the kernels read them: [O, C/groups, kH, kW] row-major,
+// or [O, kH, kW, C/groups] for the channels-last paths.
+at::Tensor compute_weights(const at::Tensor& weight, at::ScalarType acc_type, bool channels_last) {
+  if (channels_last) return weight.to(acc_type).permute({0, 2, 3, 1}).contiguous();
+  return weight.to(acc_type).contiguous();
+}
+
 template <typename scalar_t>
 void conv2d_forward_kernel(const at::Tensor& x, const at::Tensor& weight_acc,
                            const at::Tensor& bias_acc, const Conv2dGeometry& g,
@@ -162,8 +169,8 @@ at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
   auto forward = [&](const at::Tensor& x, const at::Tensor& bias_or_undefined,
                      const Conv2dGeometry& g, at::Tensor& output, bool channels_last) {
     const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());
-    // Weights and bias in the compute type, [O, K/groups] row-major: converted once per call.
-    const at::Tensor weight_acc = weight.to(acc_type).contiguous();
+    // Weights and bias in the compute type, converted once per call (compute_weights).
+    const at::Tensor weight_acc = compute_weights(weight, acc_type, channels_last);
     const at::Tensor bias_acc = bias_or_undefined.defined()
                                     ? bias_or_undefined.to(acc_type).contiguous()
                                     : at::Tensor();
@@ -206,7 +213,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
   };
   auto columns_pass = [&](const at::Tensor& dy, const at::Tensor& x, const Conv2dGeometry& g,
                           Conv2dGradients& grads) {
-    const at::Tensor weight_acc = weight.to(at::toOpMathType(x.scalar_type())).contiguous();
+    const at::Tensor weight_acc =
+        compute_weights(weight, at::toOpMathType(x.scalar_type()), grads.channels_last);
     bool bias_done = false;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv2d_backward",
                                     [&] {
