@@ -48,6 +48,21 @@ struct Conv2dGradients {
   at::Tensor bias;        // [O] when wanted
 };
 
+// The format of a layer's results (torch's rule) and the one its kernels compute in: the
+// same when the backend computes in channels-last memory, contiguous otherwise.
+struct Conv2dLayout {
+  at::MemoryFormat format;
+  at::MemoryFormat compute;
+  bool channels_last;  // the kernels get channels-last memory
+};
+
+inline Conv2dLayout conv2d_layout(const at::Tensor& input, const at::Tensor& weight,
+                                  bool native_channels_last) {
+  const at::MemoryFormat format = conv2d_memory_format(input, weight);
+  const bool channels_last = native_channels_last && is_channels_last_format(format);
+  return {format, channels_last ? format : at::MemoryFormat::Contiguous, channels_last};
+}
+
 template <typename Empty, typename Forward>
 at::Tensor run_conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
                               const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
@@ -60,17 +75,15 @@ at::Tensor run_conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
   const Conv2dGeometry g =
       make_conv2d_geometry(op, input, weight, stride, padding, dilation, groups);
   check_conv2d_bias(op, input, bias, g.out_channels);
-  const at::MemoryFormat format = conv2d_memory_format(input, weight);
-  const bool channels_last = native_channels_last && is_channels_last_format(format);
-  const at::MemoryFormat compute = channels_last ? format : at::MemoryFormat::Contiguous;
-  const at::Tensor x = input.contiguous(compute);
-  at::Tensor output =
-      empty_in_format({g.batch, g.out_channels, g.out_h, g.out_w}, x.options(), compute, empty);
+  const Conv2dLayout layout = conv2d_layout(input, weight, native_channels_last);
+  const at::Tensor x = input.contiguous(layout.compute);
+  at::Tensor output = empty_in_format({g.batch, g.out_channels, g.out_h, g.out_w}, x.options(),
+                                      layout.compute, empty);
   if (output.numel() > 0) {
     const bool has_bias = bias.has_value() && bias->defined();
-    forward(x, has_bias ? *bias : at::Tensor(), g, output, channels_last);
+    forward(x, has_bias ? *bias : at::Tensor(), g, output, layout.channels_last);
   }
-  return restride_to(output, format);
+  return restride_to(output, layout.format);
 }
 
 template <typename Empty, typename ColumnsPass, typename BiasGrad>
@@ -86,11 +99,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_conv2d_backward(
   const Conv2dGeometry g =
       make_conv2d_geometry(op, input, weight, stride, padding, dilation, groups);
   check_conv2d_grad_output(op, input, grad_output, g);
-  const at::MemoryFormat format = conv2d_memory_format(input, weight);
-  const bool channels_last = native_channels_last && is_channels_last_format(format);
-  const at::MemoryFormat compute = channels_last ? format : at::MemoryFormat::Contiguous;
-  const at::Tensor x = input.contiguous(compute);
-  const at::Tensor dy = grad_output.contiguous(compute);
+  const Conv2dLayout layout = conv2d_layout(input, weight, native_channels_last);
+  const at::Tensor x = input.contiguous(layout.compute);
+  const at::Tensor dy = grad_output.contiguous(layout.compute);
   const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());
   // Each unwanted output its own tensor: outputs must not alias one another.
   auto unwanted = [&] { return at::empty({0}, x.options()); };
@@ -99,9 +110,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_conv2d_backward(
   grads.want_input = output_mask[0];
   grads.want_weight = output_mask[1];
   grads.want_bias = output_mask[2];
-  grads.channels_last = channels_last;
-  grads.input =
-      grads.want_input ? empty_in_format(x.sizes(), x.options(), compute, empty) : unwanted();
+  grads.channels_last = layout.channels_last;
+  grads.input = grads.want_input
+                    ? empty_in_format(x.sizes(), x.options(), layout.compute, empty)
+                    : unwanted();
   if (grads.want_weight) {
     grads.weight_acc =
         at::zeros({g.out_channels, g.column_rows() / groups}, x.options().dtype(acc_type));
@@ -115,14 +127,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_conv2d_backward(
     grads.input.zero_();
   }
   if (grads.want_bias && g.out_channels > 0 && !bias_done) {
-    bias_grad(dy, g, grads.bias, channels_last);
+    bias_grad(dy, g, grads.bias, layout.channels_last);
   }
   at::Tensor grad_weight =
       grads.want_weight
           ? restride_to(grads.weight_acc.to(x.scalar_type()).view(weight.sizes()),
                         weight.suggest_memory_format())
           : unwanted();
-  at::Tensor grad_input = grads.want_input ? restride_to(grads.input, format) : grads.input;
+  at::Tensor grad_input =
+      grads.want_input ? restride_to(grads.input, layout.format) : grads.input;
   return std::make_tuple(grad_input, grad_weight, grads.bias);
 }
 
