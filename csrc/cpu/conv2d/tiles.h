@@ -91,12 +91,75 @@ inline bool reads_input_as_columns(const Conv2dGeometry& g) {
          g.pad_h == 0 && g.pad_w == 0;
 }
 
+// A "same" conv of unit stride and dilation (out_w == in_w: ResNet's 3x3 pad-1 layers): tap
+// (kh, kw)'s column row over consecutive output rows is the plane itself shifted by (kh -
+// pad_h) * W + (kw - pad_w), except at the entries whose input column falls off the row's
+// edge, which that shift would read from the neighbouring row and which must be zero.
+inline bool shifted_plane_columns(const Conv2dGeometry& g) {
+  return g.stride_h == 1 && g.stride_w == 1 && g.dilation_h == 1 && g.dilation_w == 1 &&
+         g.out_w == g.in_w;
+}
+
+// im2col_band's rows for shifted_plane_columns geometries: per tap, one run over all its
+// valid output rows (a copy of the shifted plane), then the edge entries set to zero. Short
+// rows (8x8 maps) made the row-by-row copy's bookkeeping cost as much as its GEMM. The run
+// is clipped to the plane: the entries it leaves out are edge entries (their input column
+// is off the first or last row), zeroed below.
+template <typename scalar_t, typename acc_t>
+void im2col_band_shifted(const scalar_t* plane, const Conv2dGeometry& g, int64_t oh_begin,
+                         int64_t oh_end, acc_t* dst, int64_t ld) {
+  const int64_t W = g.in_w;
+  const int64_t area = g.in_area();
+  for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+    // Output rows whose input row ih = oh + kh - pad_h is inside the image.
+    const int64_t dh = kh - g.pad_h;
+    const int64_t valid_begin = std::max(oh_begin, -dh);
+    const int64_t valid_end = std::min(oh_end, g.in_h - dh);
+    for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
+      acc_t* dst_row = dst + (kh * g.kernel_w + kw) * ld;
+      const int64_t dw = kw - g.pad_w;
+      if (valid_begin >= valid_end) {
+        std::fill(dst_row, dst_row + (oh_end - oh_begin) * W, acc_t(0));
+        continue;
+      }
+      std::fill(dst_row, dst_row + (valid_begin - oh_begin) * W, acc_t(0));
+      std::fill(dst_row + (valid_end - oh_begin) * W, dst_row + (oh_end - oh_begin) * W,
+                acc_t(0));
+      // Entry e (flat output index oh * W + ow) copies plane[e + shift].
+      const int64_t shift = dh * W + dw;
+      const int64_t first = std::max(valid_begin * W, -shift);
+      const int64_t last = std::min(valid_end * W, area - shift);
+      acc_t* out = dst_row - oh_begin * W;
+      const scalar_t* __restrict src = plane + shift;
+      acc_t* __restrict run = out;
+      for (int64_t e = first; e < last; ++e) run[e] = static_cast<acc_t>(src[e]);
+      // Output columns whose input column ow + dw is off the row: ow < -dw or ow >= W - dw.
+      const int64_t left = std::min(std::max<int64_t>(-dw, 0), W);
+      const int64_t right = std::max<int64_t>(std::min(W - dw, W), 0);
+      // Column by column down the rows: a loop along a row of 1-2 entries would be a memset
+      // call each (GCC's loop distribution), which cost more than the copy.
+      for (int64_t ow = 0; ow < left; ++ow) {
+        for (int64_t oh = valid_begin; oh < valid_end; ++oh) out[oh * W + ow] = acc_t(0);
+      }
+      for (int64_t ow = right; ow < W; ++ow) {
+        for (int64_t oh = valid_begin; oh < valid_end; ++oh) out[oh * W + ow] = acc_t(0);
+      }
+      // The clipped ends [valid_begin * W, first) and [last, valid_end * W) lie in those edge
+      // entries, so they are zero now too.
+    }
+  }
+}
+
 // Writes the column rows of channel c for output rows [oh_begin, oh_end) of one image into
 // dst (row r of the channel at dst + r * ld), converting to acc_t.
 template <typename scalar_t, typename acc_t>
 void im2col_band(const scalar_t* image, const Conv2dGeometry& g, int64_t c, int64_t oh_begin,
                  int64_t oh_end, acc_t* dst, int64_t ld) {
   const scalar_t* plane = image + c * g.in_area();
+  if (shifted_plane_columns(g)) {
+    im2col_band_shifted(plane, g, oh_begin, oh_end, dst, ld);
+    return;
+  }
   for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
     for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
       acc_t* dst_row = dst + (kh * g.kernel_w + kw) * ld;
