@@ -298,14 +298,28 @@ def conv2d_with_noise(input, weight, bias=None, stride=1, padding=0, dilation=1,
     return right + 1e-3 * right.detach().std() * noise.to(right.dtype)
 
 
+def conv2d_with_wrong_weight_gradient(input, weight, bias=None, stride=1, padding=0,
+                                      dilation=1, groups=1):
+    """F.conv2d's output exactly, but a weight gradient 1e-6 too large: wrong only where the
+    float64 check of the gradients looks."""
+    scaled = weight * 1.0
+    if scaled.requires_grad:
+        scaled.register_hook(lambda grad: grad * (1 + 1e-6))
+    return torch.nn.functional.conv2d(input, scaled, bias, stride, padding, dilation, groups)
+
+
 @pytest.mark.slow
-def test_a_model_whose_conv_is_wrong_is_reported_and_not_timed(monkeypatch):
+@pytest.mark.parametrize("wrong_conv,reported", [
+    (conv2d_with_noise, "float32 output (train mode)"),
+    (conv2d_with_wrong_weight_gradient, "in float64"),
+], ids=["output", "weight_gradient"])
+def test_a_model_whose_conv_is_wrong_is_reported_and_not_timed(wrong_conv, reported, monkeypatch):
     pytest.importorskip("torchvision")
     models_module, timing = bench_module("bench_models"), bench_module("bench_timing")
-    monkeypatch.setattr(convkit.functional, "conv2d", conv2d_with_noise)
+    monkeypatch.setattr(convkit.functional, "conv2d", wrong_conv)
     clock = timing.Clock(torch.device("cpu"), torch.get_num_threads(), min_run_time=0.001)
     rows = models_module.bench_model_case("resnet18", 2, 64, torch.device("cpu"), clock)
     assert [row.extra["direction"] for row in rows] == ["train step", "eval forward"]
     for row in rows:
-        assert row.passed is False and "loss" in row.error
+        assert row.passed is False and reported in row.error
         assert row.ms_convkit is None and row.ms_torch is None
