@@ -142,8 +142,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
       });
       return;
     }
-    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(count, 1));
     const bool stream = output.nbytes() >= kStreamingBytes;
+    if (!training) {
+      // Nothing to reduce: planes in memory order, each thread one contiguous range of (n, c),
+      // so both tensors stream through the prefetchers. (By channel, each thread jumps C * S
+      // values between planes of 1-4 KiB, too short for the prefetchers to get going: a
+      // MobileNetV2 eval forward's [32, 144, 16, 16] took 2x torch's time on a conv output not
+      // in L2.)
+      std::vector<acc_t> scale(C), shift(C);
+      for (int64_t c = 0; c < C; ++c) {
+        const ChannelAffine<acc_t> affine =
+            channel_affine(mean_ptr[c], var_ptr[c], w_ptr[c], b_ptr[c], eps);
+        scale[c] = affine.scale;
+        shift[c] = affine.shift;
+      }
+      const int64_t plane_grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(S, 1));
+      parallel_for(0, N * C, plane_grain, [&](int64_t begin, int64_t end) {
+#if defined(__AVX512F__)
+        struct StoreFence {
+          ~StoreFence() { _mm_sfence(); }
+        } fence;
+#endif
+        dispatch_activation(spec.kind, [&](auto kind) {
+          constexpr Activation kAct = decltype(kind)::value;
+          for (int64_t plane = begin; plane < end; ++plane) {
+            const int64_t c = plane % C;
+            normalize_plane<kAct>(x_ptr + plane * S, S, scale[c], shift[c], act,
+                                  y_ptr + plane * S, stream);
+          }
+        });
+      });
+      return;
+    }
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(count, 1));
     parallel_for(0, C, grain, [&](int64_t begin, int64_t end) {
 #if defined(__AVX512F__)
       // The non-temporal stores are visible to other threads once this thread's task ends.
