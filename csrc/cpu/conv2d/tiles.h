@@ -191,12 +191,54 @@ void im2col_band(const scalar_t* image, const Conv2dGeometry& g, int64_t c, int6
   }
 }
 
+// col2im_band_add for shifted_plane_columns geometries, the transpose of im2col_band_shifted:
+// per tap, the edge entries of its column-gradient row (padding: no input element receives
+// them) are set to zero, then the row's valid output rows are added into the plane shifted,
+// as one run. Each input element still receives its terms in tap order.
+template <typename acc_t>
+void col2im_band_add_shifted(acc_t* src, int64_t ld, const Conv2dGeometry& g, int64_t oh_begin,
+                             int64_t oh_end, acc_t* plane) {
+  const int64_t W = g.in_w;
+  const int64_t area = g.in_area();
+  for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+    const int64_t dh = kh - g.pad_h;
+    const int64_t valid_begin = std::max(oh_begin, -dh);
+    const int64_t valid_end = std::min(oh_end, g.in_h - dh);
+    if (valid_begin >= valid_end) continue;
+    for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
+      acc_t* run = src + (kh * g.kernel_w + kw) * ld - oh_begin * W;
+      const int64_t dw = kw - g.pad_w;
+      const int64_t left = std::min(std::max<int64_t>(-dw, 0), W);
+      const int64_t right = std::max<int64_t>(std::min(W - dw, W), 0);
+      // Column by column (see im2col_band_shifted).
+      for (int64_t ow = 0; ow < left; ++ow) {
+        for (int64_t oh = valid_begin; oh < valid_end; ++oh) run[oh * W + ow] = acc_t(0);
+      }
+      for (int64_t ow = right; ow < W; ++ow) {
+        for (int64_t oh = valid_begin; oh < valid_end; ++oh) run[oh * W + ow] = acc_t(0);
+      }
+      // Entry e adds into plane[e + shift]; the entries clipped off are edge entries.
+      const int64_t shift = dh * W + dw;
+      const int64_t first = std::max(valid_begin * W, -shift);
+      const int64_t last = std::min(valid_end * W, area - shift);
+      acc_t* __restrict dst = plane + shift;
+      const acc_t* __restrict terms = run;
+      for (int64_t e = first; e < last; ++e) dst[e] += terms[e];
+    }
+  }
+}
+
 // The column gradient of output rows [oh_begin, oh_end) of one image, channel c (row r at
 // src + r * ld), added into that channel's input-gradient plane: the transpose of
-// im2col_band, element by element in a fixed order.
+// im2col_band, element by element in a fixed order. src is scratch: its padding entries may
+// be overwritten.
 template <typename acc_t>
-void col2im_band_add(const acc_t* src, int64_t ld, const Conv2dGeometry& g, int64_t oh_begin,
+void col2im_band_add(acc_t* src, int64_t ld, const Conv2dGeometry& g, int64_t oh_begin,
                      int64_t oh_end, acc_t* plane) {
+  if (shifted_plane_columns(g)) {
+    col2im_band_add_shifted(src, ld, g, oh_begin, oh_end, plane);
+    return;
+  }
   for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
     for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
       const acc_t* src_row = src + (kh * g.kernel_w + kw) * ld;
