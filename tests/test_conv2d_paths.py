@@ -266,6 +266,32 @@ def test_column_buffer_peak_respects_budget(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_band_path_1x1_reads_small_images_in_place(dtype):
+    """A 1x1 stride-1 conv of many small images (MobileNetV2's 24 -> 144 expansion, smaller)
+    runs one image per tile, reading the input and writing the output and the input gradient
+    in place: no column buffer (tiles of several images copied the columns, and the output
+    back plane by plane). It matches a float64 reference."""
+    x = torch.randn(7, 12, 9, 10, dtype=dtype)
+    weight = torch.randn(40, 12, 1, 1, dtype=dtype)
+    bias = torch.randn(40, dtype=dtype)
+    dy = torch.randn(7, 40, 9, 10, dtype=dtype)
+    args = ([1, 1], [0, 0], [1, 1], 1)
+    assert _plan((7, 12, 9, 10, 40, 1, 1, 0, 1, 1, None), dtype, [True, True]) == ("bands",) * 3
+    torch.ops.convkit.column_buffer_peak_bytes(True)
+    out = torch.ops.convkit.conv2d_forward(x, weight, bias, *args)
+    grads = torch.ops.convkit.conv2d_backward(dy, x, weight, *args, [True, True, True])
+    assert torch.ops.convkit.column_buffer_peak_bytes(False) == 0
+    x64, w64, b64 = (t.double().requires_grad_() for t in (x, weight, bias))
+    out64 = F.conv2d(x64, w64, b64)
+    expected = (out64,) + torch.autograd.grad(out64, (x64, w64, b64), dy.double())
+    tolerance = 1e-10 if dtype == torch.float64 else 1e-4
+    names = ("output", "grad_input", "grad_weight", "grad_bias")
+    for name, a, b in zip(names, (out,) + tuple(grads), expected):
+        torch.testing.assert_close(a.double(), b.detach(), rtol=tolerance, atol=tolerance,
+                                   msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_window_path_builds_no_columns(dtype):
     """The window path reads the images in place: no column buffer, unlike the image path
     that half precision takes on the same shape. On one thread and on several (the forward
