@@ -44,6 +44,11 @@ PATHS = {
     # matrix): still the image path.
     "image_path_one_position": (9, 24, 4, 4, 10, 3, 2, 0, 1, 1, None),
     "image_path_grouped": (4, 12, 5, 5, 12, 3, 1, 1, 1, 3, None),
+    # 1x1 stride 1: the images' planes side by side are the columns (no gather); grouped, and
+    # one image (read in place).
+    "image_path_1x1": (5, 24, 4, 4, 70, 1, 1, 0, 1, 1, None),
+    "image_path_1x1_grouped": (4, 12, 3, 3, 24, 1, 1, 0, 1, 3, None),
+    "image_path_1x1_one_image": (1, 24, 2, 2, 70, 1, 1, 0, 1, 1, None),
     # A weight matrix of >= 2 MiB: the image path's shared tiles (all threads on one tile),
     # in one tile and, under a small budget, in tiles of 2 + 1 images.
     "image_path_shared_tiles": (3, 256, 6, 6, 256, 3, 1, 1, 1, 1, None),

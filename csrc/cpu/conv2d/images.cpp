@@ -3,6 +3,10 @@
 // relayout.h (late layers have rows of 1-4 values, where the bands path's per-row
 // bookkeeping costs more than the copy); one GEMM per group per tile reads it as a
 // transposed operand. Each thread owns whole tiles (tiles.h balances the images over them).
+// A 1x1 stride-1 conv (MobileNet's expansions and projections on 4x4 and 2x2 maps) skips the
+// gather: its columns are the images' planes side by side, [K, images * L], one copy of each
+// plane (tiles.h), which the GEMM reads as it is (the gather's two passes and the transposed
+// operand's packing had cost as much as the GEMM: 384 -> 96 channels at 4x4).
 // Floor: the GEMM's rate at [O, K] x [K, images * L]; the gather is one pass over the
 // columns, in L2.
 #include <ATen/OpMathType.h>
@@ -31,9 +35,11 @@ void images_forward(const at::Tensor& x, const at::Tensor& weight_acc,
   const int64_t Og = O / g.groups;
   const int64_t Kg = K / g.groups;
   const int64_t image_elems = g.in_channels * g.in_area();
-  const GatherTable table = make_gather_table(g);
+  const bool planes_as_columns = reads_input_as_columns(g);
+  const GatherTable table = planes_as_columns ? GatherTable{} : make_gather_table(g);
   const int64_t column_elems = K * p.columns;
-  const int64_t per_thread = column_elems + O * p.columns + g.in_channels * table.plane_stride;
+  const int64_t copy_elems = planes_as_columns ? 0 : g.in_channels * table.plane_stride;
+  const int64_t per_thread = column_elems + O * p.columns + copy_elems;
   at::Tensor buffers = scratch<acc_t>(x, p.threads * per_thread);
   record_column_buffer(p.threads * column_elems * int64_t(sizeof(acc_t)));
 
@@ -52,13 +58,24 @@ void images_forward(const at::Tensor& x, const at::Tensor& weight_acc,
       const int64_t first = group * p.images_per_tile;
       const int64_t count = std::min(p.images_per_tile, g.batch - first);
       const int64_t n = count * L;
-      for (int64_t i = 0; i < count; ++i) {
-        copy_planes(x_ptr + (first + i) * image_elems, g, image_copy);
-        gather_image_columns(image_copy, g, table, columns_t + i * L * K);
-      }
-      for (int64_t grp = 0; grp < g.groups; ++grp) {
-        cpu::gemm<acc_t>(false, true, Og, n, Kg, acc_t(1), w_ptr + grp * Og * Kg, Kg,
-                         columns_t + grp * Kg, K, acc_t(0), out + grp * Og * n, n);
+      if (planes_as_columns) {
+        // [K, n]: channel k's row holds the tile's images' planes k one after another (a
+        // single image of the compute type is read in place, ld = L).
+        const auto [columns, ld] =
+            tile_columns<scalar_t, acc_t>(x_ptr, g, Tile{first, count, 0, g.out_h}, columns_t);
+        for (int64_t grp = 0; grp < g.groups; ++grp) {
+          cpu::gemm<acc_t>(false, false, Og, n, Kg, acc_t(1), w_ptr + grp * Og * Kg, Kg,
+                           columns + grp * Kg * ld, ld, acc_t(0), out + grp * Og * n, n);
+        }
+      } else {
+        for (int64_t i = 0; i < count; ++i) {
+          copy_planes(x_ptr + (first + i) * image_elems, g, image_copy);
+          gather_image_columns(image_copy, g, table, columns_t + i * L * K);
+        }
+        for (int64_t grp = 0; grp < g.groups; ++grp) {
+          cpu::gemm<acc_t>(false, true, Og, n, Kg, acc_t(1), w_ptr + grp * Og * Kg, Kg,
+                           columns_t + grp * Kg, K, acc_t(0), out + grp * Og * n, n);
+        }
       }
       for (int64_t i = 0; i < count; ++i) {
         for (int64_t o = 0; o < O; ++o) store_output_plane(out, n, first, i, o, g, bias_ptr, y_ptr);

@@ -299,6 +299,19 @@ std::pair<const acc_t*, int64_t> tile_columns(const scalar_t* input, const Conv2
   }
   const int64_t n = t.columns(g);
   const int64_t per_image = (t.oh_end - t.oh_begin) * g.out_w;
+  if (reads_input_as_columns(g)) {
+    // Each column row is the tile's runs of one channel: plain copies (im2col_band's per-tap
+    // bookkeeping costs more than a 4x4 map's 16 values).
+    for (int64_t i = 0; i < t.count; ++i) {
+      const scalar_t* image = input + (t.first + i) * C * L + t.oh_begin * g.out_w;
+      for (int64_t c = 0; c < C; ++c) {
+        const scalar_t* __restrict src = image + c * L;
+        acc_t* __restrict dst = buffer + c * n + i * per_image;
+        for (int64_t e = 0; e < per_image; ++e) dst[e] = static_cast<acc_t>(src[e]);
+      }
+    }
+    return {buffer, n};
+  }
   for (int64_t i = 0; i < t.count; ++i) {
     const scalar_t* image = input + (t.first + i) * C * g.in_area();
     for (int64_t c = 0; c < C; ++c) {
