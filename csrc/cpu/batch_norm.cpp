@@ -128,17 +128,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
                                           var_ptr);
         }
       }
-      std::vector<acc_t> scale(C), shift(C);
-      for (int64_t c = 0; c < C; ++c) {
-        const ChannelAffine<acc_t> affine =
-            channel_affine(mean_ptr[c], var_ptr[c], w_ptr[c], b_ptr[c], eps);
-        scale[c] = affine.scale;
-        shift[c] = affine.shift;
-      }
+      const AffineRows<acc_t> affine = affine_rows(mean_ptr, var_ptr, w_ptr, b_ptr, C, eps);
       dispatch_activation(spec.kind, [&](auto kind) {
         constexpr Activation kAct = decltype(kind)::value;
-        row_normalize<kAct>(x_ptr, view.images, C, view.plane, scale.data(), shift.data(), act,
-                            y_ptr);
+        row_normalize<kAct>(x_ptr, view.images, C, view.plane, affine.scale.data(),
+                            affine.shift.data(), act, y_ptr);
       });
       return;
     }
@@ -149,13 +143,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
       // values between planes of 1-4 KiB, too short for the prefetchers to get going: a
       // MobileNetV2 eval forward's [32, 144, 16, 16] took 2x torch's time on a conv output not
       // in L2.)
-      std::vector<acc_t> scale(C), shift(C);
-      for (int64_t c = 0; c < C; ++c) {
-        const ChannelAffine<acc_t> affine =
-            channel_affine(mean_ptr[c], var_ptr[c], w_ptr[c], b_ptr[c], eps);
-        scale[c] = affine.scale;
-        shift[c] = affine.shift;
-      }
+      const AffineRows<acc_t> affine = affine_rows(mean_ptr, var_ptr, w_ptr, b_ptr, C, eps);
       const int64_t plane_grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(S, 1));
       parallel_for(0, N * C, plane_grain, [&](int64_t begin, int64_t end) {
 #if defined(__AVX512F__)
@@ -167,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
           constexpr Activation kAct = decltype(kind)::value;
           for (int64_t plane = begin; plane < end; ++plane) {
             const int64_t c = plane % C;
-            normalize_plane<kAct>(x_ptr + plane * S, S, scale[c], shift[c], act,
+            normalize_plane<kAct>(x_ptr + plane * S, S, affine.scale[c], affine.shift[c], act,
                                   y_ptr + plane * S, stream);
           }
         });

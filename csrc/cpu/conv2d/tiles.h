@@ -115,52 +115,68 @@ inline bool shifted_plane_columns(const Conv2dGeometry& g) {
          g.out_w == g.in_w;
 }
 
+// Tap (kh, kw) of a shifted_plane_columns conv over output rows [oh_begin, oh_end): its
+// column entry e (flat output index oh * W + ow) pairs with plane[e + shift]. Output rows
+// [valid_begin, valid_end) have their input row inside the image; within them the entries
+// [first, last) have their plane index inside the plane, and the edge entries (output columns
+// [0, left) and [right, W): the input column ow + dw is off the row) pair with nothing, the
+// shift reading them from the neighbouring row. [first, last) leaves out only edge entries.
+struct ShiftedTap {
+  int64_t valid_begin, valid_end, shift, first, last, left, right;
+  bool empty() const { return valid_begin >= valid_end; }
+};
+
+inline ShiftedTap shifted_tap(const Conv2dGeometry& g, int64_t kh, int64_t kw, int64_t oh_begin,
+                              int64_t oh_end) {
+  const int64_t W = g.in_w;
+  const int64_t dh = kh - g.pad_h;
+  const int64_t dw = kw - g.pad_w;
+  ShiftedTap t;
+  t.valid_begin = std::max(oh_begin, -dh);
+  t.valid_end = std::min(oh_end, g.in_h - dh);
+  t.shift = dh * W + dw;
+  t.first = std::max(t.valid_begin * W, -t.shift);
+  t.last = std::min(t.valid_end * W, g.in_area() - t.shift);
+  t.left = std::min(std::max<int64_t>(-dw, 0), W);
+  t.right = std::max<int64_t>(std::min(W - dw, W), 0);
+  return t;
+}
+
+// entries[e] = 0 for the tap's edge entries (entries indexed by flat output index). Column by
+// column down the rows: a loop along a row of 1-2 entries would be a memset call each (GCC's
+// loop distribution), which cost more than the copy.
+template <typename acc_t>
+void zero_edge_entries(const ShiftedTap& t, int64_t W, acc_t* entries) {
+  for (int64_t ow = 0; ow < t.left; ++ow) {
+    for (int64_t oh = t.valid_begin; oh < t.valid_end; ++oh) entries[oh * W + ow] = acc_t(0);
+  }
+  for (int64_t ow = t.right; ow < W; ++ow) {
+    for (int64_t oh = t.valid_begin; oh < t.valid_end; ++oh) entries[oh * W + ow] = acc_t(0);
+  }
+}
+
 // im2col_band's rows for shifted_plane_columns geometries: per tap, one run over all its
 // valid output rows (a copy of the shifted plane), then the edge entries set to zero. Short
-// rows (8x8 maps) made the row-by-row copy's bookkeeping cost as much as its GEMM. The run
-// is clipped to the plane: the entries it leaves out are edge entries (their input column
-// is off the first or last row), zeroed below.
+// rows (8x8 maps) made the row-by-row copy's bookkeeping cost as much as its GEMM.
 template <typename scalar_t, typename acc_t>
 void im2col_band_shifted(const scalar_t* plane, const Conv2dGeometry& g, int64_t oh_begin,
                          int64_t oh_end, acc_t* dst, int64_t ld) {
   const int64_t W = g.in_w;
-  const int64_t area = g.in_area();
   for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
-    // Output rows whose input row ih = oh + kh - pad_h is inside the image.
-    const int64_t dh = kh - g.pad_h;
-    const int64_t valid_begin = std::max(oh_begin, -dh);
-    const int64_t valid_end = std::min(oh_end, g.in_h - dh);
     for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
       acc_t* dst_row = dst + (kh * g.kernel_w + kw) * ld;
-      const int64_t dw = kw - g.pad_w;
-      if (valid_begin >= valid_end) {
+      const ShiftedTap t = shifted_tap(g, kh, kw, oh_begin, oh_end);
+      if (t.empty()) {
         std::fill(dst_row, dst_row + (oh_end - oh_begin) * W, acc_t(0));
         continue;
       }
-      std::fill(dst_row, dst_row + (valid_begin - oh_begin) * W, acc_t(0));
-      std::fill(dst_row + (valid_end - oh_begin) * W, dst_row + (oh_end - oh_begin) * W,
+      std::fill(dst_row, dst_row + (t.valid_begin - oh_begin) * W, acc_t(0));
+      std::fill(dst_row + (t.valid_end - oh_begin) * W, dst_row + (oh_end - oh_begin) * W,
                 acc_t(0));
-      // Entry e (flat output index oh * W + ow) copies plane[e + shift].
-      const int64_t shift = dh * W + dw;
-      const int64_t first = std::max(valid_begin * W, -shift);
-      const int64_t last = std::min(valid_end * W, area - shift);
-      acc_t* out = dst_row - oh_begin * W;
-      const scalar_t* __restrict src = plane + shift;
-      acc_t* __restrict run = out;
-      for (int64_t e = first; e < last; ++e) run[e] = static_cast<acc_t>(src[e]);
-      // Output columns whose input column ow + dw is off the row: ow < -dw or ow >= W - dw.
-      const int64_t left = std::min(std::max<int64_t>(-dw, 0), W);
-      const int64_t right = std::max<int64_t>(std::min(W - dw, W), 0);
-      // Column by column down the rows: a loop along a row of 1-2 entries would be a memset
-      // call each (GCC's loop distribution), which cost more than the copy.
-      for (int64_t ow = 0; ow < left; ++ow) {
-        for (int64_t oh = valid_begin; oh < valid_end; ++oh) out[oh * W + ow] = acc_t(0);
-      }
-      for (int64_t ow = right; ow < W; ++ow) {
-        for (int64_t oh = valid_begin; oh < valid_end; ++oh) out[oh * W + ow] = acc_t(0);
-      }
-      // The clipped ends [valid_begin * W, first) and [last, valid_end * W) lie in those edge
-      // entries, so they are zero now too.
+      acc_t* __restrict out = dst_row - oh_begin * W;
+      const scalar_t* __restrict src = plane + t.shift;
+      for (int64_t e = t.first; e < t.last; ++e) out[e] = static_cast<acc_t>(src[e]);
+      zero_edge_entries(t, W, out);
     }
   }
 }
@@ -214,31 +230,15 @@ template <typename acc_t>
 void col2im_band_add_shifted(acc_t* src, int64_t ld, const Conv2dGeometry& g, int64_t oh_begin,
                              int64_t oh_end, acc_t* plane) {
   const int64_t W = g.in_w;
-  const int64_t area = g.in_area();
   for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
-    const int64_t dh = kh - g.pad_h;
-    const int64_t valid_begin = std::max(oh_begin, -dh);
-    const int64_t valid_end = std::min(oh_end, g.in_h - dh);
-    if (valid_begin >= valid_end) continue;
     for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
+      const ShiftedTap t = shifted_tap(g, kh, kw, oh_begin, oh_end);
+      if (t.empty()) continue;
       acc_t* run = src + (kh * g.kernel_w + kw) * ld - oh_begin * W;
-      const int64_t dw = kw - g.pad_w;
-      const int64_t left = std::min(std::max<int64_t>(-dw, 0), W);
-      const int64_t right = std::max<int64_t>(std::min(W - dw, W), 0);
-      // Column by column (see im2col_band_shifted).
-      for (int64_t ow = 0; ow < left; ++ow) {
-        for (int64_t oh = valid_begin; oh < valid_end; ++oh) run[oh * W + ow] = acc_t(0);
-      }
-      for (int64_t ow = right; ow < W; ++ow) {
-        for (int64_t oh = valid_begin; oh < valid_end; ++oh) run[oh * W + ow] = acc_t(0);
-      }
-      // Entry e adds into plane[e + shift]; the entries clipped off are edge entries.
-      const int64_t shift = dh * W + dw;
-      const int64_t first = std::max(valid_begin * W, -shift);
-      const int64_t last = std::min(valid_end * W, area - shift);
-      acc_t* __restrict dst = plane + shift;
+      zero_edge_entries(t, W, run);
+      acc_t* __restrict dst = plane + t.shift;
       const acc_t* __restrict terms = run;
-      for (int64_t e = first; e < last; ++e) dst[e] += terms[e];
+      for (int64_t e = t.first; e < t.last; ++e) dst[e] += terms[e];
     }
   }
 }
