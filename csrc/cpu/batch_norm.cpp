@@ -146,11 +146,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
       const AffineRows<acc_t> affine = affine_rows(mean_ptr, var_ptr, w_ptr, b_ptr, C, eps);
       const int64_t plane_grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(S, 1));
       parallel_for(0, N * C, plane_grain, [&](int64_t begin, int64_t end) {
-#if defined(__AVX512F__)
-        struct StoreFence {
-          ~StoreFence() { _mm_sfence(); }
-        } fence;
-#endif
+        [[maybe_unused]] const StreamingStoreFence fence;
         dispatch_activation(spec.kind, [&](auto kind) {
           constexpr Activation kAct = decltype(kind)::value;
           for (int64_t plane = begin; plane < end; ++plane) {
@@ -164,12 +160,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
     }
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(count, 1));
     parallel_for(0, C, grain, [&](int64_t begin, int64_t end) {
-#if defined(__AVX512F__)
-      // The non-temporal stores are visible to other threads once this thread's task ends.
-      struct StoreFence {
-        ~StoreFence() { _mm_sfence(); }
-      } fence;
-#endif
+      [[maybe_unused]] const StreamingStoreFence fence;
       for (int64_t c = begin; c < end; ++c) {
         if (training) {
           if (count == 0) {

@@ -126,6 +126,15 @@ std::pair<double, double> plane_gradient_sums(const scalar_t* x, const scalar_t*
 // it writes, a third pass over memory.
 constexpr int64_t kStreamingBytes = int64_t(16) << 20;
 
+// Held by each parallel task that may call normalize_plane with `stream`: its non-temporal
+// stores are visible to other threads once the task ends (a no-op without AVX-512, which has
+// no streaming path).
+struct StreamingStoreFence {
+#if defined(__AVX512F__)
+  ~StreamingStoreFence() { _mm_sfence(); }
+#endif
+};
+
 // y = f(x * scale + shift) over one plane. The streaming stores are written for no activation
 // and ReLU; the others are compute-heavier and use plain stores.
 template <Activation kAct, typename scalar_t, typename acc_t>

@@ -214,9 +214,7 @@ inline ConvPlan choose_forward(const Conv2dGeometry& g, int64_t acc_size, bool s
     plan.forward = ConvPath::kRows;
   } else if (!image_family_fits(g, plan.tiles)) {
     plan.forward = ConvPath::kBands;
-    if (same_type && reads_input_as_columns(g) && plan.tiles.images_per_tile > 1) {
-      plan.tiles = one_image_tiles(g, threads);
-    }
+    plan.tiles = band_tiles(g, plan.tiles, same_type);
   } else if (implicit_gemm_fits(g)) {
     plan.forward = ConvPath::kImplicitGemm;
   } else if (shared_tiles_fit(g, acc_size, threads)) {
@@ -254,9 +252,7 @@ inline ConvPlan choose_backward(const Conv2dGeometry& g, int64_t acc_size, bool 
     plan.weight_grad = ConvPath::kRows;
   } else if (!image_family_fits(g, plan.tiles)) {
     both(ConvPath::kBands);
-    if (same_type && reads_input_as_columns(g) && plan.tiles.images_per_tile > 1) {
-      plan.tiles = one_image_tiles(g, threads);
-    }
+    plan.tiles = band_tiles(g, plan.tiles, same_type);
   } else if (!implicit_gemm_fits(g) && shared_tiles_fit(g, acc_size, threads)) {
     both(ConvPath::kSharedTiles);
     plan.tiles = plan_shared_tiles(g, acc_size, threads);

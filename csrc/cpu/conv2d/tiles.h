@@ -91,13 +91,14 @@ inline bool reads_input_as_columns(const Conv2dGeometry& g) {
          g.pad_h == 0 && g.pad_w == 0;
 }
 
-// One whole image per tile: the band path's tiles for a reads_input_as_columns conv in the
-// compute type, whose GEMMs then read the input and dY and write the output and the input
-// gradient in place. Tiles of several images copy all four ([O, n] output tiles copied back
-// plane by plane): MobileNetV2's 24 -> 144 expansion at 16x16 took 1.7x oneDNN's time so.
-inline TilePlan one_image_tiles(const Conv2dGeometry& g, int64_t threads) {
-  TilePlan p;
-  p.threads = threads;
+// The band path's tiles, from plan_tiles' `tiles`: one whole image per tile instead of
+// several for a reads_input_as_columns conv in the compute type (same_type), whose GEMMs then
+// read the input and dY and write the output and the input gradient in place. Tiles of
+// several images copy all four ([O, n] output tiles copied back plane by plane): MobileNetV2's
+// 24 -> 144 expansion at 16x16 took 1.7x oneDNN's time so.
+inline TilePlan band_tiles(const Conv2dGeometry& g, const TilePlan& tiles, bool same_type) {
+  if (!same_type || !reads_input_as_columns(g) || tiles.images_per_tile == 1) return tiles;
+  TilePlan p = tiles;
   p.images_per_tile = 1;
   p.rows_per_tile = g.out_h;
   p.bands = 1;
