@@ -31,6 +31,9 @@ PATHS = {
     # 33-64 output channels on narrow outputs: blocks of 64 channels, 4 positions a step.
     "implicit_gemm_o40_narrow": (7, 12, 6, 6, 40, 3, 2, 1, 1, 1, None),
     "implicit_gemm_o64_2x2": (6, 32, 4, 4, 64, 3, 2, 1, 1, 1, None),
+    # A 1x1 projection (MobileNetV2's 96 -> 24): over 32 input channels, the images path's
+    # input gradient, here by the planes-side-by-side GEMM.
+    "implicit_gemm_1x1_o24": (5, 40, 4, 4, 24, 1, 1, 0, 1, 1, None),
     # The implicit GEMM's input gradient for 9-32 input channels is the transposed one: by
     # phases of the stride (above: 16, 12 and 32 channels, stride 2), here with a dilated
     # stride-1 kernel over 20 channels (a full and a partial block of 16 lanes), a stride 3
@@ -49,6 +52,9 @@ PATHS = {
     "image_path_1x1": (5, 24, 4, 4, 70, 1, 1, 0, 1, 1, None),
     "image_path_1x1_grouped": (4, 12, 3, 3, 24, 1, 1, 0, 1, 3, None),
     "image_path_1x1_one_image": (1, 24, 2, 2, 70, 1, 1, 0, 1, 1, None),
+    # ... its backward: the GEMMs on those columns, the input gradient copied out of the
+    # column gradient plane by plane; 11 images in tiles of a few (a short last one).
+    "image_path_1x1_tiles": (11, 24, 4, 4, 70, 1, 1, 0, 1, 1, "0.01"),
     # A weight matrix of >= 2 MiB: the image path's shared tiles (all threads on one tile),
     # in one tile and, under a small budget, in tiles of 2 + 1 images.
     "image_path_shared_tiles": (3, 256, 6, 6, 256, 3, 1, 1, 1, 1, None),
@@ -102,6 +108,7 @@ EXPECTED_PLANS = {
     "implicit_gemm_o20_dilated": IMPLICIT_FEW_INPUTS,
     "implicit_gemm_o40_narrow": IMPLICIT,
     "implicit_gemm_o64_2x2": IMPLICIT,
+    "implicit_gemm_1x1_o24": IMPLICIT_FEW_INPUTS,
     "transposed_input_grad_c20_dilated": IMPLICIT,
     "transposed_input_grad_stride3_gaps": IMPLICIT,
     "transposed_input_grad_11_images": IMPLICIT,

@@ -78,15 +78,7 @@ void bands_forward(const at::Tensor& x, const at::Tensor& weight_acc, const at::
           }
           return;
         }
-        const int64_t per_image = (t.oh_end - t.oh_begin) * g.out_w;
-        for (int64_t i = 0; i < t.count; ++i) {
-          for (int64_t o = 0; o < O; ++o) {
-            const acc_t* src = out_buffer + o * n + i * per_image;
-            scalar_t* dst = y_ptr + ((t.first + i) * O + o) * L + t.oh_begin * g.out_w;
-            const acc_t b = bias_ptr != nullptr ? bias_ptr[o] : acc_t(0);
-            for (int64_t l = 0; l < per_image; ++l) dst[l] = static_cast<scalar_t>(src[l] + b);
-          }
-        }
+        store_tile_runs(out_buffer, tile_runs(g, t, O), t.first, t.count, bias_ptr, y_ptr);
       });
     }
   });
@@ -163,13 +155,7 @@ void bands_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor&
           }
         }
         if (!dy_in_place) {
-          for (int64_t o = 0; o < O; ++o) {
-            for (int64_t i = 0; i < t.count; ++i) {
-              const scalar_t* src = dy_ptr + ((t.first + i) * O + o) * L + t.oh_begin * g.out_w;
-              acc_t* dst = dy_buffer + o * n + i * per_image;
-              for (int64_t l = 0; l < per_image; ++l) dst[l] = static_cast<acc_t>(src[l]);
-            }
-          }
+          load_tile_runs(dy_ptr, tile_runs(g, t, O), t.first, t.count, dy_buffer);
           dy_tile = dy_buffer;
           ld_dy = n;
         }

@@ -77,9 +77,7 @@ void images_forward(const at::Tensor& x, const at::Tensor& weight_acc,
                            columns_t + grp * Kg, K, acc_t(0), out + grp * Og * n, n);
         }
       }
-      for (int64_t i = 0; i < count; ++i) {
-        for (int64_t o = 0; o < O; ++o) store_output_plane(out, n, first, i, o, g, bias_ptr, y_ptr);
-      }
+      store_tile_runs(out, image_runs(g, O), first, count, bias_ptr, y_ptr);
     }
   });
 }

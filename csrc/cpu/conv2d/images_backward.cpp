@@ -1,11 +1,14 @@
 // The image family's backward pass: the images path's (GEMMs on gathered columns) and the
 // implicit GEMM's (no columns), chosen per gradient by choose_backward (path.h).
-//   weight gradient  images: dW += dY @ columns, the columns gathered as in the forward;
+//   weight gradient  images: dW += dY @ columns, the columns gathered as in the forward (a
+//                    1x1 stride-1 conv's are the tile's input planes side by side, as there);
 //                    implicit_gemm: dY transposed to [L, padded_o] rows, then
 //                    implicit_weight_grad_image over chunks of whole images (sums in
 //                    registers, the bias gradient summed from dY's rows on the way).
 //   input gradient   images: dcolumns = dY^T @ W (W's rows tap-major), summed back in gather
-//                    form (relayout.h: sum_image_columns);
+//                    form (relayout.h: sum_image_columns); a 1x1 stride-1 conv's dcolumns =
+//                    W^T @ dY, [C, n], is the input gradient's planes side by side, copied out
+//                    (on 4x4 and 2x2 maps the gather and the sums cost more than the GEMMs);
 //                    transposed_implicit_gemm: from the same dY rows, no columns
 //                    (transposed_input_grad.h).
 // Each thread owns whole tiles of images; weight-gradient partial sums are per thread, the
@@ -19,6 +22,7 @@
 #include <vector>
 
 #include "../../column_buffer.h"
+#include "../gemm.h"
 #include "../parallel.h"
 #include "implicit_gemm.h"
 #include "kernels.h"
@@ -37,6 +41,7 @@ bool image_family_backward(const at::Tensor& dy, const at::Tensor& x, const at::
   const int64_t O = g.out_channels;
   const int64_t K = g.column_rows();
   const int64_t L = g.out_area();
+  const int64_t Og = O / g.groups;
   const int64_t Kg = K / g.groups;
   const int64_t area = g.in_area();
   const int64_t image_elems = g.in_channels * area;
@@ -44,6 +49,7 @@ bool image_family_backward(const at::Tensor& dy, const at::Tensor& x, const at::
   const bool need_input_grad = plan.input_grad != ConvPath::kNone;
   const bool need_weight_grad = plan.weight_grad != ConvPath::kNone;
   const GatherTable table = make_gather_table(g);
+  const bool planes_as_columns = reads_input_as_columns(g);
   // On an implicit GEMM layer (plan.implicit_gemm_layout) the weight gradient's chunk of
   // images sizes the dY buffer even when only the input gradient is wanted.
   const bool implicit = plan.implicit_gemm_layout;
@@ -51,7 +57,7 @@ bool image_family_backward(const at::Tensor& dy, const at::Tensor& x, const at::
   const bool gemm_input_grad = plan.input_grad == ConvPath::kImages;
   const bool implicit_weight_grad = plan.weight_grad == ConvPath::kImplicitGemm;
   const InputGradientPlan<acc_t> dx_plan =
-      make_input_gradient_plan<acc_t>(g, table, weight_acc, gemm_input_grad);
+      make_input_gradient_plan<acc_t>(g, table, weight_acc, gemm_input_grad && !planes_as_columns);
   const ImplicitGemmLayout d = implicit_weight_grad ? make_implicit_gemm_layout(g, table) : ImplicitGemmLayout{};
   // dY transposed to rows of padded_o channels (both implicit GEMMs read it so).
   const bool dy_rows = implicit_weight_grad || transposed;
@@ -79,8 +85,9 @@ bool image_family_backward(const at::Tensor& dy, const at::Tensor& x, const at::
   const int64_t dy_t_elems = dy_rows ? chunk * dy_stride : 0;
   const int64_t sums_elems = transposed ? chunk * area * tl.padded_c : 0;
   const int64_t plane_elems = g.in_channels * table.plane_stride;
-  const int64_t image_buffer_elems =
-      need_weight_grad || gemm_input_grad ? weight_chunk * plane_elems : 0;
+  const bool copies_planes =
+      implicit_weight_grad || (!planes_as_columns && (need_weight_grad || gemm_input_grad));
+  const int64_t image_buffer_elems = copies_planes ? weight_chunk * plane_elems : 0;
   const int64_t weight_grad_elems =
       need_weight_grad ? (implicit ? d.padded_k * d.padded_o : O * Kg) : 0;
   const int64_t per_thread = column_elems + dy_elems + dy_t_elems + sums_elems +
@@ -90,6 +97,7 @@ bool image_family_backward(const at::Tensor& dy, const at::Tensor& x, const at::
 
   const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
   const scalar_t* dy_ptr = dy.const_data_ptr<scalar_t>();
+  const acc_t* w_ptr = weight_acc.const_data_ptr<acc_t>();
   scalar_t* dx_ptr = need_input_grad ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
   acc_t* buffer_base = buffers.mutable_data_ptr<acc_t>();
   auto weight_grad_of = [&](int64_t thread) {
@@ -122,11 +130,7 @@ bool image_family_backward(const at::Tensor& dy, const at::Tensor& x, const at::
       const int64_t first = group * p.images_per_tile;
       const int64_t count = std::min(p.images_per_tile, g.batch - first);
       const int64_t n = count * L;
-      if (dy_elems > 0) {
-        for (int64_t o = 0; o < O; ++o) {
-          for (int64_t i = 0; i < count; ++i) load_dy_plane(dy_ptr, first, i, o, g, n, dy_tile);
-        }
-      }
+      if (dy_elems > 0) load_tile_runs(dy_ptr, image_runs(g, O), first, count, dy_tile);
       if (dy_rows) {
         for (int64_t i0 = 0; i0 < count; i0 += chunk) {
           const int64_t images = std::min(chunk, count - i0);
@@ -157,14 +161,28 @@ bool image_family_backward(const at::Tensor& dy, const at::Tensor& x, const at::
           }
         }
       }
-      if (need_weight_grad && !implicit) {
+      if (need_weight_grad && !implicit && planes_as_columns) {
+        const auto [columns, ld] =
+            tile_columns<scalar_t, acc_t>(x_ptr, g, Tile{first, count, 0, g.out_h}, columns_t);
+        for (int64_t grp = 0; grp < g.groups; ++grp) {
+          cpu::gemm<acc_t>(false, true, Og, Kg, n, acc_t(1), dy_tile + grp * Og * n, n,
+                           columns + grp * Kg * ld, ld, acc_t(1), weight_grad + grp * Og * Kg, Kg);
+        }
+      } else if (need_weight_grad && !implicit) {
         for (int64_t i = 0; i < count; ++i) {
           copy_planes(x_ptr + (first + i) * image_elems, g, image_buffer);
           gather_image_columns(image_buffer, g, table, columns_t + i * L * K);
         }
         add_tile_weight_gradient(g, n, dy_tile, columns_t, weight_grad);
       }
-      if (gemm_input_grad) {
+      if (gemm_input_grad && planes_as_columns) {
+        for (int64_t grp = 0; grp < g.groups; ++grp) {
+          cpu::gemm<acc_t>(true, false, Kg, n, Og, acc_t(1), w_ptr + grp * Og * Kg, Kg,
+                           dy_tile + grp * Og * n, n, acc_t(0), columns_t + grp * Kg * n, n);
+        }
+        store_tile_runs(columns_t, image_runs(g, g.in_channels), first, count,
+                        static_cast<const acc_t*>(nullptr), dx_ptr);
+      } else if (gemm_input_grad) {
         tile_column_gradient(g, n, dy_tile, dx_plan.weight_tap_major.data(), columns_t);
         for (int64_t i = 0; i < count; ++i) {
           sum_image_columns(columns_t + i * L * K, g, dx_plan.sources, image_buffer,

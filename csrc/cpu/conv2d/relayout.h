@@ -371,28 +371,6 @@ void add_tap_major(const acc_t* part, int64_t O, int64_t K, int64_t channels, ac
   transpose_matrix<true>(part, channels, K, O, total, K);
 }
 
-// A tile of whole images keeps its output and dY as [O, n] (n = images * L, image i at
-// column i * L). Output plane (image first + i, channel o) from the tile, bias added:
-template <typename scalar_t, typename acc_t>
-inline void store_output_plane(const acc_t* tile, int64_t n, int64_t first, int64_t i, int64_t o,
-                               const Conv2dGeometry& g, const acc_t* bias, scalar_t* y) {
-  const int64_t L = g.out_area();
-  const acc_t* src = tile + o * n + i * L;
-  scalar_t* dst = y + ((first + i) * g.out_channels + o) * L;
-  const acc_t b = bias != nullptr ? bias[o] : acc_t(0);
-  for (int64_t l = 0; l < L; ++l) dst[l] = static_cast<scalar_t>(src[l] + b);
-}
-
-// ... and dY plane (image first + i, channel o) into the tile.
-template <typename scalar_t, typename acc_t>
-inline void load_dy_plane(const scalar_t* dy, int64_t first, int64_t i, int64_t o,
-                          const Conv2dGeometry& g, int64_t n, acc_t* tile) {
-  const int64_t L = g.out_area();
-  const scalar_t* src = dy + ((first + i) * g.out_channels + o) * L;
-  acc_t* dst = tile + o * n + i * L;
-  for (int64_t l = 0; l < L; ++l) dst[l] = static_cast<acc_t>(src[l]);
-}
-
 // dY of one image, [O, L] -> [L, padded_o] for the implicit GEMM's weight gradient (zeros in
 // the padded channels), and each channel's sum over the image into channel_sums[0, O): the
 // bias gradient, from the values this copy reads anyway. In 16 x 16 blocks transposed in

@@ -61,10 +61,9 @@ void shared_tiles_forward(const at::Tensor& x, const at::Tensor& weight_acc,
       cpu::gemm<acc_t>(false, true, Og, n, Kg, acc_t(1), w_ptr + grp * Og * Kg, Kg,
                        columns_t + grp * Kg, K, acc_t(0), out + grp * Og * n, n);
     }
-    parallel_for(0, count * O, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t plane = begin; plane < end; ++plane) {
-        store_output_plane(out, n, first, plane / O, plane % O, g, bias_ptr, y_ptr);
-      }
+    const PlaneRuns runs = image_runs(g, O);
+    parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) store_runs(out, n, i * L, runs, first + i, bias_ptr, y_ptr);
     });
   }
 }
@@ -95,6 +94,7 @@ void shared_tiles_backward(const at::Tensor& dy, const at::Tensor& x,
   acc_t* columns_t = buffers.mutable_data_ptr<acc_t>();
   acc_t* dy_tile = columns_t + column_elems;
   acc_t* planes = dy_tile + O * p.columns;
+  const PlaneRuns dy_runs = image_runs(g, O);
   for (int64_t group = 0; group < p.image_groups; ++group) {
     const int64_t first = group * p.images_per_tile;
     const int64_t count = std::min(p.images_per_tile, g.batch - first);
@@ -103,7 +103,7 @@ void shared_tiles_backward(const at::Tensor& dy, const at::Tensor& x,
                          [&](int64_t begin, int64_t end, int64_t thread) {
       acc_t* image_copy = planes + thread * plane_elems;
       for (int64_t i = begin; i < end; ++i) {
-        for (int64_t o = 0; o < O; ++o) load_dy_plane(dy_ptr, first, i, o, g, n, dy_tile);
+        load_runs(dy_ptr, dy_runs, first + i, dy_tile, n, i * L);
         if (need_weight_grad) {
           copy_planes(x_ptr + (first + i) * image_elems, g, image_copy);
           gather_image_columns(image_copy, g, table, columns_t + i * L * K);

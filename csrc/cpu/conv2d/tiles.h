@@ -285,6 +285,59 @@ struct Tile {
   int64_t columns(const Conv2dGeometry& g) const { return count * (oh_end - oh_begin) * g.out_w; }
 };
 
+// Planes side by side: a tile's [channels, n] matrix over NCHW planes of `plane` values, row c
+// holding plane c's run [offset, offset + run) of the tile's image i at column i * run
+// (n = count * run). So are a tile's dY, output and input gradient on the output's planes,
+// and a 1x1 stride-1 conv's columns on the input's (its input and output planes coincide).
+struct PlaneRuns {
+  int64_t channels, plane, offset, run;
+};
+
+inline PlaneRuns tile_runs(const Conv2dGeometry& g, const Tile& t, int64_t channels) {
+  return {channels, g.out_area(), t.oh_begin * g.out_w, (t.oh_end - t.oh_begin) * g.out_w};
+}
+
+// Whole planes: a tile of whole images.
+inline PlaneRuns image_runs(const Conv2dGeometry& g, int64_t channels) {
+  return {channels, g.out_area(), 0, g.out_area()};
+}
+
+// Image `image`'s runs into the tile's columns [column, column + run).
+template <typename scalar_t, typename acc_t>
+inline void load_runs(const scalar_t* tensor, const PlaneRuns& r, int64_t image, acc_t* tile,
+                      int64_t n, int64_t column) {
+  for (int64_t c = 0; c < r.channels; ++c) {
+    const scalar_t* __restrict src = tensor + (image * r.channels + c) * r.plane + r.offset;
+    acc_t* __restrict dst = tile + c * n + column;
+    for (int64_t e = 0; e < r.run; ++e) dst[e] = static_cast<acc_t>(src[e]);
+  }
+}
+
+// ... and back into the planes, bias[c] added to row c when bias is given.
+template <typename acc_t, typename scalar_t>
+inline void store_runs(const acc_t* tile, int64_t n, int64_t column, const PlaneRuns& r,
+                       int64_t image, const acc_t* bias, scalar_t* tensor) {
+  for (int64_t c = 0; c < r.channels; ++c) {
+    const acc_t* __restrict src = tile + c * n + column;
+    scalar_t* __restrict dst = tensor + (image * r.channels + c) * r.plane + r.offset;
+    const acc_t b = bias != nullptr ? bias[c] : acc_t(0);
+    for (int64_t e = 0; e < r.run; ++e) dst[e] = static_cast<scalar_t>(src[e] + b);
+  }
+}
+
+// The whole tile of images [first, first + count) in and out.
+template <typename scalar_t, typename acc_t>
+void load_tile_runs(const scalar_t* tensor, const PlaneRuns& r, int64_t first, int64_t count,
+                    acc_t* tile) {
+  for (int64_t i = 0; i < count; ++i) load_runs(tensor, r, first + i, tile, count * r.run, i * r.run);
+}
+
+template <typename acc_t, typename scalar_t>
+void store_tile_runs(const acc_t* tile, const PlaneRuns& r, int64_t first, int64_t count,
+                     const acc_t* bias, scalar_t* tensor) {
+  for (int64_t i = 0; i < count; ++i) store_runs(tile, count * r.run, i * r.run, r, first + i, bias, tensor);
+}
+
 // The column matrix of a tile in `buffer` ([K, n], ld n), or, for a 1x1 stride-1 conv on a
 // band of one image in the compute type, the input itself (ld = H*W). Returns the matrix
 // and its leading dimension.
@@ -301,16 +354,9 @@ std::pair<const acc_t*, int64_t> tile_columns(const scalar_t* input, const Conv2
   const int64_t n = t.columns(g);
   const int64_t per_image = (t.oh_end - t.oh_begin) * g.out_w;
   if (reads_input_as_columns(g)) {
-    // Each column row is the tile's runs of one channel: plain copies (im2col_band's per-tap
-    // bookkeeping costs more than a 4x4 map's 16 values).
-    for (int64_t i = 0; i < t.count; ++i) {
-      const scalar_t* image = input + (t.first + i) * C * L + t.oh_begin * g.out_w;
-      for (int64_t c = 0; c < C; ++c) {
-        const scalar_t* __restrict src = image + c * L;
-        acc_t* __restrict dst = buffer + c * n + i * per_image;
-        for (int64_t e = 0; e < per_image; ++e) dst[e] = static_cast<acc_t>(src[e]);
-      }
-    }
+    // The tile's input planes side by side: plain copies (im2col_band's per-tap bookkeeping
+    // costs more than a 4x4 map's 16 values).
+    load_tile_runs(input, tile_runs(g, t, C), t.first, t.count, buffer);
     return {buffer, n};
   }
   for (int64_t i = 0; i < t.count; ++i) {
