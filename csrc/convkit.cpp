@@ -86,6 +86,13 @@ TORCH_LIBRARY(convkit, m) {
       "conv2d_cpu_plan(Tensor input, Tensor weight, int[2] stride, int[2] padding, "
       "int[2] dilation, int groups, bool[2] gradient_mask) -> (str, str, str)",
       &convkit::active_conv2d_cpu_plan);
+  // How many images each thread's tiles hold in the forward pass of the images and bands
+  // paths (csrc/cpu/conv2d/tiles.h), with this thread's torch.get_num_threads(); [] on other
+  // paths. A test aid: the tiles' balance.
+  m.def(
+      "conv2d_cpu_thread_images(Tensor input, Tensor weight, int[2] stride, int[2] padding, "
+      "int[2] dilation, int groups) -> int[]",
+      &convkit::active_conv2d_cpu_thread_images);
   // The CPU conv kernels' GEMM (csrc/cpu/gemm.h) on its own: alpha * op(a) @ op(b) + beta * c
   // as a new tensor, a and b row-major with any leading dimension. A test aid (CPU only).
   m.def(

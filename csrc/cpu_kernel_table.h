@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "cuda_emu/emulated_ops.h"  // the ops' C++ signatures, which the CPU kernels share
 
@@ -54,6 +55,9 @@ struct CpuKernelTable {
       const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
       std::array<bool, 2> gradient_mask) = nullptr;
+  std::vector<int64_t> (*conv2d_cpu_thread_images)(
+      const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) = nullptr;
   int64_t (*cpu_cache_bytes)() = nullptr;
   void (*empty_cpu_cache)() = nullptr;
   int64_t (*column_buffer_peak_bytes)(bool reset) = nullptr;
@@ -87,6 +91,9 @@ std::tuple<std::string, std::string, std::string> active_conv2d_cpu_plan(
     const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     std::array<bool, 2> gradient_mask);
+std::vector<int64_t> active_conv2d_cpu_thread_images(
+    const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
 int64_t peak_column_buffer_bytes(bool reset);
 int64_t all_cpu_cache_bytes();
 void empty_all_cpu_caches();

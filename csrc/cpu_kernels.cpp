@@ -62,6 +62,12 @@ std::tuple<std::string, std::string, std::string> active_conv2d_cpu_plan(
                                   gradient_mask);
 }
 
+std::vector<int64_t> active_conv2d_cpu_thread_images(
+    const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  return active().conv2d_cpu_thread_images(input, weight, stride, padding, dilation, groups);
+}
+
 // The CPU column buffers are those of the kernel modules, the CUDA ones (also the emulated
 // ones) this module's.
 int64_t peak_column_buffer_bytes(bool reset) {
@@ -96,6 +102,7 @@ void install_cpu_kernels(const CpuKernelTable* table) {
       table->batch_norm_update_stats && table->batch_norm_stats &&
       table->batch_norm_combine_stats && table->batch_norm_backward_reduce &&
       table->batch_norm_backward_elemt && table->cpu_gemm && table->conv2d_cpu_plan &&
+      table->conv2d_cpu_thread_images &&
       table->cpu_cache_bytes && table->empty_cpu_cache && table->column_buffer_peak_bytes;
   TORCH_CHECK(filled, "convkit: the CPU kernel module '", name,
               "' left a slot of its kernel table empty");

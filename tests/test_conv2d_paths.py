@@ -262,6 +262,35 @@ def test_implicit_gemm_bias_gradient(path, mask):
         torch.testing.assert_close(two[0].double(), expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("spec", [
+    # ResNet-18's 128-channel 8x8 layer at N=32: tiles of 6 images had left one thread 18 of
+    # them and the other 14 (6 + 6 + 2).
+    (32, 128, 8, 8, 128, 3, 1, 1, 1, 1, None),
+    (9, 24, 4, 4, 70, 3, 2, 1, 1, 1, None),
+    (11, 24, 4, 4, 70, 1, 1, 0, 1, 1, "0.01"),
+    (7, 40, 6, 6, 70, 3, 2, 1, 1, 1, None),
+    (32, 64, 16, 16, 64, 3, 1, 1, 1, 1, "0.3"),
+], ids=["resnet_8x8_n32", "images_9", "images_1x1_budget_11", "images_7", "bands_budget_32"])
+def test_tiles_share_the_images_evenly_over_threads(spec, threads, monkeypatch):
+    """The images and bands paths' threads hold the same number of images, to within one."""
+    n, c, h, w, o, k, stride, padding, dilation, groups, budget = spec
+    if budget is not None:
+        monkeypatch.setenv("CONVKIT_COLUMN_BUDGET_MB", budget)
+    x = torch.empty(n, c, h, w)
+    weight = torch.empty(o, c // groups, k, k)
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        images = torch.ops.convkit.conv2d_cpu_thread_images(
+            x, weight, [stride] * 2, [padding] * 2, [dilation] * 2, groups)
+    finally:
+        torch.set_num_threads(saved)
+    assert len(images) == min(threads, n)
+    assert sum(images) == n
+    assert max(images) - min(images) <= 1, images
+
+
 def test_column_buffer_peak_respects_budget(monkeypatch):
     """The reported column-buffer peak of a call stays within CONVKIT_COLUMN_BUDGET_MB
     (whenever one output row of one image fits it)."""

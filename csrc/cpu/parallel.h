@@ -19,6 +19,7 @@
 #include <atomic>
 #include <cstdint>
 #include <exception>
+#include <utility>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -31,6 +32,16 @@ namespace convkit {
 inline int64_t team_size() {
   if (at::in_parallel_region()) return 1;
   return std::max<int64_t>(1, at::get_num_threads());
+}
+
+// The chunk [first, last) of [begin, end) that slot `slot` of `workers` takes in
+// parallel_for_slots: ceil((end - begin) / workers) elements a slot, in slot order (the last
+// slots may get fewer, or none: first >= last).
+inline std::pair<int64_t, int64_t> slot_chunk(int64_t begin, int64_t end, int64_t workers,
+                                              int64_t slot) {
+  const int64_t chunk = (end - begin + workers - 1) / workers;
+  const int64_t first = std::min(end, begin + slot * chunk);
+  return {first, std::min(end, first + chunk)};
 }
 
 // f(chunk_begin, chunk_end, slot) over [begin, end) in at most `team` chunks of at least `grain`
@@ -54,12 +65,11 @@ void parallel_for_slots(int64_t begin, int64_t end, int64_t grain, int64_t team,
   {
     const int64_t workers = std::min<int64_t>({int64_t(omp_get_num_threads()), team, tasks});
     const int64_t slot = omp_get_thread_num();
-    const int64_t chunk = (end - begin + workers - 1) / workers;
-    const int64_t chunk_begin = begin + slot * chunk;
-    if (slot < workers && chunk_begin < end) {
+    const auto [chunk_begin, chunk_end] = slot_chunk(begin, end, workers, slot);
+    if (slot < workers && chunk_begin < chunk_end) {
       try {
         at::internal::ThreadIdGuard thread_id(static_cast<int>(slot));
-        f(chunk_begin, std::min(end, chunk_begin + chunk), slot);
+        f(chunk_begin, chunk_end, slot);
       } catch (...) {
         if (!failed.test_and_set()) error = std::current_exception();
       }

@@ -130,8 +130,8 @@ void bands_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor&
     acc_t* grad_acc = dy_buffer + dy_elems;
     acc_t* weight_grad = grad_acc + grad_acc_elems;
     for (int64_t group = begin; group < end; ++group) {
-      const int64_t first = group * p.images_per_tile;
-      const int64_t count = std::min(p.images_per_tile, g.batch - first);
+      const int64_t first = p.group_first(group, g.batch);
+      const int64_t count = p.group_count(group, g.batch);
       // Where this group's input gradient accumulates.
       acc_t* dx_acc = nullptr;
       if (need_input_grad) {

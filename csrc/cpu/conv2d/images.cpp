@@ -55,8 +55,8 @@ void images_forward(const at::Tensor& x, const at::Tensor& weight_acc,
     acc_t* out = columns_t + column_elems;
     acc_t* image_copy = out + O * p.columns;
     for (int64_t group = begin; group < end; ++group) {
-      const int64_t first = group * p.images_per_tile;
-      const int64_t count = std::min(p.images_per_tile, g.batch - first);
+      const int64_t first = p.group_first(group, g.batch);
+      const int64_t count = p.group_count(group, g.batch);
       const int64_t n = count * L;
       if (planes_as_columns) {
         // [K, n]: channel k's row holds the tile's images' planes k one after another (a

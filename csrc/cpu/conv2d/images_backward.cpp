@@ -127,8 +127,8 @@ bool image_family_backward(const at::Tensor& dy, const at::Tensor& x, const at::
     acc_t* image_buffer = sums + sums_elems;
     acc_t* weight_grad = weight_grad_of(thread);
     for (int64_t group = begin; group < end; ++group) {
-      const int64_t first = group * p.images_per_tile;
-      const int64_t count = std::min(p.images_per_tile, g.batch - first);
+      const int64_t first = p.group_first(group, g.batch);
+      const int64_t count = p.group_count(group, g.batch);
       const int64_t n = count * L;
       if (dy_elems > 0) load_tile_runs(dy_ptr, image_runs(g, O), first, count, dy_tile);
       if (dy_rows) {

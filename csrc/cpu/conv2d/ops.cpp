@@ -334,6 +334,24 @@ std::tuple<std::string, std::string, std::string> conv2d_cpu_plan(
           path_name(backward.weight_grad)};
 }
 
+std::vector<int64_t> conv2d_cpu_thread_images(const at::Tensor& input, const at::Tensor& weight,
+                                              at::IntArrayRef stride, at::IntArrayRef padding,
+                                              at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK(input.device().is_cpu() && weight.device().is_cpu(),
+              "convkit::conv2d_cpu_thread_images: expected CPU tensors (it reports the CPU "
+              "kernels' tiles), but got input on ", input.device(), " and weight on ",
+              weight.device());
+  const Conv2dGeometry g = make_conv2d_geometry("convkit::conv2d_cpu_thread_images", input,
+                                                weight, stride, padding, dilation, groups);
+  const at::ScalarType acc_type = at::toOpMathType(input.scalar_type());
+  const int64_t acc_size = static_cast<int64_t>(c10::elementSize(acc_type));
+  const bool same_type = acc_type == input.scalar_type();
+  const bool channels_last = is_channels_last_format(conv2d_memory_format(input, weight));
+  const ConvPlan plan = choose_forward(g, acc_size, same_type, channels_last);
+  if (plan.forward != ConvPath::kImages && plan.forward != ConvPath::kBands) return {};
+  return thread_images(plan.tiles, g.batch);
+}
+
 }  // namespace convkit::cpu_conv2d
 
 namespace convkit {
@@ -346,6 +364,7 @@ void add_conv2d_kernels(CpuKernelTable& table) {
   table.im2col = &im2col_cpu;
   table.col2im = &col2im_cpu;
   table.conv2d_cpu_plan = &conv2d_cpu_plan;
+  table.conv2d_cpu_thread_images = &conv2d_cpu_thread_images;
 }
 
 }  // namespace convkit

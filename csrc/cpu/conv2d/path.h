@@ -51,6 +51,7 @@
 #include <limits>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "../../conv2d.h"
 #include "../parallel.h"
@@ -278,5 +279,12 @@ std::tuple<std::string, std::string, std::string> conv2d_cpu_plan(
     const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     std::array<bool, 2> gradient_mask);
+
+// The op convkit::conv2d_cpu_thread_images (ops.cpp): how many images each thread's tiles hold
+// in the forward pass of the images and bands paths (thread_images, tiles.h); empty on the
+// paths that split their work otherwise. A test aid: the tiles' balance.
+std::vector<int64_t> conv2d_cpu_thread_images(const at::Tensor& input, const at::Tensor& weight,
+                                              at::IntArrayRef stride, at::IntArrayRef padding,
+                                              at::IntArrayRef dilation, int64_t groups);
 
 }  // namespace convkit::cpu_conv2d

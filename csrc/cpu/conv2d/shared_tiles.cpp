@@ -45,8 +45,8 @@ void shared_tiles_forward(const at::Tensor& x, const at::Tensor& weight_acc,
   acc_t* out = columns_t + column_elems;
   acc_t* planes = out + O * p.columns;
   for (int64_t group = 0; group < p.image_groups; ++group) {
-    const int64_t first = group * p.images_per_tile;
-    const int64_t count = std::min(p.images_per_tile, g.batch - first);
+    const int64_t first = p.group_first(group, g.batch);
+    const int64_t count = p.group_count(group, g.batch);
     const int64_t n = count * L;
     parallel_for_slots(0, count, 1, p.threads,
                          [&](int64_t begin, int64_t end, int64_t thread) {
@@ -96,8 +96,8 @@ void shared_tiles_backward(const at::Tensor& dy, const at::Tensor& x,
   acc_t* planes = dy_tile + O * p.columns;
   const PlaneRuns dy_runs = image_runs(g, O);
   for (int64_t group = 0; group < p.image_groups; ++group) {
-    const int64_t first = group * p.images_per_tile;
-    const int64_t count = std::min(p.images_per_tile, g.batch - first);
+    const int64_t first = p.group_first(group, g.batch);
+    const int64_t count = p.group_count(group, g.batch);
     const int64_t n = count * L;
     parallel_for_slots(0, count, 1, p.threads,
                          [&](int64_t begin, int64_t end, int64_t thread) {

@@ -9,10 +9,12 @@
 #include <algorithm>
 #include <cstdint>
 #include <utility>
+#include <vector>
 
 #include "../../column_buffer.h"
 #include "../../conv2d.h"
 #include "../block_cache.h"
+#include "../parallel.h"
 
 namespace convkit::cpu_conv2d {
 
@@ -47,6 +49,13 @@ struct TilePlan {
   int64_t columns;          // most columns in one tile
   int64_t threads;          // per-thread buffers to allocate
   bool whole_images() const { return bands == 1; }
+  // Image group `group`'s first image and image count: the batch cut into image_groups runs
+  // whose sizes differ by at most one (at most images_per_tile), so that threads owning equal
+  // numbers of groups own equal numbers of images (to within one).
+  int64_t group_first(int64_t group, int64_t batch) const { return group * batch / image_groups; }
+  int64_t group_count(int64_t group, int64_t batch) const {
+    return group_first(group + 1, batch) - group_first(group, batch);
+  }
 };
 
 // Tiles for `threads` threads (each has its own buffers).
@@ -62,28 +71,38 @@ inline TilePlan plan_tiles(const Conv2dGeometry& g, int64_t acc_size, int64_t th
   const int64_t target = std::max<int64_t>(1, std::min(preferred, budget_columns));
   if (L <= target) {
     // Balance: each thread gets the fewest tiles that keep a tile within the target, and the
-    // images are spread evenly over all the tiles. (Taking the largest tile that fits, 21 of
-    // 64 images for the 8->16 layer, left one thread 42 images and the other 22.)
+    // images are spread evenly over all the tiles (group_first): the threads' shares differ by
+    // at most one image. (Taking the largest tile that fits, 21 of 64 images for the 8->16
+    // layer, left one thread 42 images and the other 22; tiles of one size with a short last
+    // one, 6 + 6 + 6 against 6 + 6 + 2 images of ResNet-18's 128-channel 8x8 layer at N=32,
+    // left one thread idle for a fifth of the layer.)
     const int64_t per_thread_images = (g.batch + p.threads - 1) / p.threads;
     const int64_t target_images = std::max<int64_t>(1, target / L);
     const int64_t tiles_per_thread = (per_thread_images + target_images - 1) / target_images;
     const int64_t tiles = std::max<int64_t>(1, std::min(g.batch, p.threads * tiles_per_thread));
-    int64_t images = std::max<int64_t>(1, (g.batch + tiles - 1) / tiles);
-    // Then the largest tile no larger whose tile count the threads share evenly: 9 images in
-    // tiles of 2 are 5 tiles, 3 of them (6 images) on one of 2 threads; tiles of 1 give 5 and 4.
-    if (g.batch >= p.threads) {
-      while (images > 1 && ((g.batch + images - 1) / images) % p.threads != 0) --images;
-    }
-    p.images_per_tile = images;
+    p.images_per_tile = std::max<int64_t>(1, (g.batch + tiles - 1) / tiles);
+    p.image_groups = std::min(tiles, g.batch);
     p.rows_per_tile = g.out_h;
   } else {
     p.images_per_tile = 1;
+    p.image_groups = g.batch;
     p.rows_per_tile = std::max<int64_t>(1, std::min(g.out_h, target / g.out_w));
   }
   p.bands = (g.out_h + p.rows_per_tile - 1) / p.rows_per_tile;
-  p.image_groups = (g.batch + p.images_per_tile - 1) / p.images_per_tile;
   p.columns = p.images_per_tile * p.rows_per_tile * g.out_w;
   return p;
+}
+
+// The images each thread's tiles hold when parallel_for_slots hands the image groups out
+// (one entry per thread that gets work): what the plans above balance.
+inline std::vector<int64_t> thread_images(const TilePlan& p, int64_t batch) {
+  const int64_t workers = std::max<int64_t>(1, std::min(p.threads, p.image_groups));
+  std::vector<int64_t> images;
+  for (int64_t slot = 0; slot < workers; ++slot) {
+    const auto [first, last] = slot_chunk(0, p.image_groups, workers, slot);
+    if (first < last) images.push_back(p.group_first(last, batch) - p.group_first(first, batch));
+  }
+  return images;
 }
 
 inline bool reads_input_as_columns(const Conv2dGeometry& g) {
@@ -372,8 +391,8 @@ std::pair<const acc_t*, int64_t> tile_columns(const scalar_t* input, const Conv2
 // The tiles of image group `group` (bands when one image per tile).
 template <typename Fn>
 void for_each_tile(const Conv2dGeometry& g, const TilePlan& p, int64_t group, Fn&& fn) {
-  const int64_t first = group * p.images_per_tile;
-  const int64_t count = std::min(p.images_per_tile, g.batch - first);
+  const int64_t first = p.group_first(group, g.batch);
+  const int64_t count = p.group_count(group, g.batch);
   for (int64_t band = 0; band < p.bands; ++band) {
     const int64_t oh_begin = band * p.rows_per_tile;
     const int64_t oh_end = std::min(g.out_h, oh_begin + p.rows_per_tile);
@@ -381,7 +400,7 @@ void for_each_tile(const Conv2dGeometry& g, const TilePlan& p, int64_t group, Fn
   }
 }
 // The shared tiles' plan (one tile at a time for all threads): whole images per tile, all
-// threads' share of the column budget in one tile, cut so that the tiles are of equal size
+// threads' share of the column budget in one tile, the images spread evenly over the tiles
 // (a short last tile is a thin GEMM).
 inline TilePlan plan_shared_tiles(const Conv2dGeometry& g, int64_t acc_size, int64_t threads) {
   TilePlan p;
@@ -395,7 +414,7 @@ inline TilePlan plan_shared_tiles(const Conv2dGeometry& g, int64_t acc_size, int
   p.images_per_tile = std::max<int64_t>(1, (g.batch + tiles - 1) / std::max<int64_t>(tiles, 1));
   p.rows_per_tile = g.out_h;
   p.bands = 1;
-  p.image_groups = (g.batch + p.images_per_tile - 1) / p.images_per_tile;
+  p.image_groups = tiles;
   p.columns = p.images_per_tile * L;
   return p;
 }
