@@ -12,6 +12,8 @@ and without the input gradient.
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -56,9 +58,22 @@ PATHS = {
     # column gradient plane by plane; 11 images in tiles of a few (a short last one).
     "image_path_1x1_tiles": (11, 24, 4, 4, 70, 1, 1, 0, 1, 1, "0.01"),
     # A weight matrix of >= 2 MiB: the image path's shared tiles (all threads on one tile),
-    # in one tile and, under a small budget, in tiles of 2 + 1 images.
-    "image_path_shared_tiles": (3, 256, 6, 6, 256, 3, 1, 1, 1, 1, None),
-    "image_path_shared_tiles_budget": (3, 256, 6, 6, 256, 3, 1, 1, 1, 1, "0.7"),
+    # in one tile and, under a small budget, in tiles of 2 + 1 images (unpadded: padded, the
+    # forward is the tap classes').
+    "image_path_shared_tiles": (3, 256, 6, 6, 256, 3, 1, 0, 1, 1, None),
+    "image_path_shared_tiles_budget": (3, 256, 6, 6, 256, 3, 1, 0, 1, 1, "0.35"),
+    # Stride-1 convs on narrow maps whose products multiply padding for >= 10%: the forward by
+    # tap classes (float on AVX-512 with our GEMM; the image family's paths elsewhere), with
+    # enough images that the classes' GEMMs fill their vectors. A 3x3 pad 1 (9 classes), in
+    # tiles of 7-8 images (23 images); a depth of 100 channels (segments deeper
+    # than the GEMM's 256-deep blocks); a 5x5 pad 2 on a 3x6 map; a pad of 3 around a 2x2 map,
+    # whose border outputs read no input (bias only); a 2x2 kernel (classes of one side).
+    "tap_classes_3x3": (8, 20, 4, 4, 70, 3, 1, 1, 1, 1, None),
+    "tap_classes_3x3_tiles": (23, 20, 4, 4, 70, 3, 1, 1, 1, 1, "0.1"),
+    "tap_classes_deep": (16, 100, 2, 3, 70, 3, 1, 1, 1, 1, None),
+    "tap_classes_5x5_rect": (8, 12, 3, 6, 70, 5, 1, 2, 1, 1, None),
+    "tap_classes_no_taps": (2, 9, 2, 2, 70, 3, 1, 3, 1, 1, None),
+    "tap_classes_2x2_kernel": (8, 10, 3, 3, 70, 2, 1, 1, 1, 1, None),
     # One output position from an image no larger than the kernel: the window path (images
     # read in place against a re-laid weight). The chapter's last layer (2x2 -> 1x1, 5 of 9
     # taps on padding), a grouped one, a dilated one whose window skips input rows and
@@ -121,6 +136,18 @@ for _name in PATHS:
 EXPECTED_PLANS["image_path_shared_tiles"] = ("shared_tiles",) * 4
 EXPECTED_PLANS["image_path_shared_tiles_budget"] = ("shared_tiles",) * 4
 
+
+def _tap_classes_forward():
+    """Whether float32 forwards can take the tap classes: our packed GEMM (AVX-512 kernels,
+    CONVKIT_CPU_GEMM not "blas")."""
+    return (convkit.cpu_capability() == "avx512"
+            and os.environ.get("CONVKIT_CPU_GEMM", "own") != "blas")
+
+
+for _name in PATHS:
+    if _name.startswith("tap_classes"):
+        EXPECTED_PLANS[_name] = ("images",) * 4
+
 # Shapes for the CPU GEMM's edges: rows not a multiple of its 12-row panels, columns not a
 # multiple of its 32-column panels, a depth over its 256-deep blocks (K = 40 * 9 = 360), and
 # every operand transposed or not (forward, weight and input gradients of both GEMM paths).
@@ -134,6 +161,8 @@ GEMM_PATHS = {
     # 300 images: two forward GEMMs of up to 256 images; 40 channels of 3x3: 360 columns.
     "window_path_batch_300": (300, 40, 3, 3, 13, 3, 1, 0, 1, 1, None),
     "window_path_grouped": PATHS["window_path_grouped"],
+    "tap_classes_3x3": PATHS["tap_classes_3x3"],
+    "tap_classes_deep": PATHS["tap_classes_deep"],
 }
 
 
@@ -388,6 +417,8 @@ def test_plan_of_each_named_shape(path, monkeypatch):
     if spec[-1] is not None:
         monkeypatch.setenv("CONVKIT_COLUMN_BUDGET_MB", spec[-1])
     forward, input_grad, weight_grad, weight_grad_alone = EXPECTED_PLANS[path]
+    if path.startswith("tap_classes") and _tap_classes_forward():
+        forward = "tap_classes"
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)

@@ -301,6 +301,56 @@ inline void multiply_columns(int64_t m, int64_t col_begin, int64_t col_end, int6
   }
 }
 
+// A packed once for many products (pack_a(a, 0, m, 0, k, dst)): panel p of kPanelRows rows at
+// dst + p * k * kPanelRows, [k][kPanelRows], so any depth range of a panel is contiguous.
+inline int64_t packed_a_floats(int64_t m, int64_t k) {
+  return (m + kPanelRows - 1) / kPanelRows * kPanelRows * k;
+}
+
+// A range [begin, begin + length) of the pre-packed A's depth.
+struct DepthSegment {
+  int64_t begin, length;
+};
+
+// C[m, cols] = A[:, segments] @ op(B) (C is written, not read) on the calling thread, A
+// pre-packed over depth k (above): the product's depth is the segments one after another,
+// and op(B)'s row j is depth j of that sequence. For products that use some of the same
+// weight's columns each (the tap classes of a conv: tap_classes.cpp), so that the weight is
+// packed once per call rather than once per product.
+inline void multiply_prepacked(int64_t m, int64_t cols, const float* a_packed, int64_t k,
+                               const DepthSegment* segments, int64_t segment_count,
+                               const Operand& b, float* c, int64_t ldc) {
+  float* b_packed = thread_buffer(1, kDepthBlock * kColumnBlock);
+  for (int64_t col0 = 0; col0 < cols; col0 += kColumnBlock) {
+    const int64_t block_cols = std::min<int64_t>(kColumnBlock, cols - col0);
+    int64_t b_row = 0;
+    bool first = true;
+    for (int64_t s = 0; s < segment_count; ++s) {
+      const DepthSegment& segment = segments[s];
+      for (int64_t d0 = 0; d0 < segment.length; d0 += kDepthBlock) {
+        const int64_t depth = std::min<int64_t>(kDepthBlock, segment.length - d0);
+        pack_b(b, b_row + d0, depth, col0, block_cols, b_packed);
+        for (int64_t row0 = 0; row0 < m; row0 += kRowBlock) {
+          const int64_t rows = std::min<int64_t>(kRowBlock, m - row0);
+          for (int64_t col = 0; col < block_cols; col += kPanelColumns) {
+            const float* b_panel = b_packed + (col / kPanelColumns) * depth * kPanelColumns;
+            const int64_t tile_columns = std::min<int64_t>(kPanelColumns, block_cols - col);
+            for (int64_t r = 0; r < rows; r += kPanelRows) {
+              const float* a_panel = a_packed + (row0 + r) / kPanelRows * k * kPanelRows +
+                                     (segment.begin + d0) * kPanelRows;
+              float* c_tile = c + (row0 + r) * ldc + col0 + col;
+              micro_kernel_for(std::min<int64_t>(kPanelRows, rows - r), tile_columns)(
+                  depth, a_panel, b_panel, c_tile, ldc, tile_columns, 1.0f, 0.0f, first);
+            }
+          }
+        }
+        first = false;
+      }
+      b_row += segment.length;
+    }
+  }
+}
+
 }  // namespace packed_gemm
 }  // namespace cpu
 }  // namespace convkit

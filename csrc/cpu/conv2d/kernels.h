@@ -68,6 +68,13 @@ void implicit_gemm_forward(const at::Tensor& x, const at::Tensor& weight_acc,
                            const at::Tensor& bias_acc, const Conv2dGeometry& g, const TilePlan& p,
                            at::Tensor& output);
 
+// tap_classes.cpp (AVX-512 builds; float).
+#if defined(__AVX512F__)
+void tap_classes_forward(const at::Tensor& x, const at::Tensor& weight_acc,
+                         const at::Tensor& bias_acc, const Conv2dGeometry& g, const TilePlan& p,
+                         at::Tensor& output);
+#endif
+
 // images.cpp.
 template <typename scalar_t>
 void images_forward(const at::Tensor& x, const at::Tensor& weight_acc, const at::Tensor& bias_acc,

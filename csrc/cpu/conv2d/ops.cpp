@@ -81,6 +81,14 @@ void conv2d_forward_kernel(const at::Tensor& x, const at::Tensor& weight_acc,
     case ConvPath::kSharedTiles:
       shared_tiles_forward<scalar_t>(x, weight_acc, bias_acc, g, p, output);
       return;
+    case ConvPath::kTapClasses:
+#if defined(__AVX512F__)
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        tap_classes_forward(x, weight_acc, bias_acc, g, p, output);
+        return;
+      }
+#endif
+      break;
     case ConvPath::kImages:
       images_forward<scalar_t>(x, weight_acc, bias_acc, g, p, output);
       return;
@@ -152,6 +160,7 @@ bool conv2d_backward_kernel(const at::Tensor& dy, const at::Tensor& x, const at:
     case ConvPath::kTransposedImplicitGemm:
       return image_family_backward<scalar_t>(dy, x, weight_acc, g, plan, grad_input,
                                              grad_weight_acc, grad_bias_ptr);
+    case ConvPath::kTapClasses:  // a forward path only
     case ConvPath::kNone:
       break;
   }

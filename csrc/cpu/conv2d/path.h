@@ -27,6 +27,11 @@
 //   transposed_implicit_gemm   the input gradient of implicit_gemm layers with 9-32 input
 //                 channels: input channels in the lanes, positions grouped by their phase
 //                 modulo the stride (transposed_input_grad.h).
+//   tap_classes   the forward of stride-1 layers on narrow output rows (< 8) where many
+//                 im2col products multiply padding (ResNet's 3x3 pad 1: 31% at 4x4, 56% at
+//                 2x2; tap_class_work_share): positions grouped by their valid taps, one GEMM
+//                 per group over only those taps against a weight packed once per call, all
+//                 threads on one tile (tap_classes.cpp). float, AVX-512, our packed GEMM.
 //   images        whole images per tile, narrow output rows (< 8): a branch-free gather into
 //                 transposed column matrices and our GEMM (images.cpp, images_backward.cpp);
 //                 the backward pass of the implicit GEMM family runs here too.
@@ -54,6 +59,7 @@
 #include <vector>
 
 #include "../../conv2d.h"
+#include "../gemm.h"
 #include "../parallel.h"
 #include "tiles.h"
 
@@ -68,6 +74,7 @@ enum class ConvPath : uint8_t {
   kRows,
   kImplicitGemm,
   kTransposedImplicitGemm,
+  kTapClasses,
   kImages,
   kSharedTiles,
   kBands,
@@ -83,6 +90,7 @@ inline const char* path_name(ConvPath path) {
     case ConvPath::kRows: return "rows";
     case ConvPath::kImplicitGemm: return "implicit_gemm";
     case ConvPath::kTransposedImplicitGemm: return "transposed_implicit_gemm";
+    case ConvPath::kTapClasses: return "tap_classes";
     case ConvPath::kImages: return "images";
     case ConvPath::kSharedTiles: return "shared_tiles";
     case ConvPath::kBands: return "bands";
@@ -173,6 +181,29 @@ inline bool transposed_input_grad_fits(const Conv2dGeometry& g) {
          max_chunk * image_rows < std::numeric_limits<int32_t>::max();
 }
 
+// The tap classes: a forward only (the gradients keep the image family's and shared tiles'
+// paths), on tiles of images_per_tile images (plan_shared_tiles). Above kMaxTapClassWork of
+// im2col's GEMM work (tap_class_work_share) the classes' extra products, their narrower
+// GEMMs and the weight's packing per call cost about what the skipped products save
+// (ResNet-18's 512-channel 7x7 layer at N=8: 0.91 of the work, 0.94 of the time; at N=1 the
+// classes are 1.6x the work and took 1.7x the time).
+constexpr double kMaxTapClassWork = 0.92;
+
+inline bool tap_classes_fit(const Conv2dGeometry& g, int64_t acc_size, bool same_type,
+                            const TilePlan& tiles, int64_t images_per_tile) {
+#if defined(__AVX512F__)
+  return same_type && acc_size == 4 && cpu::use_packed_gemm() && g.groups == 1 &&
+         g.stride_h == 1 && g.stride_w == 1 && g.dilation_h == 1 && g.dilation_w == 1 &&
+         tiles.whole_images() && g.out_w < kMinRunWidth &&
+         tap_class_work_share(g, images_per_tile) <= kMaxTapClassWork &&
+         images_per_tile * std::max(g.in_channels * g.in_area(), g.out_channels * g.out_area()) <
+             std::numeric_limits<int32_t>::max();
+#else
+  (void)g, (void)acc_size, (void)same_type, (void)tiles, (void)images_per_tile;
+  return false;
+#endif
+}
+
 inline bool shared_tiles_fit(const Conv2dGeometry& g, int64_t acc_size, int64_t threads) {
   const int64_t weight_bytes =
       g.out_channels / g.groups * (g.column_rows() / g.groups) * acc_size;
@@ -218,6 +249,10 @@ inline ConvPlan choose_forward(const Conv2dGeometry& g, int64_t acc_size, bool s
     plan.tiles = band_tiles(g, plan.tiles, same_type);
   } else if (implicit_gemm_fits(g)) {
     plan.forward = ConvPath::kImplicitGemm;
+  } else if (tap_classes_fit(g, acc_size, same_type, plan.tiles,
+                             plan_shared_tiles(g, acc_size, threads).images_per_tile)) {
+    plan.forward = ConvPath::kTapClasses;
+    plan.tiles = plan_shared_tiles(g, acc_size, threads);
   } else if (shared_tiles_fit(g, acc_size, threads)) {
     plan.forward = ConvPath::kSharedTiles;
     plan.tiles = plan_shared_tiles(g, acc_size, threads);

@@ -105,6 +105,48 @@ inline std::vector<int64_t> thread_images(const TilePlan& p, int64_t batch) {
   return images;
 }
 
+// Along one axis of a stride-1, dilation-1 conv: a run [begin, end) of consecutive outputs
+// whose valid kernel indices (those that read the input, not padding) are the same
+// [k_begin, k_end) (output o reads input o - pad + k). The runs cover [0, out) in order.
+struct AxisGroup {
+  int64_t begin, end, k_begin, k_end;
+};
+
+inline std::vector<AxisGroup> axis_groups(int64_t out, int64_t in, int64_t kernel, int64_t pad) {
+  std::vector<AxisGroup> groups;
+  for (int64_t o = 0; o < out; ++o) {
+    const int64_t k_begin = std::clamp<int64_t>(pad - o, 0, kernel);
+    const int64_t k_end = std::clamp<int64_t>(in + pad - o, k_begin, kernel);
+    if (!groups.empty() && groups.back().k_begin == k_begin && groups.back().k_end == k_end) {
+      ++groups.back().end;
+    } else {
+      groups.push_back({o, o + 1, k_begin, k_end});
+    }
+  }
+  return groups;
+}
+
+// The GEMM work of a stride-1, dilation-1 conv's tap classes (tap_classes.cpp: one product
+// per class of positions with the same valid taps, over only those taps) against im2col's
+// (every tap at every position), for tiles of `images` images: the micro-kernel computes
+// columns in vectors of 16, so a class of n columns costs its taps times n rounded up to 16.
+// Below 1 by the padding products skipped (56% of a 3x3 pad 1's at 2x2, 31% at 4x4), above
+// when small classes of few images waste most of their lanes.
+inline double tap_class_work_share(const Conv2dGeometry& g, int64_t images) {
+  auto lanes = [](int64_t columns) { return (columns + 15) / 16 * 16; };
+  const std::vector<AxisGroup> rows = axis_groups(g.out_h, g.in_h, g.kernel_h, g.pad_h);
+  const std::vector<AxisGroup> cols = axis_groups(g.out_w, g.in_w, g.kernel_w, g.pad_w);
+  double work = 0.0;
+  for (const AxisGroup& r : rows) {
+    for (const AxisGroup& c : cols) {
+      const int64_t taps = (r.k_end - r.k_begin) * (c.k_end - c.k_begin);
+      if (taps > 0) work += double(taps) * double(lanes(images * (r.end - r.begin) * (c.end - c.begin)));
+    }
+  }
+  const double im2col = double(g.kernel_area()) * double(lanes(images * g.out_area()));
+  return im2col > 0.0 ? work / im2col : 1.0;
+}
+
 inline bool reads_input_as_columns(const Conv2dGeometry& g) {
   return g.kernel_h == 1 && g.kernel_w == 1 && g.stride_h == 1 && g.stride_w == 1 &&
          g.pad_h == 0 && g.pad_w == 0;
