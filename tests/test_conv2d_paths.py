@@ -147,6 +147,17 @@ def _tap_classes_forward():
 for _name in PATHS:
     if _name.startswith("tap_classes"):
         EXPECTED_PLANS[_name] = ("images",) * 4
+# ... and where they can: the forward, and the input gradient when it too (a stride-1 conv of
+# dY, padding k - 1 - pad) skips enough padding products (not with a pad of 3 around a 3x3,
+# nor a 2x2 kernel's unpadded gradient conv, nor tiles cut small by the budget).
+TAP_CLASS_PLANS = {
+    "tap_classes_3x3": ("tap_classes", "tap_classes", "images", "images"),
+    "tap_classes_3x3_tiles": ("tap_classes", "images", "images", "images"),
+    "tap_classes_deep": ("tap_classes", "tap_classes", "images", "images"),
+    "tap_classes_5x5_rect": ("tap_classes", "tap_classes", "images", "images"),
+    "tap_classes_no_taps": ("tap_classes", "images", "images", "images"),
+    "tap_classes_2x2_kernel": ("tap_classes", "images", "images", "images"),
+}
 
 # Shapes for the CPU GEMM's edges: rows not a multiple of its 12-row panels, columns not a
 # multiple of its 32-column panels, a depth over its 256-deep blocks (K = 40 * 9 = 360), and
@@ -418,7 +429,7 @@ def test_plan_of_each_named_shape(path, monkeypatch):
         monkeypatch.setenv("CONVKIT_COLUMN_BUDGET_MB", spec[-1])
     forward, input_grad, weight_grad, weight_grad_alone = EXPECTED_PLANS[path]
     if path.startswith("tap_classes") and _tap_classes_forward():
-        forward = "tap_classes"
+        forward, input_grad, weight_grad, weight_grad_alone = TAP_CLASS_PLANS[path]
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)

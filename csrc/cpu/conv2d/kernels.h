@@ -73,6 +73,9 @@ void implicit_gemm_forward(const at::Tensor& x, const at::Tensor& weight_acc,
 void tap_classes_forward(const at::Tensor& x, const at::Tensor& weight_acc,
                          const at::Tensor& bias_acc, const Conv2dGeometry& g, const TilePlan& p,
                          at::Tensor& output);
+// grad_input (float, NCHW) of a layer whose transposed_geometry fits the tap classes.
+void tap_classes_input_grad(const at::Tensor& dy, const at::Tensor& weight_acc,
+                            const Conv2dGeometry& g, at::Tensor& grad_input);
 #endif
 
 // images.cpp.

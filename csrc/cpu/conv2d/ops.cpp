@@ -117,6 +117,18 @@ bool conv2d_backward_kernel(const at::Tensor& dy, const at::Tensor& x, const at:
   const TilePlan& p = plan.tiles;
   scalar_t* grad_bias_ptr =
       grad_bias != nullptr ? grad_bias->mutable_data_ptr<scalar_t>() : nullptr;
+  if (plan.input_grad == ConvPath::kTapClasses) {
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      tap_classes_input_grad(dy, weight_acc, g, grad_input);
+      if (!need_weight_grad) return false;
+      return conv2d_backward_kernel<scalar_t>(dy, x, weight_acc, g, channels_last, false, true,
+                                              grad_input, grad_weight_acc, grad_bias);
+    }
+#endif
+    TORCH_INTERNAL_ASSERT(false, "convkit::conv2d_backward: the tap classes' input gradient is "
+                          "float on AVX-512 builds only");
+  }
   // The paths come in these combinations only (choose_backward).
   const ConvPath path = plan.weight_grad != ConvPath::kNone ? plan.weight_grad : plan.input_grad;
   switch (path) {

@@ -27,7 +27,8 @@
 //   transposed_implicit_gemm   the input gradient of implicit_gemm layers with 9-32 input
 //                 channels: input channels in the lanes, positions grouped by their phase
 //                 modulo the stride (transposed_input_grad.h).
-//   tap_classes   the forward of stride-1 layers on narrow output rows (< 8) where many
+//   tap_classes   the forward and the input gradient (a stride-1 conv itself) of stride-1
+//                 layers on narrow output rows (< 8) where many
 //                 im2col products multiply padding (ResNet's 3x3 pad 1: 31% at 4x4, 56% at
 //                 2x2; tap_class_work_share): positions grouped by their valid taps, one GEMM
 //                 per group over only those taps against a weight packed once per call, all
@@ -204,6 +205,19 @@ inline bool tap_classes_fit(const Conv2dGeometry& g, int64_t acc_size, bool same
 #endif
 }
 
+// The input gradient by tap classes: that of a stride-1, ungrouped layer whose input gradient,
+// as a conv (transposed_geometry), fits them.
+inline bool input_grad_tap_classes_fit(const Conv2dGeometry& g, int64_t acc_size, bool same_type,
+                                       int64_t threads) {
+  if (g.groups != 1 || g.stride_h != 1 || g.stride_w != 1 || g.dilation_h != 1 ||
+      g.dilation_w != 1 || g.pad_h >= g.kernel_h || g.pad_w >= g.kernel_w) {
+    return false;
+  }
+  const Conv2dGeometry t = transposed_geometry(g);
+  return tap_classes_fit(t, acc_size, same_type, plan_tiles(t, acc_size, threads),
+                         plan_shared_tiles(t, acc_size, threads).images_per_tile);
+}
+
 inline bool shared_tiles_fit(const Conv2dGeometry& g, int64_t acc_size, int64_t threads) {
   const int64_t weight_bytes =
       g.out_channels / g.groups * (g.column_rows() / g.groups) * acc_size;
@@ -282,6 +296,13 @@ inline ConvPlan choose_backward(const Conv2dGeometry& g, int64_t acc_size, bool 
   if (same_type && window_fits(g)) {
     both(ConvPath::kWindow);
     return plan;
+  }
+  if (need_input_grad && input_grad_tap_classes_fit(g, acc_size, same_type, threads)) {
+    // The weight gradient (when wanted) runs as if alone.
+    ConvPlan weight_only =
+        need_weight_grad ? choose_backward(g, acc_size, same_type, false, false, true) : plan;
+    weight_only.input_grad = ConvPath::kTapClasses;
+    return weight_only;
   }
   plan.tiles = plan_tiles(g, acc_size, threads);
   if (rows_fit(g) && need_weight_grad && !need_input_grad) {

@@ -19,6 +19,9 @@
 // panels against every class (the weight streams from memory once per tile, not once per
 // thread: 5.4x its size for a 3x3 on 4x4 maps, over all classes), then the outputs into the
 // planes with the bias, channels in parallel.
+// The input gradient of such a conv is itself a stride-1 conv (transposed_geometry, tiles.h):
+// of dY with the kernel turned half a circle and its channels swapped, padding k - 1 - pad;
+// it runs on the same classes (ResNet's 3x3 pad 1: a 3x3 pad 1 again).
 // float only, on AVX-512 builds with our packed GEMM (path.h: tap_classes_fit).
 // Floor: the micro-kernel's rate on the valid products; the weight's packing (one pass,
 // parallel) is the fixed cost per call.
@@ -71,20 +74,15 @@ std::vector<DepthSegment> class_segments(const TapClass& t, int64_t kernel_w, in
 // The weight [O, C, kH, kW] re-laid tap-major and packed into row panels over the whole depth
 // K = kH * kW * C (packed_a_floats(O, K) floats), panels in parallel: each panel's rows go
 // through a per-thread [kPanelRows, K] buffer (L2), one pass over the weight.
-void pack_weight_tap_major(const float* weight, const Conv2dGeometry& g, float* packed) {
-  const int64_t O = g.out_channels;
-  const int64_t C = g.in_channels;
-  const int64_t kA = g.kernel_area();
-  const int64_t K = C * kA;
-  const int64_t panels = (O + kPanelRows - 1) / kPanelRows;
+// fill_row(row, dst) writes the conv's weight row `row` tap-major (K values) into dst.
+template <typename FillRow>
+void pack_weight_tap_major(int64_t rows_total, int64_t K, float* packed, const FillRow& fill_row) {
+  const int64_t panels = (rows_total + kPanelRows - 1) / kPanelRows;
   parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> rows(kPanelRows * K);
     for (int64_t panel = begin; panel < end; ++panel) {
-      const int64_t width = std::min<int64_t>(kPanelRows, O - panel * kPanelRows);
-      for (int64_t r = 0; r < width; ++r) {
-        transpose_matrix<false>(weight + (panel * kPanelRows + r) * K, kA, C, kA,
-                                rows.data() + r * K, C);
-      }
+      const int64_t width = std::min<int64_t>(kPanelRows, rows_total - panel * kPanelRows);
+      for (int64_t r = 0; r < width; ++r) fill_row(panel * kPanelRows + r, rows.data() + r * K);
       cpu::packed_gemm::pack_a(cpu::packed_gemm::Operand{rows.data(), K, false}, 0, width, 0, K,
                                packed + panel * K * kPanelRows);
     }
@@ -151,11 +149,11 @@ void store_class(const float* out, const Conv2dGeometry& g, const ClassTable& ta
   }
 }
 
-}  // namespace
-
-void tap_classes_forward(const at::Tensor& x, const at::Tensor& weight_acc,
-                         const at::Tensor& bias_acc, const Conv2dGeometry& g, const TilePlan& p,
-                         at::Tensor& output) {
+// y = the conv of x (both NCHW, of g's shapes) with the weight packed tap-major in
+// packed_weight (packed_a_floats(O, K) floats), bias added when given.
+void run_tap_classes(const at::Tensor& like, const float* x_ptr, const float* packed_weight,
+                     const Conv2dGeometry& g, const TilePlan& p, const float* bias_ptr,
+                     float* y_ptr) {
   const int64_t O = g.out_channels;
   const int64_t K = g.column_rows();
   const std::vector<AxisGroup> row_groups = axis_groups(g.out_h, g.in_h, g.kernel_h, g.pad_h);
@@ -169,23 +167,18 @@ void tap_classes_forward(const at::Tensor& x, const at::Tensor& weight_acc,
     }
   }
   const int64_t C = g.in_channels;
-  const int64_t packed_elems = cpu::packed_gemm::packed_a_floats(O, K);
   const int64_t column_elems = K * p.columns;
-  at::Tensor buffers = scratch<float>(x, packed_elems + column_elems + O * p.columns);
+  at::Tensor buffers = scratch<float>(like, column_elems + O * p.columns);
   record_column_buffer(column_elems * int64_t(sizeof(float)));
-  float* packed_weight = buffers.mutable_data_ptr<float>();
-  float* columns = packed_weight + packed_elems;
+  float* columns = buffers.mutable_data_ptr<float>();
   float* out = columns + column_elems;
-  pack_weight_tap_major(weight_acc.const_data_ptr<float>(), g, packed_weight);
-
-  const float* bias_ptr = bias_acc.defined() ? bias_acc.const_data_ptr<float>() : nullptr;
   const int64_t classes_count = static_cast<int64_t>(classes.size());
   const int64_t panels = (O + kPanelRows - 1) / kPanelRows;
   for (int64_t group = 0; group < p.image_groups; ++group) {
     const int64_t first = p.group_first(group, g.batch);
     const int64_t count = p.group_count(group, g.batch);
-    const float* x_tile = x.const_data_ptr<float>() + first * C * g.in_area();
-    float* y_tile = output.mutable_data_ptr<float>() + first * O * g.out_area();
+    const float* x_tile = x_ptr + first * C * g.in_area();
+    float* y_tile = y_ptr + first * O * g.out_area();
     // Each class's table, columns at column_start[k] and output at out_start[k].
     std::vector<ClassTable> tables;
     std::vector<int64_t> widths, column_start, out_start;
@@ -233,6 +226,47 @@ void tap_classes_forward(const at::Tensor& x, const at::Tensor& weight_acc,
       }
     });
   }
+}
+
+}  // namespace
+
+void tap_classes_forward(const at::Tensor& x, const at::Tensor& weight_acc,
+                         const at::Tensor& bias_acc, const Conv2dGeometry& g, const TilePlan& p,
+                         at::Tensor& output) {
+  const int64_t C = g.in_channels;
+  const int64_t kA = g.kernel_area();
+  const int64_t K = C * kA;
+  at::Tensor packed = scratch<float>(x, cpu::packed_gemm::packed_a_floats(g.out_channels, K));
+  const float* weight = weight_acc.const_data_ptr<float>();
+  // Row o: the [C, kA] matrix transposed.
+  pack_weight_tap_major(g.out_channels, K, packed.mutable_data_ptr<float>(),
+                        [&](int64_t o, float* dst) {
+    transpose_matrix<false>(weight + o * K, kA, C, kA, dst, C);
+  });
+  run_tap_classes(x, x.const_data_ptr<float>(), packed.const_data_ptr<float>(), g, p,
+                  bias_acc.defined() ? bias_acc.const_data_ptr<float>() : nullptr,
+                  output.mutable_data_ptr<float>());
+}
+
+void tap_classes_input_grad(const at::Tensor& dy, const at::Tensor& weight_acc,
+                            const Conv2dGeometry& g, at::Tensor& grad_input) {
+  const Conv2dGeometry t = transposed_geometry(g);
+  const int64_t O = g.out_channels;
+  const int64_t C = g.in_channels;
+  const int64_t kA = g.kernel_area();
+  const int64_t K = O * kA;
+  at::Tensor packed = scratch<float>(dy, cpu::packed_gemm::packed_a_floats(C, K));
+  const float* weight = weight_acc.const_data_ptr<float>();
+  // Row c, tap t' (the kernel turned half a circle: tap kA - 1 - t'), channel o.
+  pack_weight_tap_major(C, K, packed.mutable_data_ptr<float>(), [&](int64_t c, float* dst) {
+    for (int64_t o = 0; o < O; ++o) {
+      const float* taps = weight + (o * C + c) * kA;
+      for (int64_t tap = 0; tap < kA; ++tap) dst[tap * O + o] = taps[kA - 1 - tap];
+    }
+  });
+  run_tap_classes(dy, dy.const_data_ptr<float>(), packed.const_data_ptr<float>(), t,
+                  plan_shared_tiles(t, sizeof(float), team_size()), nullptr,
+                  grad_input.mutable_data_ptr<float>());
 }
 
 }  // namespace convkit::cpu_conv2d

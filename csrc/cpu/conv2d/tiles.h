@@ -126,6 +126,22 @@ inline std::vector<AxisGroup> axis_groups(int64_t out, int64_t in, int64_t kerne
   return groups;
 }
 
+// The input gradient of a stride-1, dilation-1, ungrouped conv as a conv: dX = the conv of dY
+// ([batch, O, out_h, out_w]) with weight'[c, o, kh, kw] = weight[o, c, kH - 1 - kh, kW - 1 - kw]
+// and padding k - 1 - pad (>= 0 when pad < k), whose output is the input's size.
+inline Conv2dGeometry transposed_geometry(const Conv2dGeometry& g) {
+  Conv2dGeometry t = g;
+  t.in_channels = g.out_channels;
+  t.in_h = g.out_h;
+  t.in_w = g.out_w;
+  t.out_channels = g.in_channels;
+  t.pad_h = g.kernel_h - 1 - g.pad_h;
+  t.pad_w = g.kernel_w - 1 - g.pad_w;
+  t.out_h = g.in_h;
+  t.out_w = g.in_w;
+  return t;
+}
+
 // The GEMM work of a stride-1, dilation-1 conv's tap classes (tap_classes.cpp: one product
 // per class of positions with the same valid taps, over only those taps) against im2col's
 // (every tap at every position), for tiles of `images` images: the micro-kernel computes
