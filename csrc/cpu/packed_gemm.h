@@ -270,6 +270,23 @@ inline float* thread_buffer(int which, int64_t floats) {
   return buffers[which].get();
 }
 
+// One depth block of packed panels into C: rows [0, rows) x columns [0, cols) of C, the B
+// panels at b_packed ([depth][kPanelColumns] each, in column order), A's row panel r / kPanelRows
+// at a_panels + (r / kPanelRows) * a_panel_stride ([depth][kPanelRows], depth contiguous).
+inline void multiply_packed_block(int64_t rows, int64_t cols, int64_t depth, const float* a_panels,
+                                  int64_t a_panel_stride, const float* b_packed, float* c,
+                                  int64_t ldc, float alpha, float beta, bool first) {
+  for (int64_t col = 0; col < cols; col += kPanelColumns) {
+    const float* b_panel = b_packed + (col / kPanelColumns) * depth * kPanelColumns;
+    const int64_t tile_columns = std::min<int64_t>(kPanelColumns, cols - col);
+    for (int64_t r = 0; r < rows; r += kPanelRows) {
+      const float* a_panel = a_panels + (r / kPanelRows) * a_panel_stride;
+      micro_kernel_for(std::min<int64_t>(kPanelRows, rows - r), tile_columns)(
+          depth, a_panel, b_panel, c + r * ldc + col, ldc, tile_columns, alpha, beta, first);
+    }
+  }
+}
+
 // C[:, col_begin : col_end] on the calling thread. C[m, n] = alpha op(A)[m, k] op(B)[k, n]
 // + beta C; k > 0.
 inline void multiply_columns(int64_t m, int64_t col_begin, int64_t col_end, int64_t k,
@@ -286,16 +303,8 @@ inline void multiply_columns(int64_t m, int64_t col_begin, int64_t col_end, int6
       for (int64_t row0 = 0; row0 < m; row0 += kRowBlock) {
         const int64_t rows = std::min<int64_t>(kRowBlock, m - row0);
         pack_a(a, row0, rows, depth0, depth, a_packed);
-        for (int64_t col = 0; col < cols; col += kPanelColumns) {
-          const float* b_panel = b_packed + (col / kPanelColumns) * depth * kPanelColumns;
-          const int64_t tile_columns = std::min<int64_t>(kPanelColumns, cols - col);
-          for (int64_t r = 0; r < rows; r += kPanelRows) {
-            const float* a_panel = a_packed + (r / kPanelRows) * depth * kPanelRows;
-            float* c_tile = c + (row0 + r) * ldc + col0 + col;
-            micro_kernel_for(std::min<int64_t>(kPanelRows, rows - r), tile_columns)(
-                depth, a_panel, b_panel, c_tile, ldc, tile_columns, alpha, beta, first);
-          }
-        }
+        multiply_packed_block(rows, cols, depth, a_packed, depth * kPanelRows, b_packed,
+                              c + row0 * ldc + col0, ldc, alpha, beta, first);
       }
     }
   }
@@ -331,18 +340,11 @@ inline void multiply_prepacked(int64_t m, int64_t cols, const float* a_packed, i
         const int64_t depth = std::min<int64_t>(kDepthBlock, segment.length - d0);
         pack_b(b, b_row + d0, depth, col0, block_cols, b_packed);
         for (int64_t row0 = 0; row0 < m; row0 += kRowBlock) {
-          const int64_t rows = std::min<int64_t>(kRowBlock, m - row0);
-          for (int64_t col = 0; col < block_cols; col += kPanelColumns) {
-            const float* b_panel = b_packed + (col / kPanelColumns) * depth * kPanelColumns;
-            const int64_t tile_columns = std::min<int64_t>(kPanelColumns, block_cols - col);
-            for (int64_t r = 0; r < rows; r += kPanelRows) {
-              const float* a_panel = a_packed + (row0 + r) / kPanelRows * k * kPanelRows +
-                                     (segment.begin + d0) * kPanelRows;
-              float* c_tile = c + (row0 + r) * ldc + col0 + col;
-              micro_kernel_for(std::min<int64_t>(kPanelRows, rows - r), tile_columns)(
-                  depth, a_panel, b_panel, c_tile, ldc, tile_columns, 1.0f, 0.0f, first);
-            }
-          }
+          const float* a_panels =
+              a_packed + row0 / kPanelRows * k * kPanelRows + (segment.begin + d0) * kPanelRows;
+          multiply_packed_block(std::min<int64_t>(kRowBlock, m - row0), block_cols, depth,
+                                a_panels, k * kPanelRows, b_packed, c + row0 * ldc + col0, ldc,
+                                1.0f, 0.0f, first);
         }
         first = false;
       }
