@@ -74,6 +74,7 @@ inline bool use_packed_gemm() {
 #if defined(__AVX512F__)
   return own;
 #else
+  (void)own;
   return false;
 #endif
 }

@@ -31,8 +31,6 @@ void bands_forward(const at::Tensor& x, const at::Tensor& weight_acc, const at::
   const int64_t O = g.out_channels;
   const int64_t K = g.column_rows();
   const int64_t L = g.out_area();
-  const int64_t Og = O / g.groups;
-  const int64_t Kg = K / g.groups;
   // A band of one image goes straight into the output when scalar_t is the compute type;
   // otherwise the tile's result lands in a buffer first.
   const bool into_output = p.images_per_tile == 1 && std::is_same_v<scalar_t, acc_t>;
@@ -64,10 +62,7 @@ void bands_forward(const at::Tensor& x, const at::Tensor& weight_acc, const at::
           out = out_buffer;
           ldc = n;
         }
-        for (int64_t grp = 0; grp < g.groups; ++grp) {
-          cpu::gemm<acc_t>(false, false, Og, n, Kg, acc_t(1), w_ptr + grp * Og * Kg, Kg,
-                           cols + grp * Kg * ld, ld, acc_t(0), out + grp * Og * ldc, ldc);
-        }
+        output_from_columns(g, n, w_ptr, cols, ld, out, ldc);
         if (into_output) {
           if (bias_ptr != nullptr) {
             for (int64_t o = 0; o < O; ++o) {
@@ -94,7 +89,6 @@ void bands_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor&
   const int64_t C = g.in_channels;
   const int64_t K = g.column_rows();
   const int64_t L = g.out_area();
-  const int64_t Og = O / g.groups;
   const int64_t Kg = K / g.groups;
   const int64_t image_elems = C * g.in_area();
   const bool one_image = p.images_per_tile == 1;
@@ -161,25 +155,16 @@ void bands_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor&
         }
         if (need_weight_grad) {
           const auto [cols, ld] = tile_columns<scalar_t, acc_t>(x_ptr, g, t, columns_buffer);
-          for (int64_t grp = 0; grp < g.groups; ++grp) {
-            cpu::gemm<acc_t>(false, true, Og, Kg, n, acc_t(1), dy_tile + grp * Og * ld_dy, ld_dy,
-                             cols + grp * Kg * ld, ld, acc_t(1), weight_grad + grp * Og * Kg, Kg);
-          }
+          add_weight_grad_from_columns(g, n, dy_tile, ld_dy, cols, ld, weight_grad);
         }
         if (!need_input_grad) return;
         if (input_as_columns) {
           // 1x1 stride 1: the column gradient is the input gradient (no overlap, no adds).
           acc_t* dst = reinterpret_cast<acc_t*>(dx_ptr) + t.first * image_elems + t.oh_begin * g.out_w;
-          for (int64_t grp = 0; grp < g.groups; ++grp) {
-            cpu::gemm<acc_t>(true, false, Kg, n, Og, acc_t(1), w_ptr + grp * Og * Kg, Kg,
-                             dy_tile + grp * Og * ld_dy, ld_dy, acc_t(0), dst + grp * Kg * L, L);
-          }
+          column_grad_from_dy(g, n, w_ptr, dy_tile, ld_dy, dst, L);
           return;
         }
-        for (int64_t grp = 0; grp < g.groups; ++grp) {
-          cpu::gemm<acc_t>(true, false, Kg, n, Og, acc_t(1), w_ptr + grp * Og * Kg, Kg,
-                           dy_tile + grp * Og * ld_dy, ld_dy, acc_t(0), columns_buffer + grp * Kg * n, n);
-        }
+        column_grad_from_dy(g, n, w_ptr, dy_tile, ld_dy, columns_buffer, n);
         for (int64_t i = 0; i < t.count; ++i) {
           acc_t* image_grad = dx_acc + (t.first - first + i) * image_elems;
           for (int64_t c = 0; c < C; ++c) {

@@ -63,10 +63,7 @@ void images_forward(const at::Tensor& x, const at::Tensor& weight_acc,
         // single image of the compute type is read in place, ld = L).
         const auto [columns, ld] =
             tile_columns<scalar_t, acc_t>(x_ptr, g, Tile{first, count, 0, g.out_h}, columns_t);
-        for (int64_t grp = 0; grp < g.groups; ++grp) {
-          cpu::gemm<acc_t>(false, false, Og, n, Kg, acc_t(1), w_ptr + grp * Og * Kg, Kg,
-                           columns + grp * Kg * ld, ld, acc_t(0), out + grp * Og * n, n);
-        }
+        output_from_columns(g, n, w_ptr, columns, ld, out, n);
       } else {
         for (int64_t i = 0; i < count; ++i) {
           copy_planes(x_ptr + (first + i) * image_elems, g, image_copy);

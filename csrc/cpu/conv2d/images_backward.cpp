@@ -22,7 +22,6 @@
 #include <vector>
 
 #include "../../column_buffer.h"
-#include "../gemm.h"
 #include "../parallel.h"
 #include "implicit_gemm.h"
 #include "kernels.h"
@@ -41,7 +40,6 @@ bool image_family_backward(const at::Tensor& dy, const at::Tensor& x, const at::
   const int64_t O = g.out_channels;
   const int64_t K = g.column_rows();
   const int64_t L = g.out_area();
-  const int64_t Og = O / g.groups;
   const int64_t Kg = K / g.groups;
   const int64_t area = g.in_area();
   const int64_t image_elems = g.in_channels * area;
@@ -164,10 +162,7 @@ bool image_family_backward(const at::Tensor& dy, const at::Tensor& x, const at::
       if (need_weight_grad && !implicit && planes_as_columns) {
         const auto [columns, ld] =
             tile_columns<scalar_t, acc_t>(x_ptr, g, Tile{first, count, 0, g.out_h}, columns_t);
-        for (int64_t grp = 0; grp < g.groups; ++grp) {
-          cpu::gemm<acc_t>(false, true, Og, Kg, n, acc_t(1), dy_tile + grp * Og * n, n,
-                           columns + grp * Kg * ld, ld, acc_t(1), weight_grad + grp * Og * Kg, Kg);
-        }
+        add_weight_grad_from_columns(g, n, dy_tile, n, columns, ld, weight_grad);
       } else if (need_weight_grad && !implicit) {
         for (int64_t i = 0; i < count; ++i) {
           copy_planes(x_ptr + (first + i) * image_elems, g, image_buffer);
@@ -176,10 +171,7 @@ bool image_family_backward(const at::Tensor& dy, const at::Tensor& x, const at::
         add_tile_weight_gradient(g, n, dy_tile, columns_t, weight_grad);
       }
       if (gemm_input_grad && planes_as_columns) {
-        for (int64_t grp = 0; grp < g.groups; ++grp) {
-          cpu::gemm<acc_t>(true, false, Kg, n, Og, acc_t(1), w_ptr + grp * Og * Kg, Kg,
-                           dy_tile + grp * Og * n, n, acc_t(0), columns_t + grp * Kg * n, n);
-        }
+        column_grad_from_dy(g, n, w_ptr, dy_tile, n, columns_t, n);
         store_tile_runs(columns_t, image_runs(g, g.in_channels), first, count,
                         static_cast<const acc_t*>(nullptr), dx_ptr);
       } else if (gemm_input_grad) {
