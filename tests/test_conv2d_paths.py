@@ -474,6 +474,22 @@ def test_plan_checks_its_arguments():
                                           [1, 1], [1, 1], [1, 1], 1, [True, True])
 
 
+def test_thread_images_checks_its_arguments():
+    x = torch.empty(2, 6, 8, 8)
+    with pytest.raises(RuntimeError, match="conv2d_cpu_thread_images"):
+        torch.ops.convkit.conv2d_cpu_thread_images(x, torch.empty(4, 5, 3, 3), [1, 1], [1, 1],
+                                                   [1, 1], 1)
+    with pytest.raises(RuntimeError, match="conv2d_cpu_thread_images"):
+        torch.ops.convkit.conv2d_cpu_thread_images(x, torch.empty(4, 6, 3, 3), [1, 1], [-1, 1],
+                                                   [1, 1], 1)
+    with pytest.raises(RuntimeError, match="conv2d_cpu_thread_images: expected CPU tensors"):
+        torch.ops.convkit.conv2d_cpu_thread_images(
+            x.to("meta"), torch.empty(4, 6, 3, 3, device="meta"), [1, 1], [1, 1], [1, 1], 1)
+    # A path that does not hand whole tiles to threads reports no shares.
+    assert torch.ops.convkit.conv2d_cpu_thread_images(
+        torch.empty(2, 6, 8, 8), torch.empty(6, 1, 3, 3), [1, 1], [1, 1], [1, 1], 6) == []
+
+
 # ---- The depthwise path, beyond the PATHS shapes.
 
 

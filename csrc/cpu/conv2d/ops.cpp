@@ -172,7 +172,7 @@ bool conv2d_backward_kernel(const at::Tensor& dy, const at::Tensor& x, const at:
     case ConvPath::kTransposedImplicitGemm:
       return image_family_backward<scalar_t>(dy, x, weight_acc, g, plan, grad_input,
                                              grad_weight_acc, grad_bias_ptr);
-    case ConvPath::kTapClasses:  // a forward path only
+    case ConvPath::kTapClasses:  // an input gradient only, run above
     case ConvPath::kNone:
       break;
   }

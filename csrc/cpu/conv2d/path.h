@@ -182,8 +182,8 @@ inline bool transposed_input_grad_fits(const Conv2dGeometry& g) {
          max_chunk * image_rows < std::numeric_limits<int32_t>::max();
 }
 
-// The tap classes: a forward only (the gradients keep the image family's and shared tiles'
-// paths), on tiles of images_per_tile images (plan_shared_tiles). Above kMaxTapClassWork of
+// The tap classes (the forward; the input gradient through input_grad_tap_classes_fit), on
+// the shared tiles' plan `shared` (plan_shared_tiles). Above kMaxTapClassWork of
 // im2col's GEMM work (tap_class_work_share) the classes' extra products, their narrower
 // GEMMs and the weight's packing per call cost about what the skipped products save
 // (ResNet-18's 512-channel 7x7 layer at N=8: 0.91 of the work, 0.94 of the time; at N=1 the
@@ -191,16 +191,17 @@ inline bool transposed_input_grad_fits(const Conv2dGeometry& g) {
 constexpr double kMaxTapClassWork = 0.92;
 
 inline bool tap_classes_fit(const Conv2dGeometry& g, int64_t acc_size, bool same_type,
-                            const TilePlan& tiles, int64_t images_per_tile) {
+                            const TilePlan& tiles, const TilePlan& shared) {
 #if defined(__AVX512F__)
   return same_type && acc_size == 4 && cpu::use_packed_gemm() && g.groups == 1 &&
          g.stride_h == 1 && g.stride_w == 1 && g.dilation_h == 1 && g.dilation_w == 1 &&
          tiles.whole_images() && g.out_w < kMinRunWidth &&
-         tap_class_work_share(g, images_per_tile) <= kMaxTapClassWork &&
-         images_per_tile * std::max(g.in_channels * g.in_area(), g.out_channels * g.out_area()) <
+         tap_class_work_share(g, shared.images_per_tile) <= kMaxTapClassWork &&
+         shared.images_per_tile *
+                 std::max(g.in_channels * g.in_area(), g.out_channels * g.out_area()) <
              std::numeric_limits<int32_t>::max();
 #else
-  (void)g, (void)acc_size, (void)same_type, (void)tiles, (void)images_per_tile;
+  (void)g, (void)acc_size, (void)same_type, (void)tiles, (void)shared;
   return false;
 #endif
 }
@@ -215,7 +216,7 @@ inline bool input_grad_tap_classes_fit(const Conv2dGeometry& g, int64_t acc_size
   }
   const Conv2dGeometry t = transposed_geometry(g);
   return tap_classes_fit(t, acc_size, same_type, plan_tiles(t, acc_size, threads),
-                         plan_shared_tiles(t, acc_size, threads).images_per_tile);
+                         plan_shared_tiles(t, acc_size, threads));
 }
 
 inline bool shared_tiles_fit(const Conv2dGeometry& g, int64_t acc_size, int64_t threads) {
@@ -263,13 +264,13 @@ inline ConvPlan choose_forward(const Conv2dGeometry& g, int64_t acc_size, bool s
     plan.tiles = band_tiles(g, plan.tiles, same_type);
   } else if (implicit_gemm_fits(g)) {
     plan.forward = ConvPath::kImplicitGemm;
-  } else if (tap_classes_fit(g, acc_size, same_type, plan.tiles,
-                             plan_shared_tiles(g, acc_size, threads).images_per_tile)) {
+  } else if (const TilePlan shared = plan_shared_tiles(g, acc_size, threads);
+             tap_classes_fit(g, acc_size, same_type, plan.tiles, shared)) {
     plan.forward = ConvPath::kTapClasses;
-    plan.tiles = plan_shared_tiles(g, acc_size, threads);
+    plan.tiles = shared;
   } else if (shared_tiles_fit(g, acc_size, threads)) {
     plan.forward = ConvPath::kSharedTiles;
-    plan.tiles = plan_shared_tiles(g, acc_size, threads);
+    plan.tiles = shared;
   } else {
     plan.forward = ConvPath::kImages;
   }

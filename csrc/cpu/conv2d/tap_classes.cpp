@@ -1,7 +1,8 @@
-// The tap classes path, forward: a stride-1 conv on small maps (ResNet's 3x3 pad-1 layers at
-// 4x4 and 2x2) without the products with padding zeros. im2col gives every output position
-// all kH*kW taps, so on a 2x2 map 5 of a 3x3 kernel's 9 taps multiply padding (56% of the
-// products; 31% at 4x4, 18% at 7x7), which oneDNN skips and our GEMM cannot.
+// The tap classes path: the forward and the input gradient of a stride-1 conv on small maps
+// (ResNet's 3x3 pad-1 layers at 4x4 and 2x2) without the products with padding zeros. im2col
+// gives every output position all kH*kW taps, so on a 2x2 map 5 of a 3x3 kernel's 9 taps
+// multiply padding (56% of the products; 31% at 4x4, 18% at 7x7), which oneDNN skips and our
+// GEMM cannot.
 //
 // Output rows fall into groups of consecutive rows with the same valid kernel rows
 // [kh_begin, kh_end) (for a 3x3 pad 1: the top row, the middle ones, the bottom row), columns
@@ -12,10 +13,10 @@
 //     call into the packed GEMM's row panels (packed_gemm.h: multiply_prepacked), so a
 //     class's taps are a few contiguous depth segments of it (one per valid kernel row, or
 //     one in all when the class spans whole kernel rows): no per-class weight copy;
-//   - its columns are copied from the input planes as runs of the rectangle's width, rows in
-//     the class's tap order (no padding entries to write or multiply).
+//   - its columns are copied from the input planes through an offset table per class
+//     (ClassTable), rows in the class's tap order (no padding entries to write or multiply).
 // All threads work on one tile of images at a time (the shared tiles' plan, tiles.h): the
-// classes' columns row by row in parallel, then each thread a range of the weight's row
+// classes' columns channel by channel in parallel, then each thread a range of the weight's row
 // panels against every class (the weight streams from memory once per tile, not once per
 // thread: 5.4x its size for a 3x3 on 4x4 maps, over all classes), then the outputs into the
 // planes with the bias, channels in parallel.
