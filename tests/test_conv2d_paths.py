@@ -168,6 +168,11 @@ GEMM_PATHS = {
     "band_path_rows": PATHS["band_path_rows"],
     "band_path_1x1_grouped": PATHS["band_path_1x1_grouped"],
     "band_path_deep_o30": (2, 40, 9, 11, 30, 3, 1, 1, 1, 1, "0.05"),
+    # The bands' weight packed once per call (tile_gemms.h): its column-gradient panels hold
+    # K = 48 * 9 = 432 rows (over the GEMM's 384-row blocks) and 13 output channels deep; one
+    # image in one band is a single GEMM over both threads (not the packed weight).
+    "band_path_packed_weight_432_rows": (3, 48, 10, 9, 13, 3, 1, 1, 1, 1, "0.05"),
+    "band_path_one_band": (1, 48, 10, 9, 13, 3, 1, 1, 1, 1, None),
     "image_path_deep_o13": (5, 40, 5, 5, 13, 3, 2, 1, 1, 1, None),
     # 300 images: two forward GEMMs of up to 256 images; 40 channels of 3x3: 360 columns.
     "window_path_batch_300": (300, 40, 3, 3, 13, 3, 1, 0, 1, 1, None),

@@ -4,7 +4,8 @@
 // GEMM per group straight into the output (ldc = oH*oW) when the output is of the compute
 // type; 1x1 stride-1 convs read the input as their columns. Backward per band: the columns
 // rebuilt (cheaper than storing them), dW += dY @ columns^T, dcolumns = W^T @ dY added back
-// row-wise into the image's input gradient.
+// row-wise into the image's input gradient. The weight (W for the output, W^T for dcolumns)
+// is packed for the GEMM once per call, not once per band (tile_gemms.h).
 // Each thread owns whole tiles and calls a single-threaded GEMM (gemm.h); weight-gradient
 // partial sums are per thread, added in thread order: deterministic for a thread count.
 // Floor: the GEMM's rate at the layer's shape (45-95 GFLOP/s per core for K = 25-576, O =
@@ -20,6 +21,7 @@
 #include "../gemm.h"
 #include "../parallel.h"
 #include "kernels.h"
+#include "tile_gemms.h"
 #include "tiles.h"
 
 namespace convkit::cpu_conv2d {
@@ -44,6 +46,7 @@ void bands_forward(const at::Tensor& x, const at::Tensor& weight_acc, const at::
   const acc_t* bias_ptr = bias_acc.defined() ? bias_acc.const_data_ptr<acc_t>() : nullptr;
   scalar_t* y_ptr = output.mutable_data_ptr<scalar_t>();
   acc_t* buffer_base = buffers.mutable_data_ptr<acc_t>();
+  const PackedWeight packed_weight = pack_weight_panels(x, w_ptr, g, false);
 
   parallel_for_slots(0, p.image_groups, 1, p.threads,
                        [&](int64_t begin, int64_t end, int64_t thread) {
@@ -62,7 +65,7 @@ void bands_forward(const at::Tensor& x, const at::Tensor& weight_acc, const at::
           out = out_buffer;
           ldc = n;
         }
-        output_from_columns(g, n, w_ptr, cols, ld, out, ldc);
+        output_from_columns(g, n, w_ptr, cols, ld, out, ldc, &packed_weight);
         if (into_output) {
           if (bias_ptr != nullptr) {
             for (int64_t o = 0; o < O; ++o) {
@@ -116,6 +119,8 @@ void bands_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor&
   const acc_t* w_ptr = weight_acc.const_data_ptr<acc_t>();
   scalar_t* dx_ptr = need_input_grad ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
   acc_t* buffer_base = buffers.mutable_data_ptr<acc_t>();
+  const PackedWeight packed_weight =
+      need_input_grad ? pack_weight_panels(x, w_ptr, g, true) : PackedWeight{};
 
   parallel_for_slots(0, p.image_groups, 1, p.threads,
                        [&](int64_t begin, int64_t end, int64_t thread) {
@@ -161,10 +166,11 @@ void bands_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor&
         if (input_as_columns) {
           // 1x1 stride 1: the column gradient is the input gradient (no overlap, no adds).
           acc_t* dst = reinterpret_cast<acc_t*>(dx_ptr) + t.first * image_elems + t.oh_begin * g.out_w;
-          column_grad_from_dy(g, n, w_ptr, dy_tile, ld_dy, dst, L);
+          column_grad_from_dy(g, n, w_ptr, dy_tile, ld_dy, dst, L,
+                              &packed_weight);
           return;
         }
-        column_grad_from_dy(g, n, w_ptr, dy_tile, ld_dy, columns_buffer, n);
+        column_grad_from_dy(g, n, w_ptr, dy_tile, ld_dy, columns_buffer, n, &packed_weight);
         for (int64_t i = 0; i < t.count; ++i) {
           acc_t* image_grad = dx_acc + (t.first - first + i) * image_elems;
           for (int64_t c = 0; c < C; ++c) {

@@ -20,6 +20,7 @@
 #include "../parallel.h"
 #include "kernels.h"
 #include "relayout.h"
+#include "tile_gemms.h"
 #include "tiles.h"
 
 namespace convkit::cpu_conv2d {

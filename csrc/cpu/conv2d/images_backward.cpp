@@ -27,6 +27,7 @@
 #include "kernels.h"
 #include "relayout.h"
 #include "simd.h"
+#include "tile_gemms.h"
 #include "tiles.h"
 #include "transposed_input_grad.h"
 

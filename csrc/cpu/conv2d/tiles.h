@@ -447,44 +447,6 @@ std::pair<const acc_t*, int64_t> tile_columns(const scalar_t* input, const Conv2
   return {buffer, n};
 }
 
-// The GEMMs on a tile's [K, n] columns (tile_columns, ld `ld`), one per group: the output
-// [O, n] = W @ columns, ...
-template <typename acc_t>
-void output_from_columns(const Conv2dGeometry& g, int64_t n, const acc_t* weight,
-                         const acc_t* columns, int64_t ld, acc_t* out, int64_t ldc) {
-  const int64_t Og = g.out_channels / g.groups;
-  const int64_t Kg = g.column_rows() / g.groups;
-  for (int64_t grp = 0; grp < g.groups; ++grp) {
-    cpu::gemm<acc_t>(false, false, Og, n, Kg, acc_t(1), weight + grp * Og * Kg, Kg,
-                     columns + grp * Kg * ld, ld, acc_t(0), out + grp * Og * ldc, ldc);
-  }
-}
-
-// ... the weight gradient [O, Kg] += dY @ columns^T (dY [O, n], ld ld_dy), ...
-template <typename acc_t>
-void add_weight_grad_from_columns(const Conv2dGeometry& g, int64_t n, const acc_t* dy,
-                                  int64_t ld_dy, const acc_t* columns, int64_t ld,
-                                  acc_t* weight_grad) {
-  const int64_t Og = g.out_channels / g.groups;
-  const int64_t Kg = g.column_rows() / g.groups;
-  for (int64_t grp = 0; grp < g.groups; ++grp) {
-    cpu::gemm<acc_t>(false, true, Og, Kg, n, acc_t(1), dy + grp * Og * ld_dy, ld_dy,
-                     columns + grp * Kg * ld, ld, acc_t(1), weight_grad + grp * Og * Kg, Kg);
-  }
-}
-
-// ... and the column gradient [K, n] = W^T @ dY (a 1x1 stride-1 conv's: the input gradient).
-template <typename acc_t>
-void column_grad_from_dy(const Conv2dGeometry& g, int64_t n, const acc_t* weight, const acc_t* dy,
-                         int64_t ld_dy, acc_t* column_grad, int64_t ldc) {
-  const int64_t Og = g.out_channels / g.groups;
-  const int64_t Kg = g.column_rows() / g.groups;
-  for (int64_t grp = 0; grp < g.groups; ++grp) {
-    cpu::gemm<acc_t>(true, false, Kg, n, Og, acc_t(1), weight + grp * Og * Kg, Kg,
-                     dy + grp * Og * ld_dy, ld_dy, acc_t(0), column_grad + grp * Kg * ldc, ldc);
-  }
-}
-
 // The tiles of image group `group` (bands when one image per tile).
 template <typename Fn>
 void for_each_tile(const Conv2dGeometry& g, const TilePlan& p, int64_t group, Fn&& fn) {

@@ -1,0 +1,141 @@
+// The GEMMs on a tile's [K, n] column matrix (tiles.h: tile_columns), one per group, and the
+// conv weight packed once per call for them.
+//
+// Why the packed weight: every tile of the bands and images paths multiplies the whole
+// weight, and the packed GEMM (packed_gemm.h) packs its A operand for every product: a
+// 256-channel 3x3 layer re-packed its 2.4 MB weight for each 14x14 image. Packed once per
+// call (pack_weight_panels, panels in parallel) and read by every thread, the tiles' products
+// start from the panels (multiply_prepacked). Only for float on the packed GEMM; elsewhere the
+// PackedWeight is empty and the GEMMs pack per product as before. A tile's product that runs
+// on all threads (a single tile outside a parallel region: cpu::gemm splits its columns)
+// keeps cpu::gemm too.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "../../conv2d.h"
+#include "../gemm.h"
+#include "../parallel.h"
+#include "tiles.h"
+
+namespace convkit::cpu_conv2d {
+
+// One group's weight as the A operand of its products, in the packed GEMM's row panels:
+// W_g [Og, Kg] for the output, W_g^T [Kg, Og] for the column gradient; group g's panels at
+// panels + g * packed_a_floats(rows, depth). Empty (panels undefined): not packed.
+struct PackedWeight {
+  at::Tensor panels;
+  int64_t rows = 0;
+  int64_t depth = 0;
+  bool empty() const { return !panels.defined(); }
+};
+
+// The weight [O, Kg] packed as the output's A (transposed = false) or the column gradient's
+// (transposed = true), when the products run on the packed GEMM; empty otherwise.
+template <typename acc_t>
+PackedWeight pack_weight_panels(const at::Tensor& like, const acc_t* weight,
+                                const Conv2dGeometry& g, bool transposed) {
+  PackedWeight packed;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (!cpu::use_packed_gemm()) return packed;
+    namespace pg = cpu::packed_gemm;
+    const int64_t Og = g.out_channels / g.groups;
+    const int64_t Kg = g.column_rows() / g.groups;
+    packed.rows = transposed ? Kg : Og;
+    packed.depth = transposed ? Og : Kg;
+    const int64_t group_floats = pg::packed_a_floats(packed.rows, packed.depth);
+    packed.panels = scratch<float>(like, g.groups * group_floats);
+    float* dst = packed.panels.mutable_data_ptr<float>();
+    const int64_t panels = (packed.rows + pg::kPanelRows - 1) / pg::kPanelRows;
+    parallel_for(0, g.groups * panels, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t grp = i / panels;
+        const int64_t row0 = (i % panels) * pg::kPanelRows;
+        const pg::Operand a{weight + grp * Og * Kg, Kg, transposed};
+        pg::pack_a(a, row0, std::min(pg::kPanelRows, packed.rows - row0), 0, packed.depth,
+                   dst + grp * group_floats + row0 * packed.depth);
+      }
+    });
+  }
+#endif
+  (void)like, (void)weight, (void)g, (void)transposed;
+  return packed;
+}
+
+// C [rows, n] (ldc) = A_grp @ B [depth, n] (ldb) with group grp's packed A, on the calling
+// thread; false (nothing done) where the product is not one for the packed weight.
+template <typename acc_t>
+bool multiply_packed_weight(const PackedWeight* packed, int64_t grp, int64_t n, const acc_t* b,
+                            int64_t ldb, acc_t* c, int64_t ldc) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (packed == nullptr || packed->empty() || team_size() > 1) return false;
+    namespace pg = cpu::packed_gemm;
+    const pg::DepthSegment whole{0, packed->depth};
+    const float* panels = packed->panels.const_data_ptr<float>() +
+                          grp * pg::packed_a_floats(packed->rows, packed->depth);
+    pg::multiply_prepacked(packed->rows, n, panels, packed->depth, &whole, 1,
+                           pg::Operand{b, ldb, false}, c, ldc);
+    return true;
+  }
+#endif
+  (void)packed, (void)grp, (void)n, (void)b, (void)ldb, (void)c, (void)ldc;
+  return false;
+}
+
+// The output [O, n] = W @ columns (columns [K, n], ld `ld`); `packed`: the weight packed as
+// the output's A (pack_weight_panels(..., false)), or null ...
+template <typename acc_t>
+void output_from_columns(const Conv2dGeometry& g, int64_t n, const acc_t* weight,
+                         const acc_t* columns, int64_t ld, acc_t* out, int64_t ldc,
+                         const PackedWeight* packed = nullptr) {
+  const int64_t Og = g.out_channels / g.groups;
+  const int64_t Kg = g.column_rows() / g.groups;
+  for (int64_t grp = 0; grp < g.groups; ++grp) {
+    if (multiply_packed_weight(packed, grp, n, columns + grp * Kg * ld, ld, out + grp * Og * ldc,
+                               ldc)) {
+      continue;
+    }
+    cpu::gemm<acc_t>(false, false, Og, n, Kg, acc_t(1), weight + grp * Og * Kg, Kg,
+                     columns + grp * Kg * ld, ld, acc_t(0), out + grp * Og * ldc, ldc);
+  }
+}
+
+// ... the weight gradient [O, Kg] += dY @ columns^T (dY [O, n], ld ld_dy), ...
+template <typename acc_t>
+void add_weight_grad_from_columns(const Conv2dGeometry& g, int64_t n, const acc_t* dy,
+                                  int64_t ld_dy, const acc_t* columns, int64_t ld,
+                                  acc_t* weight_grad) {
+  const int64_t Og = g.out_channels / g.groups;
+  const int64_t Kg = g.column_rows() / g.groups;
+  for (int64_t grp = 0; grp < g.groups; ++grp) {
+    cpu::gemm<acc_t>(false, true, Og, Kg, n, acc_t(1), dy + grp * Og * ld_dy, ld_dy,
+                     columns + grp * Kg * ld, ld, acc_t(1), weight_grad + grp * Og * Kg, Kg);
+  }
+}
+
+// ... and the column gradient [K, n] = W^T @ dY (a 1x1 stride-1 conv's: the input gradient);
+// `packed`: the weight packed as the column gradient's A (pack_weight_panels(..., true)), or
+// null.
+template <typename acc_t>
+void column_grad_from_dy(const Conv2dGeometry& g, int64_t n, const acc_t* weight, const acc_t* dy,
+                         int64_t ld_dy, acc_t* column_grad, int64_t ldc,
+                         const PackedWeight* packed = nullptr) {
+  const int64_t Og = g.out_channels / g.groups;
+  const int64_t Kg = g.column_rows() / g.groups;
+  for (int64_t grp = 0; grp < g.groups; ++grp) {
+    if (multiply_packed_weight(packed, grp, n, dy + grp * Og * ld_dy, ld_dy,
+                               column_grad + grp * Kg * ldc, ldc)) {
+      continue;
+    }
+    cpu::gemm<acc_t>(true, false, Kg, n, Og, acc_t(1), weight + grp * Og * Kg, Kg,
+                     dy + grp * Og * ld_dy, ld_dy, acc_t(0), column_grad + grp * Kg * ldc, ldc);
+  }
+}
+
+}  // namespace convkit::cpu_conv2d
