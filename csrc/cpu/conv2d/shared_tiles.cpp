@@ -2,7 +2,7 @@
 // 512-channel 3x3 convs) on more than one thread. Per-thread tiles would each stream the
 // weights through their core's cache for a few hundred columns; here all threads work on one
 // tile at a time: the gather and the scatter split over its images, and one GEMM outside any
-// parallel region, which runs threaded and packs the weights once for all threads.
+// parallel region, which runs threaded on the weight packed once per call (tile_gemms.h).
 // Floor: the threaded GEMM's rate (~190 GFLOP/s on two cores sharing one packed weight,
 // against ~145 as two independent GEMMs: docs/performance-notes.md).
 #include <ATen/OpMathType.h>
@@ -16,6 +16,7 @@
 #include "../parallel.h"
 #include "kernels.h"
 #include "relayout.h"
+#include "tile_gemms.h"
 #include "tiles.h"
 
 namespace convkit::cpu_conv2d {
@@ -44,6 +45,7 @@ void shared_tiles_forward(const at::Tensor& x, const at::Tensor& weight_acc,
   acc_t* columns_t = buffers.mutable_data_ptr<acc_t>();
   acc_t* out = columns_t + column_elems;
   acc_t* planes = out + O * p.columns;
+  const PackedWeight packed_weight = pack_weight_panels(x, w_ptr, g, false);
   for (int64_t group = 0; group < p.image_groups; ++group) {
     const int64_t first = p.group_first(group, g.batch);
     const int64_t count = p.group_count(group, g.batch);
@@ -56,8 +58,12 @@ void shared_tiles_forward(const at::Tensor& x, const at::Tensor& weight_acc,
         gather_image_columns(image_copy, g, table, columns_t + i * L * K);
       }
     });
-    // Outside any parallel region: BLAS runs on all threads.
+    // Outside any parallel region: the GEMM runs on all threads.
     for (int64_t grp = 0; grp < g.groups; ++grp) {
+      if (multiply_packed_weight(&packed_weight, grp, n, columns_t + grp * Kg, K, true,
+                                 out + grp * Og * n, n)) {
+        continue;
+      }
       cpu::gemm<acc_t>(false, true, Og, n, Kg, acc_t(1), w_ptr + grp * Og * Kg, Kg,
                        columns_t + grp * Kg, K, acc_t(0), out + grp * Og * n, n);
     }

@@ -5,10 +5,10 @@
 // weight, and the packed GEMM (packed_gemm.h) packs its A operand for every product: a
 // 256-channel 3x3 layer re-packed its 2.4 MB weight for each 14x14 image. Packed once per
 // call (pack_weight_panels, panels in parallel) and read by every thread, the tiles' products
-// start from the panels (multiply_prepacked). Only for float on the packed GEMM; elsewhere the
-// PackedWeight is empty and the GEMMs pack per product as before. A tile's product that runs
-// on all threads (a single tile outside a parallel region: cpu::gemm splits its columns)
-// keeps cpu::gemm too.
+// start from the panels (multiply_prepacked); a product over all threads (the shared tiles',
+// a single band's) shares one packed weight between them, where cpu::gemm has each thread
+// pack it for its columns. Only for float on the packed GEMM; elsewhere the PackedWeight is
+// empty and the GEMMs pack per product.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -67,24 +67,43 @@ PackedWeight pack_weight_panels(const at::Tensor& like, const acc_t* weight,
   return packed;
 }
 
-// C [rows, n] (ldc) = A_grp @ B [depth, n] (ldb) with group grp's packed A, on the calling
-// thread; false (nothing done) where the product is not one for the packed weight.
+// C [rows, n] (ldc) = A_grp @ op(B) (B [depth, n], or [n, depth] when transposed_b; ld ldb)
+// with group grp's packed A: on the calling thread inside a parallel region (the tiles), over
+// the caller's threads outside one (a single tile; the shared tiles), each taking a
+// contiguous range of C's column panels, as cpu::gemm would. False (nothing done) where the
+// weight is not packed.
 template <typename acc_t>
 bool multiply_packed_weight(const PackedWeight* packed, int64_t grp, int64_t n, const acc_t* b,
-                            int64_t ldb, acc_t* c, int64_t ldc) {
+                            int64_t ldb, bool transposed_b, acc_t* c, int64_t ldc) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (packed == nullptr || packed->empty() || team_size() > 1) return false;
+    if (packed == nullptr || packed->empty()) return false;
     namespace pg = cpu::packed_gemm;
     const pg::DepthSegment whole{0, packed->depth};
     const float* panels = packed->panels.const_data_ptr<float>() +
                           grp * pg::packed_a_floats(packed->rows, packed->depth);
-    pg::multiply_prepacked(packed->rows, n, panels, packed->depth, &whole, 1,
-                           pg::Operand{b, ldb, false}, c, ldc);
+    auto columns = [&](int64_t col_begin, int64_t col_end) {
+      const float* b_part = transposed_b ? b + col_begin * ldb : b + col_begin;
+      pg::multiply_prepacked(packed->rows, col_end - col_begin, panels, packed->depth, &whole, 1,
+                             pg::Operand{b_part, ldb, transposed_b}, c + col_begin, ldc);
+    };
+    const int64_t column_panels = (n + pg::kPanelColumns - 1) / pg::kPanelColumns;
+    const int64_t threads = team_size();
+    const double flops = 2.0 * static_cast<double>(packed->rows) * static_cast<double>(n) *
+                         static_cast<double>(packed->depth);
+    if (threads <= 1 || column_panels < 2 ||
+        flops < static_cast<double>(cpu::kPackedGemmParallelFlops)) {
+      columns(0, n);
+      return true;
+    }
+    parallel_for(0, column_panels, (column_panels + threads - 1) / threads,
+                 [&](int64_t begin, int64_t end) {
+      columns(begin * pg::kPanelColumns, std::min(n, end * pg::kPanelColumns));
+    });
     return true;
   }
 #endif
-  (void)packed, (void)grp, (void)n, (void)b, (void)ldb, (void)c, (void)ldc;
+  (void)packed, (void)grp, (void)n, (void)b, (void)ldb, (void)transposed_b, (void)c, (void)ldc;
   return false;
 }
 
@@ -97,8 +116,8 @@ void output_from_columns(const Conv2dGeometry& g, int64_t n, const acc_t* weight
   const int64_t Og = g.out_channels / g.groups;
   const int64_t Kg = g.column_rows() / g.groups;
   for (int64_t grp = 0; grp < g.groups; ++grp) {
-    if (multiply_packed_weight(packed, grp, n, columns + grp * Kg * ld, ld, out + grp * Og * ldc,
-                               ldc)) {
+    if (multiply_packed_weight(packed, grp, n, columns + grp * Kg * ld, ld, false,
+                               out + grp * Og * ldc, ldc)) {
       continue;
     }
     cpu::gemm<acc_t>(false, false, Og, n, Kg, acc_t(1), weight + grp * Og * Kg, Kg,
@@ -129,7 +148,7 @@ void column_grad_from_dy(const Conv2dGeometry& g, int64_t n, const acc_t* weight
   const int64_t Og = g.out_channels / g.groups;
   const int64_t Kg = g.column_rows() / g.groups;
   for (int64_t grp = 0; grp < g.groups; ++grp) {
-    if (multiply_packed_weight(packed, grp, n, dy + grp * Og * ld_dy, ld_dy,
+    if (multiply_packed_weight(packed, grp, n, dy + grp * Og * ld_dy, ld_dy, false,
                                column_grad + grp * Kg * ldc, ldc)) {
       continue;
     }
