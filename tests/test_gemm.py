@@ -105,6 +105,31 @@ def test_gemm_is_deterministic_over_threads(threads):
         torch.set_num_threads(saved)
 
 
+@pytest.mark.parametrize("backend", ["own", "blas"])
+@pytest.mark.parametrize("m,n,k,transpose_b", [(64, 256, 1152, True), (16, 512, 2304, True),
+                                               (300, 300, 64, False)])
+def test_gemm_backends_are_deterministic_over_threads(m, n, k, transpose_b, backend, monkeypatch):
+    """Regression: a threaded MKL call splits C by its thread count, so the BLAS path gave other
+    bits on 2 threads than on 1 (a 64 x 256 x 1152 product, the channels-last input gradient's
+    shape, on an Intel Xeon). The BLAS now runs one thread per block of a fixed C grid."""
+    monkeypatch.setenv("CONVKIT_CPU_GEMM", backend)
+    a = torch.randn(m, k)
+    b = torch.randn(n, k) if transpose_b else torch.randn(k, n)
+    c = torch.zeros(m, n)
+    saved = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(_gemm(a, b, c, False, transpose_b, 1.0, 0.0))
+    finally:
+        torch.set_num_threads(saved)
+    for other in results[1:]:
+        assert torch.equal(other, results[0])
+    expected = a.double() @ (b.double().t() if transpose_b else b.double())
+    torch.testing.assert_close(results[0].double(), expected, rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.parametrize("args,message", [
     ((torch.randn(3, 4), torch.randn(5, 6), torch.randn(3, 6)), "inner sizes differ"),
     ((torch.randn(3, 4), torch.randn(4, 6), torch.randn(3, 5)), "expected c of shape"),

@@ -4,10 +4,11 @@
 // one group's rows of the column matrix), so the call takes leading dimensions and no
 // tensors: no allocation, no dispatcher, no autograd bookkeeping inside the hot loop.
 // float and double go to the BLAS that PyTorch's CPU library exports (MKL's sgemm_/dgemm_
-// on x86 wheels, the Fortran interface, LP64). Called inside at::parallel_for the BLAS runs
-// on the calling thread (OpenMP does not nest by default), which is what the tiling wants:
-// one thread per tile. The symbols are weak: a torch built without a Fortran BLAS gets the
-// same product through at::mm on views of the same memory.
+// on x86 wheels, the Fortran interface, LP64), always on one thread per call: called inside a
+// parallel region (a conv tile) on the calling thread, outside one over a fixed grid of C
+// blocks (blas_gemm_on_grid), so that its results do not depend on the thread count. The
+// symbols are weak: a torch built without a Fortran BLAS gets the product through at::mm on
+// views of the same memory (whose bits may then depend on the thread count).
 //
 // float on AVX-512 hosts goes to our own packed GEMM instead (csrc/cpu/packed_gemm.h: MKL's
 // sgemm reached ~80% of the FMA rate on this project's Zen 4); CONVKIT_CPU_GEMM=blas sends it
@@ -39,6 +40,9 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
             const double* alpha, const double* a, const int* lda, const double* b,
             const int* ldb, const double* beta, double* c, const int* ldc) __attribute__((weak));
+// MKL's per-thread thread count (C interface; 0 restores the global one); absent from other
+// BLAS builds.
+int MKL_Set_Num_Threads_Local(int threads) __attribute__((weak));
 }
 
 namespace convkit {
@@ -123,6 +127,64 @@ at::Tensor matrix_tensor(const T* data, int64_t rows, int64_t cols, int64_t ld, 
   return transpose ? m.t() : m;
 }
 
+// The BLAS's product, the same bits on any thread count. A threaded MKL call splits C over
+// its threads by their number, and MKL picks its kernels by the shape it is given, so one
+// product on 1 and on 2 threads differed in the last bits (channels-last shared tiles, on an
+// Intel Xeon). Here C is cut into a grid of kBlasBlockRows x kBlasBlockColumns blocks that
+// depends only on C's shape; each block is one BLAS call on one thread (MKL told so where it
+// is MKL), and the blocks spread over the caller's team. Inside a parallel region (a conv
+// tile) the team is the calling thread. Floor: the BLAS's single-thread rate on a block.
+constexpr int64_t kBlasBlockRows = 256;
+constexpr int64_t kBlasBlockColumns = 128;
+
+class BlasOnOneThread {
+ public:
+  BlasOnOneThread() : previous_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~BlasOnOneThread() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous_);
+  }
+  BlasOnOneThread(const BlasOnOneThread&) = delete;
+  BlasOnOneThread& operator=(const BlasOnOneThread&) = delete;
+
+ private:
+  int previous_;
+};
+
+// Precondition: every size and leading dimension fits an int, k > 0, the BLAS is present.
+template <typename T>
+void blas_gemm_on_grid(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k,
+                       T alpha, const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c,
+                       int64_t ldc) {
+  const int64_t block_rows = (m + kBlasBlockRows - 1) / kBlasBlockRows;
+  const int64_t block_columns = (n + kBlasBlockColumns - 1) / kBlasBlockColumns;
+  auto blocks = [&](int64_t begin, int64_t end) {
+    const BlasOnOneThread one_thread;
+    // Row-major C = A B is column-major C^T = B^T A^T: swap the operands, keep the flags.
+    const char ta = transpose_a ? 'T' : 'N';
+    const char tb = transpose_b ? 'T' : 'N';
+    const int ki = static_cast<int>(k);
+    const int lda_i = static_cast<int>(lda), ldb_i = static_cast<int>(ldb);
+    const int ldc_i = static_cast<int>(ldc);
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t row0 = (block / block_columns) * kBlasBlockRows;
+      const int64_t col0 = (block % block_columns) * kBlasBlockColumns;
+      const int mi = static_cast<int>(std::min(kBlasBlockRows, m - row0));
+      const int ni = static_cast<int>(std::min(kBlasBlockColumns, n - col0));
+      // op(A)'s rows row0.. and op(B)'s columns col0..
+      const T* a_block = transpose_a ? a + row0 : a + row0 * lda;
+      const T* b_block = transpose_b ? b + col0 * ldb : b + col0;
+      BlasGemm<T>::call(&tb, &ta, &ni, &mi, &ki, &alpha, b_block, &ldb_i, a_block, &lda_i, &beta,
+                        c + row0 * ldc + col0, &ldc_i);
+    }
+  };
+  const int64_t count = block_rows * block_columns;
+  if (team_size() <= 1 || count < 2) {
+    blocks(0, count);
+    return;
+  }
+  parallel_for(0, count, 1, blocks);
+}
+
 // C[m, n] = alpha * op(A)[m, k] @ op(B)[k, n] + beta * C[m, n], every matrix row-major.
 // op(A) = A ([m, k], lda) or A^T (A stored [k, m], lda); likewise B. T is float or double.
 template <typename T>
@@ -142,13 +204,7 @@ void gemm(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, T
   const bool fits_int = m <= int_max && n <= int_max && k <= int_max && lda <= int_max &&
                         ldb <= int_max && ldc <= int_max;
   if (BlasGemm<T>::available() && fits_int && k > 0) {
-    // Row-major C = A B is column-major C^T = B^T A^T: swap the operands, keep the flags.
-    const char ta = transpose_a ? 'T' : 'N';
-    const char tb = transpose_b ? 'T' : 'N';
-    const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
-    const int lda_i = static_cast<int>(lda), ldb_i = static_cast<int>(ldb);
-    const int ldc_i = static_cast<int>(ldc);
-    BlasGemm<T>::call(&tb, &ta, &ni, &mi, &ki, &alpha, b, &ldb_i, a, &lda_i, &beta, c, &ldc_i);
+    blas_gemm_on_grid(transpose_a, transpose_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     return;
   }
   const at::Tensor a_t = transpose_a ? matrix_tensor(a, k, m, lda, true)
