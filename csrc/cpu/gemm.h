@@ -87,6 +87,25 @@ inline bool use_packed_gemm() {
 // Products below this many FLOPs stay on one thread: a fork/join costs ~10 us.
 constexpr int64_t kPackedGemmParallelFlops = int64_t(1) << 24;
 
+// Calls columns(col_begin, col_end) over C's n columns: once with [0, n) on the calling
+// thread inside a parallel region, for one panel, or below kPackedGemmParallelFlops; else over
+// the team, each thread one contiguous range of whole 32-column panels. Each column's result
+// depends only on its own panel, so the bits do not depend on the thread count.
+template <typename Columns>
+void for_column_panel_ranges(int64_t m, int64_t n, int64_t k, const Columns& columns) {
+  const int64_t panels = (n + packed_gemm::kPanelColumns - 1) / packed_gemm::kPanelColumns;
+  const int64_t threads = team_size();
+  const double flops = 2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
+  if (threads <= 1 || panels < 2 || flops < static_cast<double>(kPackedGemmParallelFlops)) {
+    columns(int64_t(0), n);
+    return;
+  }
+  const int64_t panels_per_thread = (panels + threads - 1) / threads;
+  parallel_for(0, panels, panels_per_thread, [&](int64_t begin, int64_t end) {
+    columns(begin * packed_gemm::kPanelColumns, std::min(n, end * packed_gemm::kPanelColumns));
+  });
+}
+
 // The packed GEMM on the calling thread inside a parallel region (the conv tiles), over all
 // threads outside one, each taking a contiguous range of C's column panels.
 inline void packed_sgemm(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k,
@@ -102,17 +121,7 @@ inline void packed_sgemm(bool transpose_a, bool transpose_b, int64_t m, int64_t 
   }
   const packed_gemm::Operand a_operand{a, lda, transpose_a};
   const packed_gemm::Operand b_operand{b, ldb, transpose_b};
-  const int64_t panels = (n + packed_gemm::kPanelColumns - 1) / packed_gemm::kPanelColumns;
-  const int64_t threads = team_size();
-  const double flops = 2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
-  if (threads <= 1 || panels < 2 || flops < static_cast<double>(kPackedGemmParallelFlops)) {
-    packed_gemm::multiply_columns(m, 0, n, k, alpha, a_operand, b_operand, beta, c, ldc);
-    return;
-  }
-  const int64_t panels_per_thread = (panels + threads - 1) / threads;
-  parallel_for(0, panels, panels_per_thread, [&](int64_t begin, int64_t end) {
-    const int64_t col_begin = begin * packed_gemm::kPanelColumns;
-    const int64_t col_end = std::min(n, end * packed_gemm::kPanelColumns);
+  for_column_panel_ranges(m, n, k, [&](int64_t col_begin, int64_t col_end) {
     packed_gemm::multiply_columns(m, col_begin, col_end, k, alpha, a_operand, b_operand, beta,
                                   c, ldc);
   });

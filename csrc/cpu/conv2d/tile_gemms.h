@@ -87,19 +87,7 @@ bool multiply_packed_weight(const PackedWeight* packed, int64_t grp, int64_t n, 
       pg::multiply_prepacked(packed->rows, col_end - col_begin, panels, packed->depth, &whole, 1,
                              pg::Operand{b_part, ldb, transposed_b}, c + col_begin, ldc);
     };
-    const int64_t column_panels = (n + pg::kPanelColumns - 1) / pg::kPanelColumns;
-    const int64_t threads = team_size();
-    const double flops = 2.0 * static_cast<double>(packed->rows) * static_cast<double>(n) *
-                         static_cast<double>(packed->depth);
-    if (threads <= 1 || column_panels < 2 ||
-        flops < static_cast<double>(cpu::kPackedGemmParallelFlops)) {
-      columns(0, n);
-      return true;
-    }
-    parallel_for(0, column_panels, (column_panels + threads - 1) / threads,
-                 [&](int64_t begin, int64_t end) {
-      columns(begin * pg::kPanelColumns, std::min(n, end * pg::kPanelColumns));
-    });
+    cpu::for_column_panel_ranges(packed->rows, n, packed->depth, columns);
     return true;
   }
 #endif
