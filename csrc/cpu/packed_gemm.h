@@ -178,21 +178,49 @@ inline void pack_a(const Operand& a, int64_t row0, int64_t rows, int64_t depth0,
   }
 }
 
+// pack_b of a B stored [depth][cols] (not transposed), one stored row at a time: the reads
+// run along B's rows, which the hardware prefetchers follow; walking a panel's 16 columns down
+// the depth instead (one cache line per row, a stride of ldb) left the Intel Xeon's packing at
+// a quarter of the GEMM's time. Each row's 16-column halves land at their panel's depth row;
+// the half past an odd count of halves is zeroed.
+inline void pack_b_rows(const Operand& b, int64_t depth0, int64_t depth, int64_t col0,
+                        int64_t cols, float* dst) {
+  const int64_t full_halves = cols / 16;
+  const int64_t rest = cols - full_halves * 16;
+  const int64_t halves = full_halves + (rest > 0 ? 1 : 0);
+  const __mmask16 rest_mask = lane_mask(rest);
+  const int64_t panel_floats = depth * kPanelColumns;
+  for (int64_t p = 0; p < depth; ++p) {
+    const float* src = b.data + (depth0 + p) * b.ld + col0;
+    float* row_dst = dst + p * kPanelColumns;
+    for (int64_t h = 0; h < full_halves; ++h) {
+      _mm512_store_ps(row_dst + (h / 2) * panel_floats + (h % 2) * 16,
+                      _mm512_loadu_ps(src + 16 * h));
+    }
+    if (rest > 0) {
+      _mm512_store_ps(row_dst + (full_halves / 2) * panel_floats + (full_halves % 2) * 16,
+                      _mm512_maskz_loadu_ps(rest_mask, src + 16 * full_halves));
+    }
+    if (halves % 2 == 1) {
+      _mm512_store_ps(row_dst + (halves / 2) * panel_floats + 16, _mm512_setzero_ps());
+    }
+  }
+}
+
 // op(B)[depth0 : depth0 + depth, col0 : col0 + cols] -> panels of kPanelColumns columns, each
-// [depth][kPanelColumns], zero-padded past `cols`.
+// [depth][kPanelColumns], zero-padded past `cols`. The packed panels are 64-byte aligned.
 inline void pack_b(const Operand& b, int64_t depth0, int64_t depth, int64_t col0, int64_t cols,
                    float* dst) {
+  if (!b.transposed) {
+    pack_b_rows(b, depth0, depth, col0, cols, dst);
+    return;
+  }
   for (int64_t c = 0; c < cols; c += kPanelColumns) {
     for (int64_t half = 0; half < kPanelColumns; half += 16) {
       const int64_t width = std::max<int64_t>(0, std::min<int64_t>(16, cols - c - half));
       float* half_dst = dst + half;
-      if (b.transposed) {
-        pack_lanes_transposed(b.data + (col0 + c + half) * b.ld + depth0, b.ld, depth, width,
-                              kPanelColumns, 16, half_dst);
-      } else {
-        pack_lanes_direct(b.data + depth0 * b.ld + col0 + c + half, b.ld, depth, width,
-                          kPanelColumns, half_dst);
-      }
+      pack_lanes_transposed(b.data + (col0 + c + half) * b.ld + depth0, b.ld, depth, width,
+                            kPanelColumns, 16, half_dst);
     }
     dst += depth * kPanelColumns;
   }
