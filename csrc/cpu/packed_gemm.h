@@ -101,7 +101,8 @@ inline void transpose_16x16(__m512 rows[16]) {
 
 // Writes `width` (<= 16) consecutive values of a line of a stored matrix into `lanes` lanes
 // of the panel, one panel row per depth step: the stored matrix runs along the panel's
-// lanes (op(A) transposed, op(B) not), so every depth step is one masked copy.
+// lanes (a transposed op(A); a stored B goes through pack_b_rows), so every depth step is
+// one masked copy.
 inline void pack_lanes_direct(const float* src, int64_t ld, int64_t depth, int64_t width,
                               int64_t panel_width, float* dst) {
   const __mmask16 mask = lane_mask(width);
@@ -179,10 +180,10 @@ inline void pack_a(const Operand& a, int64_t row0, int64_t rows, int64_t depth0,
 }
 
 // pack_b of a B stored [depth][cols] (not transposed), one stored row at a time: the reads
-// run along B's rows, which the hardware prefetchers follow; walking a panel's 16 columns down
-// the depth instead (one cache line per row, a stride of ldb) left the Intel Xeon's packing at
-// a quarter of the GEMM's time. Each row's 16-column halves land at their panel's depth row;
-// the half past an odd count of halves is zeroed.
+// run along B's rows, which the hardware prefetchers follow (a panel's walk down the depth
+// would touch one cache line per row at a stride of ldb; docs/performance-notes.md). Each
+// row's 16-column halves land at their panel's depth row; the half past an odd count of
+// halves is zeroed. dst is 64-byte aligned (aligned stores).
 inline void pack_b_rows(const Operand& b, int64_t depth0, int64_t depth, int64_t col0,
                         int64_t cols, float* dst) {
   const int64_t full_halves = cols / 16;
@@ -208,7 +209,8 @@ inline void pack_b_rows(const Operand& b, int64_t depth0, int64_t depth, int64_t
 }
 
 // op(B)[depth0 : depth0 + depth, col0 : col0 + cols] -> panels of kPanelColumns columns, each
-// [depth][kPanelColumns], zero-padded past `cols`. The packed panels are 64-byte aligned.
+// [depth][kPanelColumns], zero-padded past `cols`. dst must be 64-byte aligned (the thread
+// buffers are; each panel is a multiple of 128 bytes).
 inline void pack_b(const Operand& b, int64_t depth0, int64_t depth, int64_t col0, int64_t cols,
                    float* dst) {
   if (!b.transposed) {
