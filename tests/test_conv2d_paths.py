@@ -85,12 +85,18 @@ PATHS = {
     "band_path_rows": (3, 6, 12, 14, 40, 3, 1, 1, 1, 1, "0.02"),
     "band_path_strided_grouped": (2, 8, 15, 13, 44, 3, 2, 1, 1, 2, "0.01"),
     "band_path_1x1": (3, 16, 10, 9, 36, 1, 1, 0, 1, 1, "0.01"),
-    # "Same" convs of unit stride build their columns as shifted planes (tiles.h): a 5x5 on
+    # "Same" convs of unit stride build their columns as shifted planes (band_columns.h): a 5x5 on
     # rows narrower than the kernel (taps whose every entry is an edge zero) and a 3x3 on one
     # column, both in bands of a few rows (first, middle and last bands of an image).
     "band_path_same_5x5_narrow": (2, 12, 9, 3, 40, 5, 1, 2, 1, 1, "0.01"),
     "band_path_same_3x3_one_column": (3, 12, 11, 1, 40, 3, 1, 1, 1, 1, "0.002"),
     "band_path_1x1_grouped": (2, 16, 9, 9, 48, 1, 1, 0, 1, 4, "0.005"),
+    # Tiles of whole images on the band path, whose forward im2col writes the GEMM's 32-column
+    # panels (float on AVX-512) in blocks of 28 channels: 3 images of 72 columns per tile
+    # (images start inside a panel, a last panel of 24 columns), 40 channels (a block of 28
+    # and one of 12); and a dilated "same" conv (not a shifted plane) in tiles of 2 images.
+    "band_path_images_per_tile": (6, 40, 8, 9, 70, 3, 1, 1, 1, 1, None),
+    "band_path_images_per_tile_dilated": (4, 40, 10, 12, 70, 3, 1, 2, 2, 1, None),
     # groups == in_channels == out_channels: the depthwise path. On maps of <= 1024 values 16
     # channels in the lanes (here a partial block of 8 and one and a half of 24), MobileNet's
     # 3x3 at stride 1 and 2 on odd sizes, a dilated 5x5 at stride 3 (input columns beyond
@@ -167,6 +173,7 @@ GEMM_PATHS = {
     "image_path_shared_tiles": PATHS["image_path_shared_tiles"],
     "band_path_rows": PATHS["band_path_rows"],
     "band_path_1x1_grouped": PATHS["band_path_1x1_grouped"],
+    "band_path_images_per_tile": PATHS["band_path_images_per_tile"],
     "band_path_deep_o30": (2, 40, 9, 11, 30, 3, 1, 1, 1, 1, "0.05"),
     # The bands' weight packed once per call (tile_gemms.h): its column-gradient panels hold
     # K = 48 * 9 = 432 rows (over the GEMM's 384-row blocks) and 13 output channels deep; one

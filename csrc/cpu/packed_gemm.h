@@ -300,14 +300,16 @@ inline float* thread_buffer(int which, int64_t floats) {
   return buffers[which].get();
 }
 
-// One depth block of packed panels into C: rows [0, rows) x columns [0, cols) of C, the B
-// panels at b_packed ([depth][kPanelColumns] each, in column order), A's row panel r / kPanelRows
-// at a_panels + (r / kPanelRows) * a_panel_stride ([depth][kPanelRows], depth contiguous).
+// One depth block of packed panels into C: rows [0, rows) x columns [0, cols) of C, B's column
+// panel col / kPanelColumns at b_packed + (col / kPanelColumns) * b_panel_stride ([depth]
+// [kPanelColumns]), A's row panel r / kPanelRows at a_panels + (r / kPanelRows) *
+// a_panel_stride ([depth][kPanelRows], depth contiguous).
 inline void multiply_packed_block(int64_t rows, int64_t cols, int64_t depth, const float* a_panels,
-                                  int64_t a_panel_stride, const float* b_packed, float* c,
-                                  int64_t ldc, float alpha, float beta, bool first) {
+                                  int64_t a_panel_stride, const float* b_packed,
+                                  int64_t b_panel_stride, float* c, int64_t ldc, float alpha,
+                                  float beta, bool first) {
   for (int64_t col = 0; col < cols; col += kPanelColumns) {
-    const float* b_panel = b_packed + (col / kPanelColumns) * depth * kPanelColumns;
+    const float* b_panel = b_packed + (col / kPanelColumns) * b_panel_stride;
     const int64_t tile_columns = std::min<int64_t>(kPanelColumns, cols - col);
     for (int64_t r = 0; r < rows; r += kPanelRows) {
       const float* a_panel = a_panels + (r / kPanelRows) * a_panel_stride;
@@ -334,7 +336,8 @@ inline void multiply_columns(int64_t m, int64_t col_begin, int64_t col_end, int6
         const int64_t rows = std::min<int64_t>(kRowBlock, m - row0);
         pack_a(a, row0, rows, depth0, depth, a_packed);
         multiply_packed_block(rows, cols, depth, a_packed, depth * kPanelRows, b_packed,
-                              c + row0 * ldc + col0, ldc, alpha, beta, first);
+                              depth * kPanelColumns, c + row0 * ldc + col0, ldc, alpha, beta,
+                              first);
       }
     }
   }
@@ -373,12 +376,34 @@ inline void multiply_prepacked(int64_t m, int64_t cols, const float* a_packed, i
           const float* a_panels =
               a_packed + row0 / kPanelRows * k * kPanelRows + (segment.begin + d0) * kPanelRows;
           multiply_packed_block(std::min<int64_t>(kRowBlock, m - row0), block_cols, depth,
-                                a_panels, k * kPanelRows, b_packed, c + row0 * ldc + col0, ldc,
-                                1.0f, 0.0f, first);
+                                a_panels, k * kPanelRows, b_packed, depth * kPanelColumns,
+                                c + row0 * ldc + col0, ldc, 1.0f, 0.0f, first);
         }
         first = false;
       }
       b_row += segment.length;
+    }
+  }
+}
+
+// C[m, cols] = A @ B over one range of the depth (C written when `first`, else added to), on
+// the calling thread, both operands packed: A's row panel p at a_panels + p * a_panel_stride
+// ([depth][kPanelRows], e.g. a depth range of a pre-packed A), B's column panel q at b_panels
+// + q * b_panel_stride ([depth][kPanelColumns], 64-byte aligned, its columns past `cols`
+// zero: a conv's column matrix as its im2col writes it, conv2d/band_columns.h), so B is not
+// copied again. Depth blocks of kDepthBlock as in multiply_columns: one block of a B panel
+// (32 KiB) stays in L1 while A's row panels stream past it.
+inline void multiply_packed_operands(int64_t m, int64_t cols, int64_t depth,
+                                     const float* a_panels, int64_t a_panel_stride,
+                                     const float* b_panels, int64_t b_panel_stride, float* c,
+                                     int64_t ldc, bool first) {
+  for (int64_t depth0 = 0; depth0 < depth; depth0 += kDepthBlock) {
+    const int64_t block_depth = std::min<int64_t>(kDepthBlock, depth - depth0);
+    for (int64_t row0 = 0; row0 < m; row0 += kRowBlock) {
+      multiply_packed_block(std::min<int64_t>(kRowBlock, m - row0), cols, block_depth,
+                            a_panels + row0 / kPanelRows * a_panel_stride + depth0 * kPanelRows,
+                            a_panel_stride, b_panels + depth0 * kPanelColumns, b_panel_stride,
+                            c + row0 * ldc, ldc, 1.0f, 0.0f, first && depth0 == 0);
     }
   }
 }

@@ -1,10 +1,12 @@
 // The bands path: im2col + GEMM for any geometry, and the fallback of every other path (large
 // images, groups, dilation). A tile is a band of output rows of one image (or whole images
-// when they are small), its [K, n] columns copied row-wise (vectorised runs, tiles.h), one
-// GEMM per group straight into the output (ldc = oH*oW) when the output is of the compute
-// type; 1x1 stride-1 convs read the input as their columns. Backward per band: the columns
-// rebuilt (cheaper than storing them), dW += dY @ columns^T, dcolumns = W^T @ dY added back
-// row-wise into the image's input gradient. The weight (W for the output, W^T for dcolumns)
+// when they are small), its [K, n] columns copied row-wise (vectorised runs, band_columns.h),
+// one GEMM per group straight into the output (ldc = oH*oW) when the output is of the compute
+// type; 1x1 stride-1 convs read the input as their columns. Where the weight is packed, the
+// forward's im2col writes the columns as the GEMM's B panels, a block of channels at a time
+// (uses_column_panels). Backward per band: the columns rebuilt (cheaper than storing them),
+// dW += dY @ columns^T, dcolumns = W^T @ dY added back row-wise into the image's input
+// gradient. The weight (W for the output, W^T for dcolumns)
 // is packed for the GEMM once per call, not once per band (tile_gemms.h).
 // Each thread owns whole tiles and calls a single-threaded GEMM (gemm.h); weight-gradient
 // partial sums are per thread, added in thread order: deterministic for a thread count.
@@ -20,6 +22,7 @@
 #include "../../column_buffer.h"
 #include "../gemm.h"
 #include "../parallel.h"
+#include "band_columns.h"
 #include "kernels.h"
 #include "tile_gemms.h"
 #include "tiles.h"
@@ -36,26 +39,34 @@ void bands_forward(const at::Tensor& x, const at::Tensor& weight_acc, const at::
   // A band of one image goes straight into the output when scalar_t is the compute type;
   // otherwise the tile's result lands in a buffer first.
   const bool into_output = p.images_per_tile == 1 && std::is_same_v<scalar_t, acc_t>;
-  const int64_t column_elems = reads_input_as_columns(g) && into_output ? 0 : K * p.columns;
+  const acc_t* w_ptr = weight_acc.const_data_ptr<acc_t>();
+  const PackedWeight packed_weight = pack_weight_panels(x, w_ptr, g, false);
+  // im2col writes the GEMM's B panels straight away where the weight is packed.
+  const bool column_panels = uses_column_panels(packed_weight, g);
+  int64_t column_elems = 0;
+  if (column_panels) {
+    column_elems = column_panel_buffer_floats(g, p.columns);
+  } else if (!reads_input_as_columns(g) || !into_output) {
+    column_elems = K * p.columns;
+  }
   const int64_t out_elems = into_output ? 0 : O * p.columns;
-  at::Tensor buffers = scratch<acc_t>(x, p.threads * (column_elems + out_elems));
+  // Each thread's slice starts 64-byte aligned (the B panels' aligned loads).
+  const int64_t per_thread = (column_elems + out_elems + 15) / 16 * 16;
+  at::Tensor buffers = scratch<acc_t>(x, p.threads * per_thread);
   record_column_buffer(p.threads * column_elems * int64_t(sizeof(acc_t)));
 
   const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
-  const acc_t* w_ptr = weight_acc.const_data_ptr<acc_t>();
   const acc_t* bias_ptr = bias_acc.defined() ? bias_acc.const_data_ptr<acc_t>() : nullptr;
   scalar_t* y_ptr = output.mutable_data_ptr<scalar_t>();
   acc_t* buffer_base = buffers.mutable_data_ptr<acc_t>();
-  const PackedWeight packed_weight = pack_weight_panels(x, w_ptr, g, false);
 
   parallel_for_slots(0, p.image_groups, 1, p.threads,
                        [&](int64_t begin, int64_t end, int64_t thread) {
-    acc_t* columns_buffer = buffer_base + thread * (column_elems + out_elems);
+    acc_t* columns_buffer = buffer_base + thread * per_thread;
     acc_t* out_buffer = columns_buffer + column_elems;
     for (int64_t group = begin; group < end; ++group) {
       for_each_tile(g, p, group, [&](const Tile& t) {
         const int64_t n = t.columns(g);
-        const auto [cols, ld] = tile_columns<scalar_t, acc_t>(x_ptr, g, t, columns_buffer);
         acc_t* out;
         int64_t ldc;
         if (into_output) {
@@ -65,7 +76,12 @@ void bands_forward(const at::Tensor& x, const at::Tensor& weight_acc, const at::
           out = out_buffer;
           ldc = n;
         }
-        output_from_columns(g, n, w_ptr, cols, ld, out, ldc, &packed_weight);
+        if (column_panels) {
+          output_by_column_panels(x_ptr, g, t, columns_buffer, out, ldc, packed_weight);
+        } else {
+          const auto [cols, ld] = tile_columns<scalar_t, acc_t>(x_ptr, g, t, columns_buffer);
+          output_from_columns(g, n, w_ptr, cols, ld, out, ldc, &packed_weight);
+        }
         if (into_output) {
           if (bias_ptr != nullptr) {
             for (int64_t o = 0; o < O; ++o) {

@@ -18,6 +18,7 @@
 #include "../../column_buffer.h"
 #include "../gemm.h"
 #include "../parallel.h"
+#include "band_columns.h"
 #include "kernels.h"
 #include "relayout.h"
 #include "tile_gemms.h"

@@ -23,6 +23,7 @@
 
 #include "../../column_buffer.h"
 #include "../parallel.h"
+#include "band_columns.h"
 #include "implicit_gemm.h"
 #include "kernels.h"
 #include "relayout.h"
