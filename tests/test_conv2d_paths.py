@@ -85,9 +85,9 @@ PATHS = {
     "band_path_rows": (3, 6, 12, 14, 40, 3, 1, 1, 1, 1, "0.02"),
     "band_path_strided_grouped": (2, 8, 15, 13, 44, 3, 2, 1, 1, 2, "0.01"),
     "band_path_1x1": (3, 16, 10, 9, 36, 1, 1, 0, 1, 1, "0.01"),
-    # "Same" convs of unit stride build their columns as shifted planes (band_columns.h): a 5x5 on
-    # rows narrower than the kernel (taps whose every entry is an edge zero) and a 3x3 on one
-    # column, both in bands of a few rows (first, middle and last bands of an image).
+    # "Same" convs of unit stride build their columns as shifted planes (band_columns.h): a
+    # 5x5 on rows narrower than the kernel (taps whose every entry is an edge zero) and a 3x3
+    # on one column, both in bands of a few rows (first, middle and last bands of an image).
     "band_path_same_5x5_narrow": (2, 12, 9, 3, 40, 5, 1, 2, 1, 1, "0.01"),
     "band_path_same_3x3_one_column": (3, 12, 11, 1, 40, 3, 1, 1, 1, 1, "0.002"),
     "band_path_1x1_grouped": (2, 16, 9, 9, 48, 1, 1, 0, 1, 4, "0.005"),

@@ -57,16 +57,16 @@ inline ShiftedTap shifted_tap(const Conv2dGeometry& g, int64_t kh, int64_t kw, i
   return t;
 }
 
-// entries[e] = 0 for the tap's edge entries (entries indexed by flat output index). Column by
-// column down the rows: a loop along a row of 1-2 entries would be a memset call each (GCC's
-// loop distribution), which cost more than the copy.
-template <typename acc_t>
-void zero_edge_entries(const ShiftedTap& t, int64_t W, acc_t* entries) {
+// fn(e) for each of the tap's edge entries e (flat output index). Column by column down the
+// rows: a loop along a row of 1-2 entries would be a memset call each (GCC's loop
+// distribution), which cost more than the copy.
+template <typename Fn>
+void for_each_edge_entry(const ShiftedTap& t, int64_t W, const Fn& fn) {
   for (int64_t ow = 0; ow < t.left; ++ow) {
-    for (int64_t oh = t.valid_begin; oh < t.valid_end; ++oh) entries[oh * W + ow] = acc_t(0);
+    for (int64_t oh = t.valid_begin; oh < t.valid_end; ++oh) fn(oh * W + ow);
   }
   for (int64_t ow = t.right; ow < W; ++ow) {
-    for (int64_t oh = t.valid_begin; oh < t.valid_end; ++oh) entries[oh * W + ow] = acc_t(0);
+    for (int64_t oh = t.valid_begin; oh < t.valid_end; ++oh) fn(oh * W + ow);
   }
 }
 
@@ -114,30 +114,35 @@ struct ColumnPanels {
     return data + (j / kColumnPanelWidth) * panel_stride + k * kColumnPanelWidth +
            j % kColumnPanelWidth;
   }
+  // fn(out, done, run) for each piece of entries j .. j + count - 1 of row k within one panel:
+  // `run` entries at `out`, the first of them entry j + done.
+  template <typename Fn>
+  void for_panel_runs(int64_t k, int64_t j, int64_t count, const Fn& fn) const {
+    for (int64_t done = 0; done < count;) {
+      const int64_t run =
+          std::min(count - done, kColumnPanelWidth - (j + done) % kColumnPanelWidth);
+      fn(at(k, j + done), done, run);
+      done += run;
+    }
+  }
   template <typename scalar_t>
   void copy(int64_t k, int64_t j, int64_t count, const scalar_t* src, int64_t stride) const {
-    while (count > 0) {
-      const int64_t run = std::min(count, kColumnPanelWidth - j % kColumnPanelWidth);
+    for_panel_runs(k, j, count, [&](acc_t* panel_row, int64_t done, int64_t run) {
+      const scalar_t* from = src + done * stride;
       if (run == kColumnPanelWidth && stride == 1) {
         // A whole panel row, a fixed-size copy (vector moves: the run-length loop became a
         // memmove call per panel row).
-        acc_t* __restrict out = at(k, j);
-        for (int64_t i = 0; i < kColumnPanelWidth; ++i) out[i] = static_cast<acc_t>(src[i]);
+        acc_t* __restrict out = panel_row;
+        const scalar_t* __restrict in = from;
+        for (int64_t i = 0; i < kColumnPanelWidth; ++i) out[i] = static_cast<acc_t>(in[i]);
       } else {
-        copy_strided(src, stride, run, at(k, j));
+        copy_strided(from, stride, run, panel_row);
       }
-      j += run;
-      count -= run;
-      src += run * stride;
-    }
+    });
   }
   void zero(int64_t k, int64_t j, int64_t count) const {
-    while (count > 0) {
-      const int64_t run = std::min(count, kColumnPanelWidth - j % kColumnPanelWidth);
-      std::fill_n(at(k, j), run, acc_t(0));
-      j += run;
-      count -= run;
-    }
+    for_panel_runs(k, j, count,
+                   [](acc_t* out, int64_t, int64_t run) { std::fill_n(out, run, acc_t(0)); });
   }
   void zero_entry(int64_t k, int64_t j) const { *at(k, j) = acc_t(0); }
 };
@@ -148,9 +153,8 @@ inline int64_t column_panel_floats(int64_t K, int64_t n) {
 }
 
 // im2col_band's rows for shifted_plane_columns geometries: per tap, one run over all its
-// valid output rows (a copy of the shifted plane), then the edge entries set to zero column by
-// column down the rows (as zero_edge_entries does). Short rows (8x8 maps) made the row-by-row
-// copy's bookkeeping cost as much as its GEMM.
+// valid output rows (a copy of the shifted plane), then the edge entries set to zero. Short
+// rows (8x8 maps) made the row-by-row copy's bookkeeping cost as much as its GEMM.
 template <typename scalar_t, typename Columns>
 void im2col_band_shifted(const scalar_t* plane, const Conv2dGeometry& g, int64_t oh_begin,
                          int64_t oh_end, const Columns& dst, int64_t row0, int64_t col0) {
@@ -169,16 +173,7 @@ void im2col_band_shifted(const scalar_t* plane, const Conv2dGeometry& g, int64_t
       dst.zero(k, col0, t.valid_begin * W - base);
       dst.zero(k, col0 + t.valid_end * W - base, (oh_end - t.valid_end) * W);
       dst.copy(k, col0 + t.first - base, t.last - t.first, plane + t.shift + t.first, 1);
-      for (int64_t ow = 0; ow < t.left; ++ow) {
-        for (int64_t oh = t.valid_begin; oh < t.valid_end; ++oh) {
-          dst.zero_entry(k, col0 + oh * W + ow - base);
-        }
-      }
-      for (int64_t ow = t.right; ow < W; ++ow) {
-        for (int64_t oh = t.valid_begin; oh < t.valid_end; ++oh) {
-          dst.zero_entry(k, col0 + oh * W + ow - base);
-        }
-      }
+      for_each_edge_entry(t, W, [&](int64_t e) { dst.zero_entry(k, col0 + e - base); });
     }
   }
 }
@@ -229,7 +224,7 @@ void col2im_band_add_shifted(acc_t* src, int64_t ld, const Conv2dGeometry& g, in
       const ShiftedTap t = shifted_tap(g, kh, kw, oh_begin, oh_end);
       if (t.empty()) continue;
       acc_t* run = src + (kh * g.kernel_w + kw) * ld - oh_begin * W;
-      zero_edge_entries(t, W, run);
+      for_each_edge_entry(t, W, [run](int64_t e) { run[e] = acc_t(0); });
       acc_t* __restrict dst = plane + t.shift;
       const acc_t* __restrict terms = run;
       for (int64_t e = t.first; e < t.last; ++e) dst[e] += terms[e];
@@ -271,6 +266,22 @@ void col2im_band_add(acc_t* src, int64_t ld, const Conv2dGeometry& g, int64_t oh
   }
 }
 
+// Rows [c_begin * kernel_area, (c_begin + channels) * kernel_area) of tile t's column matrix
+// (input channels c_begin .. c_begin + channels - 1) into dst, their first row at dst's row 0,
+// image i of the tile at columns [i * per_image, (i + 1) * per_image).
+template <typename scalar_t, typename Columns>
+void im2col_tile_channels(const scalar_t* input, const Conv2dGeometry& g, const Tile& t,
+                          int64_t c_begin, int64_t channels, const Columns& dst) {
+  const int64_t per_image = (t.oh_end - t.oh_begin) * g.out_w;
+  for (int64_t i = 0; i < t.count; ++i) {
+    const scalar_t* image = input + (t.first + i) * g.in_channels * g.in_area();
+    for (int64_t c = 0; c < channels; ++c) {
+      im2col_band(image, g, c_begin + c, t.oh_begin, t.oh_end, dst, c * g.kernel_area(),
+                  i * per_image);
+    }
+  }
+}
+
 // The column matrix of a tile in `buffer` ([K, n], ld n), or, for a 1x1 stride-1 conv on a
 // band of one image in the compute type, the input itself (ld = H*W). Returns the matrix
 // and its leading dimension.
@@ -285,27 +296,24 @@ std::pair<const acc_t*, int64_t> tile_columns(const scalar_t* input, const Conv2
     }
   }
   const int64_t n = t.columns(g);
-  const int64_t per_image = (t.oh_end - t.oh_begin) * g.out_w;
   if (reads_input_as_columns(g)) {
     // The tile's input planes side by side: plain copies (im2col_band's per-tap bookkeeping
     // costs more than a 4x4 map's 16 values).
     load_tile_runs(input, tile_runs(g, t, C), t.first, t.count, buffer);
     return {buffer, n};
   }
-  for (int64_t i = 0; i < t.count; ++i) {
-    const scalar_t* image = input + (t.first + i) * C * g.in_area();
-    for (int64_t c = 0; c < C; ++c) {
-      im2col_band(image, g, c, t.oh_begin, t.oh_end, RowMajorColumns<acc_t>{buffer, n},
-                  c * g.kernel_area(), i * per_image);
-    }
-  }
+  im2col_tile_channels(input, g, t, 0, C, RowMajorColumns<acc_t>{buffer, n});
   return {buffer, n};
 }
 
+// Rows per block of the forward's column panels: packed_gemm::kDepthBlock (checked in
+// tile_gemms.h).
+constexpr int64_t kColumnPanelBlockRows = 256;
+
 // Channels per block of the forward's column panels (tile_column_panels): about one depth
-// block of the packed GEMM (256 rows), whole channels.
+// block of the packed GEMM, whole channels.
 inline int64_t column_panel_block_channels(const Conv2dGeometry& g) {
-  return std::max<int64_t>(1, 256 / std::max<int64_t>(g.kernel_area(), 1));
+  return std::max<int64_t>(1, kColumnPanelBlockRows / std::max<int64_t>(g.kernel_area(), 1));
 }
 
 // Rows [c_begin * kernel_area, (c_begin + channels) * kernel_area) of the tile's column matrix
@@ -318,15 +326,8 @@ void tile_column_panels(const scalar_t* input, const Conv2dGeometry& g, const Ti
                         int64_t c_begin, int64_t channels, acc_t* panels) {
   const int64_t rows = channels * g.kernel_area();
   const int64_t n = t.columns(g);
-  const int64_t per_image = (t.oh_end - t.oh_begin) * g.out_w;
   const ColumnPanels<acc_t> dst{panels, rows * kColumnPanelWidth};
-  for (int64_t i = 0; i < t.count; ++i) {
-    const scalar_t* image = input + (t.first + i) * g.in_channels * g.in_area();
-    for (int64_t c = 0; c < channels; ++c) {
-      im2col_band(image, g, c_begin + c, t.oh_begin, t.oh_end, dst, c * g.kernel_area(),
-                  i * per_image);
-    }
-  }
+  im2col_tile_channels(input, g, t, c_begin, channels, dst);
   const int64_t padding = column_panel_floats(1, n) - n;
   for (int64_t k = 0; padding > 0 && k < rows; ++k) dst.zero(k, n, padding);
 }

@@ -140,6 +140,7 @@ void output_by_column_panels(const scalar_t* input, const Conv2dGeometry& g, con
   if constexpr (std::is_same_v<acc_t, float>) {
     namespace pg = cpu::packed_gemm;
     static_assert(kColumnPanelWidth == pg::kPanelColumns, "im2col writes the GEMM's B panels");
+    static_assert(kColumnPanelBlockRows == pg::kDepthBlock, "a block is one GEMM depth block");
     const int64_t n = t.columns(g);
     const int64_t ka = g.kernel_area();
     const int64_t Cg = g.in_channels / g.groups;
